@@ -1,0 +1,17 @@
+//! The schema engine of upshift: revision files, the revision graph, a SQL lexer, and the
+//! SQLite and PostgreSQL engines that apply and revert revisions under a lock, each in one
+//! transaction with its bookkeeping row.
+
+pub mod engine;
+mod error;
+pub mod graph;
+pub mod lexer;
+mod migrator;
+pub mod source;
+mod url;
+
+pub use engine::{AppliedRevision, Direction, Engine, connect};
+pub use error::Error;
+pub use migrator::{DownTarget, Migrator, Status, UpTarget};
+pub use source::{Phase, Revision};
+pub use url::{DatabaseUrl, redact};

@@ -1,0 +1,538 @@
+//! The logic every engine shares: targets, plans, checks, and running steps under the lock.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::engine::{AppliedRevision, Direction, Engine, PreparedStatement, Step, TABLE, table_ddl};
+use crate::error::Error;
+use crate::graph::Graph;
+use crate::lexer::{self, Dialect};
+use crate::source::{self, Revision};
+
+/// Where `up` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UpTarget {
+    /// Every pending revision (the history must have one head).
+    Heads,
+    /// The next N pending revisions.
+    Next(usize),
+    /// The revision and everything it follows.
+    Revision(String),
+}
+
+/// Where `down` goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DownTarget {
+    /// Revert everything.
+    Base,
+    /// The last N applied revisions.
+    Last(usize),
+    /// Revert everything applied that does not lead to this revision; it stays applied.
+    Revision(String),
+}
+
+fn count(text: &str, what: &str) -> Result<usize, Error> {
+    match text.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(Error::Target(format!("`{what}` needs a positive count, not `{text}`"))),
+    }
+}
+
+impl FromStr for UpTarget {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        Ok(match text {
+            "heads" | "head" => UpTarget::Heads,
+            _ if text.starts_with('+') => UpTarget::Next(count(&text[1..], "+N")?),
+            _ if text.starts_with('-') => {
+                return Err(Error::Target(format!("`{text}` goes down: use `upshift migrate down {text}`")));
+            }
+            _ => UpTarget::Revision(text.to_owned()),
+        })
+    }
+}
+
+impl FromStr for DownTarget {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self, Error> {
+        Ok(match text {
+            "base" => DownTarget::Base,
+            _ if text.starts_with('-') => DownTarget::Last(count(&text[1..], "-N")?),
+            _ if text.starts_with('+') => {
+                return Err(Error::Target(format!("`{text}` goes up: use `upshift migrate up {text}`")));
+            }
+            _ => DownTarget::Revision(text.to_owned()),
+        })
+    }
+}
+
+/// Where the database stands against the migrations folder.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Applied revisions, in the order they can be applied.
+    pub applied: Vec<String>,
+    /// Revisions not applied yet, in the order `up` would apply them.
+    pub pending: Vec<String>,
+    /// The heads of the graph.
+    pub heads: Vec<String>,
+    /// The applied revisions that no applied revision follows.
+    pub current: Vec<String>,
+    /// Applied revisions whose file is gone.
+    pub vanished: Vec<String>,
+    /// Applied revisions whose up section changed since.
+    pub drifted: Vec<String>,
+}
+
+/// The migrations of one folder, checked, and what can be done with them.
+#[derive(Debug)]
+pub struct Migrator {
+    dir: PathBuf,
+    graph: Graph,
+}
+
+impl Migrator {
+    /// Reads and checks the folder: file format, duplicate ids, parents, cycles.
+    pub fn load(dir: &Path) -> Result<Migrator, Error> {
+        let graph = Graph::new(source::read_dir(dir)?)?;
+        Ok(Migrator { dir: dir.to_path_buf(), graph })
+    }
+
+    /// The revision graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The migrations folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Compares the applied rows with the files.
+    pub fn status(&self, applied: &[AppliedRevision]) -> Status {
+        let rows: HashMap<&str, &AppliedRevision> = applied.iter().map(|r| (r.id.as_str(), r)).collect();
+        let set = self.applied_set(applied);
+        let ids = |indexes: &mut dyn Iterator<Item = usize>| -> Vec<String> {
+            indexes.map(|i| self.graph.revision(i).id.clone()).collect()
+        };
+        let mut vanished: Vec<String> =
+            applied.iter().filter(|r| self.graph.find(&r.id).is_none()).map(|r| r.id.clone()).collect();
+        vanished.sort_by(|a, b| source::compare_ids(a, b));
+        let topological = self.graph.topological();
+        Status {
+            applied: ids(&mut topological.iter().copied().filter(|i| set.contains(i))),
+            pending: ids(&mut topological.iter().copied().filter(|i| !set.contains(i))),
+            heads: ids(&mut self.graph.heads().into_iter()),
+            current: ids(&mut self.graph.tips(&set).into_iter()),
+            drifted: ids(&mut topological.iter().copied().filter(|&i| {
+                let revision = self.graph.revision(i);
+                rows.get(revision.id.as_str()).is_some_and(|row| row.checksum != revision.checksum)
+            })),
+            vanished,
+        }
+    }
+
+    /// Refuses an applied set that no longer matches the files (changed or deleted).
+    pub fn check_applied(&self, applied: &[AppliedRevision]) -> Result<(), Error> {
+        for row in applied {
+            let Some(index) = self.graph.find(&row.id) else {
+                return Err(Error::Vanished { id: row.id.clone(), dir: self.dir.clone() });
+            };
+            let revision = self.graph.revision(index);
+            if revision.checksum != row.checksum {
+                return Err(Error::Drift {
+                    id: row.id.clone(),
+                    path: revision.path.clone(),
+                    applied: row.checksum.clone(),
+                    current: revision.checksum.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn applied_set(&self, applied: &[AppliedRevision]) -> BTreeSet<usize> {
+        applied.iter().filter_map(|r| self.graph.find(&r.id)).collect()
+    }
+
+    fn find(&self, id: &str) -> Result<usize, Error> {
+        self.graph.find(id).ok_or_else(|| {
+            Error::Target(format!("no revision `{id}` in {}; `upshift migrate history` lists them", self.dir.display()))
+        })
+    }
+
+    fn single_head(&self) -> Result<(), Error> {
+        let heads = self.graph.heads();
+        if heads.len() > 1 {
+            return Err(Error::MultipleHeads {
+                heads: heads.into_iter().map(|i| self.graph.revision(i).id.clone()).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks what can be checked of an `up` target without the database.
+    pub fn check_up_target(&self, target: &UpTarget) -> Result<(), Error> {
+        match target {
+            UpTarget::Heads | UpTarget::Next(_) => self.single_head(),
+            UpTarget::Revision(id) => self.find(id).map(drop),
+        }
+    }
+
+    /// The revisions `up` runs, in order.
+    pub fn plan_up(&self, applied: &[AppliedRevision], target: &UpTarget) -> Result<Vec<usize>, Error> {
+        self.check_up_target(target)?;
+        let set = self.applied_set(applied);
+        let pending = self.graph.topological().iter().copied().filter(|i| !set.contains(i));
+        Ok(match target {
+            UpTarget::Heads => pending.collect(),
+            UpTarget::Next(n) => {
+                let plan: Vec<usize> = pending.take(*n).collect();
+                if plan.len() < *n {
+                    return Err(Error::Target(format!("`+{n}`: only {} revisions are pending", plan.len())));
+                }
+                plan
+            }
+            UpTarget::Revision(id) => {
+                let wanted = self.graph.ancestors(self.find(id)?);
+                pending.filter(|i| wanted.contains(i)).collect()
+            }
+        })
+    }
+
+    /// The revisions `down` reverts, in order. Checks that each has a down section.
+    pub fn plan_down(&self, applied: &[AppliedRevision], target: &DownTarget) -> Result<Vec<usize>, Error> {
+        let set = self.applied_set(applied);
+        let applied_at: HashMap<usize, &str> =
+            applied.iter().filter_map(|r| Some((self.graph.find(&r.id)?, r.applied_at.as_str()))).collect();
+        let plan = match target {
+            DownTarget::Base => self.revert_order(set, &applied_at),
+            DownTarget::Last(n) => {
+                let order = self.revert_order(set, &applied_at);
+                if order.len() < *n {
+                    return Err(Error::Target(format!("`-{n}`: only {} revisions are applied", order.len())));
+                }
+                order.into_iter().take(*n).collect()
+            }
+            DownTarget::Revision(id) => {
+                let index = self.find(id)?;
+                if !set.contains(&index) {
+                    return Err(Error::Target(format!(
+                        "revision {id} is not applied, so `down` cannot stop at it; `upshift migrate status` shows what is"
+                    )));
+                }
+                let keep = self.graph.ancestors(index);
+                self.revert_order(set.difference(&keep).copied().collect(), &applied_at)
+            }
+        };
+        for &index in &plan {
+            let revision = self.graph.revision(index);
+            if revision.down.is_none() {
+                return Err(Error::NoDown { id: revision.id.clone(), path: revision.path.clone() });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Orders `set` for reverting: always a revision that nothing left in the set follows,
+    /// the most recently applied first (ties: the later in graph order).
+    fn revert_order(&self, mut set: BTreeSet<usize>, applied_at: &HashMap<usize, &str>) -> Vec<usize> {
+        let position: HashMap<usize, usize> =
+            self.graph.topological().iter().enumerate().map(|(p, &i)| (i, p)).collect();
+        let mut order = Vec::with_capacity(set.len());
+        while !set.is_empty() {
+            let next = self
+                .graph
+                .tips(&set)
+                .into_iter()
+                .max_by_key(|i| (applied_at.get(i).copied().unwrap_or(""), position[i]))
+                .expect("a non-empty set has a tip");
+            set.remove(&next);
+            order.push(next);
+        }
+        order
+    }
+
+    /// Splits the statements of each planned revision. Every script is lexed before any
+    /// runs, so a malformed file stops the run before it starts.
+    pub fn steps(&self, plan: &[usize], direction: Direction, dialect: Dialect) -> Result<Vec<Step<'_>>, Error> {
+        plan.iter()
+            .map(|&index| {
+                let revision = self.graph.revision(index);
+                let section = match direction {
+                    Direction::Up => &revision.up,
+                    Direction::Down => revision
+                        .down
+                        .as_ref()
+                        .ok_or_else(|| Error::NoDown { id: revision.id.clone(), path: revision.path.clone() })?,
+                };
+                let statements = lexer::split(&section.sql, dialect)
+                    .map_err(|e| Error::File {
+                        path: section.path.clone(),
+                        line: Some(section.first_line + e.line - 1),
+                        message: format!("unterminated {}; close it or check the quotes before it", e.what),
+                    })?
+                    .into_iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| PreparedStatement { sql: s.sql().to_owned(), line: section.first_line + s.line - 1 })
+                    .collect();
+                Ok(Step { revision, direction, statements })
+            })
+            .collect()
+    }
+
+    /// Applies revisions up to `target` under the lock. `done` hears of each revision as
+    /// it is committed, so a caller knows what stays applied when a later one fails.
+    pub fn up(
+        &self,
+        engine: &mut dyn Engine,
+        target: &UpTarget,
+        lock_timeout: Duration,
+        done: &mut dyn FnMut(&Revision, Duration),
+    ) -> Result<(), Error> {
+        self.check_up_target(target)?;
+        locked(engine, lock_timeout, |engine| {
+            let applied = engine.applied()?;
+            self.check_applied(&applied)?;
+            let plan = self.plan_up(&applied, target)?;
+            let steps = self.steps(&plan, Direction::Up, engine.dialect())?;
+            run(engine, &steps, done)
+        })
+    }
+
+    /// Reverts revisions down to `target` under the lock; `done` as for [`Migrator::up`].
+    pub fn down(
+        &self,
+        engine: &mut dyn Engine,
+        target: &DownTarget,
+        lock_timeout: Duration,
+        done: &mut dyn FnMut(&Revision, Duration),
+    ) -> Result<(), Error> {
+        if let DownTarget::Revision(id) = target {
+            self.find(id)?;
+        }
+        locked(engine, lock_timeout, |engine| {
+            let applied = engine.applied()?;
+            self.check_applied(&applied)?;
+            let plan = self.plan_down(&applied, target)?;
+            let steps = self.steps(&plan, Direction::Down, engine.dialect())?;
+            run(engine, &steps, done)
+        })
+    }
+
+    /// Records `id` and every revision it follows as applied, without running them: for a
+    /// database whose schema already is at `id`. Returns the ids recorded.
+    pub fn baseline(&self, engine: &mut dyn Engine, id: &str, lock_timeout: Duration) -> Result<Vec<String>, Error> {
+        let index = self.find(id)?;
+        locked(engine, lock_timeout, |engine| {
+            let applied = engine.applied()?;
+            self.check_applied(&applied)?;
+            let plan = self.plan_up(&applied, &UpTarget::Revision(self.graph.revision(index).id.clone()))?;
+            let mut recorded = Vec::new();
+            for &i in &plan {
+                let revision = self.graph.revision(i);
+                engine.execute(&Step { revision, direction: Direction::Up, statements: Vec::new() })?;
+                recorded.push(revision.id.clone());
+            }
+            Ok(recorded)
+        })
+    }
+
+    /// The SQL `up` or `down` would run from an empty (for up) or fully applied (for
+    /// down) database to `target`, with the bookkeeping, as one script. Nothing runs.
+    pub fn sql(&self, direction: Direction, target: Option<&str>, dialect: Dialect) -> Result<String, Error> {
+        let plan = match direction {
+            Direction::Up => self.plan_up(&[], &target.unwrap_or("heads").parse()?)?,
+            Direction::Down => {
+                let all: Vec<AppliedRevision> = self
+                    .graph
+                    .revisions()
+                    .iter()
+                    .map(|r| AppliedRevision {
+                        id: r.id.clone(),
+                        checksum: r.checksum.clone(),
+                        phase: r.phase.as_str().to_owned(),
+                        applied_at: String::new(),
+                        duration_ms: 0,
+                    })
+                    .collect();
+                self.plan_down(&all, &target.unwrap_or("base").parse()?)?
+            }
+        };
+        let steps = self.steps(&plan, direction, dialect)?;
+        let mut script = format!("{};\n", table_ddl(dialect));
+        for step in &steps {
+            let revision = step.revision;
+            let way = if direction == Direction::Up { "up" } else { "down" };
+            let _ = writeln!(script, "\n-- revision {} ({}), {}, {way}", revision.id, revision.name, revision.phase);
+            if revision.no_transaction {
+                script.push_str("-- no-transaction: each statement commits on its own\n");
+            } else {
+                script.push_str("BEGIN;\n");
+            }
+            for statement in &step.statements {
+                script.push_str(&statement.sql);
+                if !statement.sql.ends_with(';') {
+                    script.push(';');
+                }
+                script.push('\n');
+            }
+            let quote = |text: &str| format!("'{}'", text.replace('\'', "''"));
+            match direction {
+                Direction::Up => {
+                    let now = if dialect == Dialect::Postgres {
+                        "clock_timestamp()"
+                    } else {
+                        "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+                    };
+                    let _ = writeln!(
+                        script,
+                        "INSERT INTO {TABLE} (revision, name, checksum, phase, applied_at, duration_ms) VALUES ({}, {}, {}, {}, {now}, 0);",
+                        quote(&revision.id),
+                        quote(&revision.name),
+                        quote(&revision.checksum),
+                        quote(revision.phase.as_str()),
+                    );
+                }
+                Direction::Down => {
+                    let _ = writeln!(script, "DELETE FROM {TABLE} WHERE revision = {};", quote(&revision.id));
+                }
+            }
+            if !revision.no_transaction {
+                script.push_str("COMMIT;\n");
+            }
+        }
+        Ok(script)
+    }
+}
+
+/// Runs `work` holding the migration lock, and releases it whatever happens.
+fn locked<T>(
+    engine: &mut dyn Engine,
+    timeout: Duration,
+    work: impl FnOnce(&mut dyn Engine) -> Result<T, Error>,
+) -> Result<T, Error> {
+    engine.lock(timeout)?;
+    let result = work(engine);
+    let unlocked = engine.unlock();
+    let value = result?;
+    unlocked?;
+    Ok(value)
+}
+
+fn run(engine: &mut dyn Engine, steps: &[Step<'_>], done: &mut dyn FnMut(&Revision, Duration)) -> Result<(), Error> {
+    for step in steps {
+        let duration = engine.execute(step)?;
+        done(step.revision, duration);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::tests::revision;
+
+    fn migrator(revisions: Vec<Revision>) -> Migrator {
+        Migrator { dir: PathBuf::from("migrations"), graph: Graph::new(revisions).unwrap() }
+    }
+
+    fn applied(m: &Migrator, ids: &[(&str, &str)]) -> Vec<AppliedRevision> {
+        ids.iter()
+            .map(|(id, at)| AppliedRevision {
+                id: (*id).to_owned(),
+                checksum: m.graph.revision(m.graph.find(id).unwrap()).checksum.clone(),
+                phase: "expand".into(),
+                applied_at: (*at).to_owned(),
+                duration_ms: 0,
+            })
+            .collect()
+    }
+
+    fn ids(m: &Migrator, plan: &[usize]) -> Vec<String> {
+        plan.iter().map(|&i| m.graph.revision(i).id.clone()).collect()
+    }
+
+    fn branched() -> Migrator {
+        migrator(vec![
+            revision("1", None),
+            revision("2", Some(&["1"])),
+            revision("3", Some(&["1"])),
+            revision("4", Some(&["2", "3"])),
+        ])
+    }
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!("heads".parse::<UpTarget>().unwrap(), UpTarget::Heads);
+        assert_eq!("+2".parse::<UpTarget>().unwrap(), UpTarget::Next(2));
+        assert_eq!("-1".parse::<DownTarget>().unwrap(), DownTarget::Last(1));
+        assert_eq!("base".parse::<DownTarget>().unwrap(), DownTarget::Base);
+        assert!("+0".parse::<UpTarget>().is_err());
+        assert!("-x".parse::<DownTarget>().is_err());
+        assert!("-1".parse::<UpTarget>().unwrap_err().to_string().contains("migrate down"));
+    }
+
+    #[test]
+    fn up_plans() {
+        let m = branched();
+        assert_eq!(ids(&m, &m.plan_up(&[], &UpTarget::Heads).unwrap()), ["1", "2", "3", "4"]);
+        let a = applied(&m, &[("1", "t1"), ("3", "t2")]);
+        assert_eq!(ids(&m, &m.plan_up(&a, &UpTarget::Heads).unwrap()), ["2", "4"]);
+        assert_eq!(ids(&m, &m.plan_up(&a, &UpTarget::Next(1)).unwrap()), ["2"]);
+        assert!(m.plan_up(&a, &UpTarget::Next(3)).is_err());
+        assert_eq!(ids(&m, &m.plan_up(&[], &UpTarget::Revision("3".into())).unwrap()), ["1", "3"]);
+    }
+
+    #[test]
+    fn two_heads_need_a_target() {
+        let m = migrator(vec![revision("1", None), revision("2", Some(&["1"])), revision("3", Some(&["1"]))]);
+        assert!(matches!(m.plan_up(&[], &UpTarget::Heads), Err(Error::MultipleHeads { .. })));
+        assert!(matches!(m.plan_up(&[], &UpTarget::Next(1)), Err(Error::MultipleHeads { .. })));
+        assert_eq!(ids(&m, &m.plan_up(&[], &UpTarget::Revision("2".into())).unwrap()), ["1", "2"]);
+    }
+
+    #[test]
+    fn down_plans_follow_application_order() {
+        let m = branched();
+        let a = applied(&m, &[("1", "t1"), ("3", "t2"), ("2", "t3"), ("4", "t4")]);
+        assert_eq!(ids(&m, &m.plan_down(&a, &DownTarget::Base).unwrap()), ["4", "2", "3", "1"]);
+        assert_eq!(ids(&m, &m.plan_down(&a, &DownTarget::Last(2)).unwrap()), ["4", "2"]);
+        assert_eq!(ids(&m, &m.plan_down(&a, &DownTarget::Revision("3".into())).unwrap()), ["4", "2"]);
+        assert!(m.plan_down(&a, &DownTarget::Last(5)).is_err());
+        let partly = applied(&m, &[("1", "t1")]);
+        assert!(m.plan_down(&partly, &DownTarget::Revision("3".into())).is_err());
+    }
+
+    #[test]
+    fn down_refuses_revisions_without_down() {
+        let mut second = revision("2", None);
+        second.down = None;
+        let m = migrator(vec![revision("1", None), second, revision("3", None)]);
+        let a = applied(&m, &[("1", "t1"), ("2", "t2"), ("3", "t3")]);
+        assert_eq!(ids(&m, &m.plan_down(&a, &DownTarget::Last(1)).unwrap()), ["3"]);
+        let err = m.plan_down(&a, &DownTarget::Base).unwrap_err();
+        assert!(matches!(err, Error::NoDown { ref id, .. } if id == "2"), "{err}");
+    }
+
+    #[test]
+    fn status_and_checks() {
+        let m = branched();
+        let mut a = applied(&m, &[("1", "t1"), ("2", "t2")]);
+        let status = m.status(&a);
+        assert_eq!(status.applied, ["1", "2"]);
+        assert_eq!(status.pending, ["3", "4"]);
+        assert_eq!(status.heads, ["4"]);
+        assert_eq!(status.current, ["2"]);
+        assert!(m.check_applied(&a).is_ok());
+        a[1].checksum = "changed".into();
+        assert!(matches!(m.check_applied(&a), Err(Error::Drift { .. })));
+        assert_eq!(m.status(&a).drifted, ["2"]);
+        a.push(AppliedRevision { id: "9".into(), ..a[0].clone() });
+        assert_eq!(m.status(&a).vanished, ["9"]);
+    }
+}

@@ -1,0 +1,460 @@
+//! Reads a migrations folder into [`Revision`]s.
+//!
+//! Three layouts are read as they are:
+//! - upshift files `<id>_<slug>.sql` with `-- upshift:` directives (`parents`, `phase`,
+//!   `no-transaction`, `up`, `down`);
+//! - dbmate files with `-- migrate:up` / `-- migrate:down` markers (and dbmate's
+//!   `transaction:false` option);
+//! - golang-migrate / sqlx pairs `<id>_<slug>.up.sql` + `<id>_<slug>.down.sql` (sqlx's
+//!   `-- no-transaction` first line is honoured).
+//!
+//! A byte-order mark is dropped and CRLF line ends are read as LF before anything else, so
+//! a file's checksum does not change when an editor or a checkout converts line ends.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::Error;
+
+/// Whether a revision keeps the previous application version working.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Backward compatible: runs before the new code is deployed.
+    Expand,
+    /// Removes what the old code needs: runs only after the new code is verified.
+    Contract,
+}
+
+impl Phase {
+    /// The name used in files, the database and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Expand => "expand",
+            Phase::Contract => "contract",
+        }
+    }
+
+    /// Reads `expand` or `contract`.
+    pub fn parse(text: &str) -> Option<Phase> {
+        match text {
+            "expand" => Some(Phase::Expand),
+            "contract" => Some(Phase::Contract),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The SQL of one direction of a revision, with where it sits in its file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Section {
+    /// The SQL text (LF line ends).
+    pub sql: String,
+    /// The file the section comes from.
+    pub path: PathBuf,
+    /// 1-based line in that file where `sql` starts.
+    pub first_line: usize,
+}
+
+/// One revision as read from the migrations folder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revision {
+    /// Everything before the first `_` of the file name.
+    pub id: String,
+    /// The slug after the id, for people.
+    pub name: String,
+    /// The file, or the `.up.sql` file of a pair.
+    pub path: PathBuf,
+    /// Parents named by a `parents` directive; `None` means "the previous file in id
+    /// order", resolved by the graph.
+    pub declared_parents: Option<Vec<String>>,
+    /// The phase, `expand` when not declared.
+    pub phase: Phase,
+    /// Whether the file declared its phase (the linter checks undeclared ones).
+    pub phase_declared: bool,
+    /// Run outside a transaction (for `CREATE INDEX CONCURRENTLY` and the like).
+    pub no_transaction: bool,
+    /// The `up` section.
+    pub up: Section,
+    /// The `down` section, when the revision has one.
+    pub down: Option<Section>,
+    /// Hex sha256 of the `up` section.
+    pub checksum: String,
+}
+
+/// Reads every revision in `dir`, sorted by id.
+pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
+    let entries = fs::read_dir(dir).map_err(|source| Error::Io {
+        action: "read the migrations folder",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut singles = Vec::new();
+    let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| Error::Io {
+            action: "read the migrations folder",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        let Some(file_name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+            continue;
+        };
+        if file_name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        if let Some(stem) = file_name.strip_suffix(".up.sql") {
+            pairs.entry(stem.to_owned()).or_default().0 = Some(path);
+        } else if let Some(stem) = file_name.strip_suffix(".down.sql") {
+            pairs.entry(stem.to_owned()).or_default().1 = Some(path);
+        } else if let Some(stem) = file_name.strip_suffix(".sql") {
+            singles.push((stem.to_owned(), path));
+        }
+    }
+
+    let mut revisions = Vec::new();
+    for (stem, path) in singles {
+        let text = read_text(&path)?;
+        revisions.push(parse_single(&stem, &path, &text)?);
+    }
+    for (stem, (up, down)) in pairs {
+        let Some(up) = up else {
+            let down = down.expect("a pair has at least one file");
+            return Err(Error::File {
+                path: down,
+                line: None,
+                message: format!("has no matching `{stem}.up.sql`; add it or remove this file"),
+            });
+        };
+        let up_text = read_text(&up)?;
+        let down_text = down.as_ref().map(|p| read_text(p)).transpose()?;
+        revisions.push(parse_pair(&stem, &up, &up_text, down.as_deref(), down_text.as_deref())?);
+    }
+    revisions.sort_by(|a, b| compare_ids(&a.id, &b.id));
+    Ok(revisions)
+}
+
+/// Orders ids the way people number files: all-digit ids by value (so `2` < `10`), any
+/// others as text.
+pub fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if digits(a) && digits(b) {
+        let a_trim = a.trim_start_matches('0');
+        let b_trim = b.trim_start_matches('0');
+        a_trim.len().cmp(&b_trim.len()).then_with(|| a_trim.cmp(b_trim)).then_with(|| a.cmp(b))
+    } else {
+        a.cmp(b)
+    }
+}
+
+/// Hex sha256 of an `up` section: what `upshift_migrations.checksum` stores.
+pub fn checksum(sql: &str) -> String {
+    let digest = Sha256::digest(sql.as_bytes());
+    digest.iter().fold(String::with_capacity(64), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+fn read_text(path: &Path) -> Result<String, Error> {
+    let bytes = fs::read(path).map_err(|source| Error::Io { action: "read", path: path.to_path_buf(), source })?;
+    let text = String::from_utf8(bytes).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        line: None,
+        message: format!("is not UTF-8 (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    Ok(text.replace("\r\n", "\n"))
+}
+
+fn split_stem(stem: &str) -> (String, String) {
+    match stem.split_once('_') {
+        Some((id, name)) => (id.to_owned(), name.to_owned()),
+        None => (stem.to_owned(), String::new()),
+    }
+}
+
+/// What a directive line says.
+enum Directive {
+    Parents(Vec<String>),
+    Phase(Phase),
+    NoTransaction,
+    Up { no_transaction: bool },
+    Down,
+}
+
+/// Reads a `-- upshift:` or `-- migrate:` line; `Ok(None)` for any other line.
+fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive>, Error> {
+    let Some(comment) = line.trim().strip_prefix("--") else {
+        return Ok(None);
+    };
+    let comment = comment.trim();
+    let bad = |message: String| Error::File { path: path.to_path_buf(), line: Some(line_no), message };
+    if let Some(rest) = comment.strip_prefix("upshift:") {
+        let (name, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        let args: Vec<&str> = args.split_whitespace().collect();
+        return match name {
+            "parents" => Ok(Some(Directive::Parents(args.iter().map(|s| (*s).to_owned()).collect()))),
+            "phase" => match args.as_slice() {
+                [value] => Phase::parse(value)
+                    .map(|p| Some(Directive::Phase(p)))
+                    .ok_or_else(|| bad(format!("unknown phase `{value}`: expected `expand` or `contract`"))),
+                _ => Err(bad("`upshift:phase` takes one value: `expand` or `contract`".into())),
+            },
+            "no-transaction" => Ok(Some(Directive::NoTransaction)),
+            "up" => Ok(Some(Directive::Up { no_transaction: false })),
+            "down" => Ok(Some(Directive::Down)),
+            other => Err(bad(format!(
+                "unknown directive `upshift:{other}`: expected one of parents, phase, no-transaction, up, down"
+            ))),
+        };
+    }
+    if let Some(rest) = comment.strip_prefix("migrate:") {
+        let mut words = rest.split_whitespace();
+        let name = words.next().unwrap_or("");
+        let no_transaction = words.any(|w| w == "transaction:false");
+        return match name {
+            "up" => Ok(Some(Directive::Up { no_transaction })),
+            "down" => Ok(Some(Directive::Down)),
+            other => {
+                Err(bad(format!("unknown dbmate marker `migrate:{other}`: expected `migrate:up` or `migrate:down`")))
+            }
+        };
+    }
+    Ok(None)
+}
+
+#[derive(Default)]
+struct Header {
+    parents: Option<Vec<String>>,
+    phase: Option<Phase>,
+    no_transaction: bool,
+}
+
+impl Header {
+    fn apply(&mut self, directive: Directive) {
+        match directive {
+            Directive::Parents(parents) => self.parents = Some(parents),
+            Directive::Phase(phase) => self.phase = Some(phase),
+            Directive::NoTransaction => self.no_transaction = true,
+            Directive::Up { no_transaction } => self.no_transaction |= no_transaction,
+            Directive::Down => {}
+        }
+    }
+}
+
+fn parse_single(stem: &str, path: &Path, text: &str) -> Result<Revision, Error> {
+    let (id, name) = split_stem(stem);
+    let mut header = Header::default();
+    // Byte ranges of the sections, with their first lines.
+    let mut up: Option<(usize, usize)> = None;
+    let mut down: Option<(usize, usize)> = None;
+    let mut up_end: Option<usize> = None;
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let line_no = index + 1;
+        let next = offset + line.len();
+        if let Some(d) = directive(path, line_no, line)? {
+            let dup = |what: &str| Error::File {
+                path: path.to_path_buf(),
+                line: Some(line_no),
+                message: format!("has a second `{what}` marker; a file holds one up and one down section"),
+            };
+            match d {
+                Directive::Up { .. } => {
+                    if up.is_some() {
+                        return Err(dup("up"));
+                    }
+                    if down.is_some() {
+                        return Err(Error::File {
+                            path: path.to_path_buf(),
+                            line: Some(line_no),
+                            message: "puts `up` after `down`; write the up section first".into(),
+                        });
+                    }
+                    up = Some((next, line_no + 1));
+                }
+                Directive::Down => {
+                    if down.is_some() {
+                        return Err(dup("down"));
+                    }
+                    up_end = Some(offset);
+                    down = Some((next, line_no + 1));
+                }
+                _ if up.is_some() || down.is_some() => {
+                    return Err(Error::File {
+                        path: path.to_path_buf(),
+                        line: Some(line_no),
+                        message: "has a header directive inside a section; put parents, phase and no-transaction before `-- upshift:up`".into(),
+                    });
+                }
+                _ => {}
+            }
+            header.apply(d);
+        }
+        offset = next;
+    }
+    // Without an up marker, everything before `down` (or the whole file) is the up section.
+    let (up_start, up_line) = up.unwrap_or((0, 1));
+    let up_sql = &text[up_start..up_end.unwrap_or(text.len())];
+    let up = Section { sql: up_sql.to_owned(), path: path.to_path_buf(), first_line: up_line };
+    let down =
+        down.map(|(start, line)| Section { sql: text[start..].to_owned(), path: path.to_path_buf(), first_line: line });
+    Ok(build(id, name, path, header, up, down))
+}
+
+fn parse_pair(
+    stem: &str,
+    up_path: &Path,
+    up_text: &str,
+    down_path: Option<&Path>,
+    down_text: Option<&str>,
+) -> Result<Revision, Error> {
+    let (id, name) = split_stem(stem);
+    let mut header = Header::default();
+    for (index, line) in up_text.lines().enumerate() {
+        // sqlx marks a migration that must not run in a transaction this way.
+        if index == 0 && line.trim() == "-- no-transaction" {
+            header.no_transaction = true;
+        }
+        if let Some(d) = directive(up_path, index + 1, line)? {
+            header.apply(d);
+        }
+    }
+    let up = Section { sql: up_text.to_owned(), path: up_path.to_path_buf(), first_line: 1 };
+    let down = down_path.zip(down_text).map(|(path, sql)| Section {
+        sql: sql.to_owned(),
+        path: path.to_path_buf(),
+        first_line: 1,
+    });
+    Ok(build(id, name, up_path, header, up, down))
+}
+
+fn build(id: String, name: String, path: &Path, header: Header, up: Section, down: Option<Section>) -> Revision {
+    Revision {
+        checksum: checksum(&up.sql),
+        id,
+        name,
+        path: path.to_path_buf(),
+        declared_parents: header.parents,
+        phase: header.phase.unwrap_or(Phase::Expand),
+        phase_declared: header.phase.is_some(),
+        no_transaction: header.no_transaction,
+        up,
+        down,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        fs::write(dir.join(name), text).unwrap();
+    }
+
+    #[test]
+    fn reads_upshift_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "20261121_tags.sql",
+            "-- upshift:parents 1 2\n-- upshift:phase contract\n-- upshift:no-transaction\n-- upshift:up\nCREATE TABLE t (id int);\n-- upshift:down\nDROP TABLE t;\n",
+        );
+        let revs = read_dir(dir.path()).unwrap();
+        let rev = &revs[0];
+        assert_eq!(rev.id, "20261121");
+        assert_eq!(rev.name, "tags");
+        assert_eq!(rev.declared_parents.as_deref(), Some(&["1".to_owned(), "2".to_owned()][..]));
+        assert_eq!(rev.phase, Phase::Contract);
+        assert!(rev.no_transaction);
+        assert_eq!(rev.up.sql, "CREATE TABLE t (id int);\n");
+        assert_eq!(rev.up.first_line, 5);
+        let down = rev.down.as_ref().unwrap();
+        assert_eq!(down.sql, "DROP TABLE t;\n");
+        assert_eq!(down.first_line, 7);
+    }
+
+    #[test]
+    fn reads_dbmate_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "20200101000000_users.sql",
+            "-- migrate:up transaction:false\nCREATE INDEX CONCURRENTLY i ON t (a);\n\n-- migrate:down\nDROP INDEX i;\n",
+        );
+        let rev = &read_dir(dir.path()).unwrap()[0];
+        assert!(rev.no_transaction);
+        assert_eq!(rev.up.sql, "CREATE INDEX CONCURRENTLY i ON t (a);\n\n");
+        assert_eq!(rev.down.as_ref().unwrap().sql, "DROP INDEX i;\n");
+        assert_eq!(rev.phase, Phase::Expand);
+        assert!(!rev.phase_declared);
+    }
+
+    #[test]
+    fn reads_pairs_and_orders_numeric_ids_by_value() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "10_b.up.sql", "-- no-transaction\nSELECT 10;");
+        write(dir.path(), "10_b.down.sql", "SELECT -10;");
+        write(dir.path(), "2_a.up.sql", "SELECT 2;");
+        write(dir.path(), "README.md", "not a migration");
+        let revs = read_dir(dir.path()).unwrap();
+        let ids: Vec<&str> = revs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["2", "10"]);
+        assert!(revs[1].no_transaction);
+        assert!(revs[0].down.is_none());
+        assert_eq!(revs[1].down.as_ref().unwrap().sql, "SELECT -10;");
+    }
+
+    #[test]
+    fn bom_and_crlf_do_not_change_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.sql", "-- upshift:up\nSELECT 1;\n-- upshift:down\nSELECT 2;\n");
+        write(dir.path(), "2_a.sql", "\u{feff}-- upshift:up\r\nSELECT 1;\r\n-- upshift:down\r\nSELECT 2;\r\n");
+        let revs = read_dir(dir.path()).unwrap();
+        assert_eq!(revs[0].checksum, revs[1].checksum);
+        assert_eq!(revs[1].up.sql, "SELECT 1;\n");
+    }
+
+    #[test]
+    fn a_file_without_markers_is_all_up() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1.sql", "CREATE TABLE a (id int);");
+        let rev = &read_dir(dir.path()).unwrap()[0];
+        assert_eq!((rev.id.as_str(), rev.name.as_str()), ("1", ""));
+        assert_eq!(rev.up.sql, "CREATE TABLE a (id int);");
+        assert!(rev.down.is_none());
+    }
+
+    #[test]
+    fn bad_directives_name_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.sql", "-- upshift:up\nSELECT 1;\n-- upshift:phase sideways\n");
+        let err = read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("1_a.sql:3"), "{err}");
+        assert!(err.contains("expected `expand` or `contract`"), "{err}");
+
+        write(dir.path(), "1_a.sql", "-- upshift:upp\n");
+        let err = read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("unknown directive `upshift:upp`"), "{err}");
+    }
+
+    #[test]
+    fn a_down_file_without_its_up_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.down.sql", "SELECT 1;");
+        let err = read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("1_a.up.sql"), "{err}");
+    }
+}

@@ -1,0 +1,133 @@
+//! Database URLs: which engine, where, and a form safe to print.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::lexer::Dialect;
+
+/// A parsed database URL. Its `Display` never shows a password.
+#[derive(Clone)]
+pub enum DatabaseUrl {
+    /// `sqlite:PATH` or `sqlite://PATH`.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// `postgres://user:pass@host:port/db` or `postgresql://...`.
+    Postgres {
+        /// Connection settings parsed by the client.
+        config: Box<postgres::Config>,
+        /// The URL with its password replaced by `***`.
+        redacted: String,
+    },
+}
+
+impl DatabaseUrl {
+    /// Reads a URL, refusing schemes other than PostgreSQL's and SQLite's.
+    pub fn parse(url: &str) -> Result<DatabaseUrl, Error> {
+        let redacted = redact(url);
+        let bad = |message: String| Error::Url { url: redacted.clone(), message };
+        if let Some(rest) = url.strip_prefix("sqlite:") {
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = path.split_once('?').map_or(path, |(p, _)| p);
+            if path.is_empty() {
+                return Err(bad("no file path: expected sqlite:PATH".into()));
+            }
+            return Ok(DatabaseUrl::Sqlite { path: PathBuf::from(path) });
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let config: postgres::Config = url
+                .parse()
+                .map_err(|e: postgres::Error| bad(format!("{e}; expected postgres://user:pass@host:port/db")))?;
+            return Ok(DatabaseUrl::Postgres { config: Box::new(config), redacted });
+        }
+        Err(bad(
+            "unknown scheme: expected postgres://user:pass@host:port/db, postgresql://..., sqlite:PATH or sqlite://PATH".into(),
+        ))
+    }
+
+    /// The SQL dialect of the engine behind this URL.
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            DatabaseUrl::Sqlite { .. } => Dialect::Sqlite,
+            DatabaseUrl::Postgres { .. } => Dialect::Postgres,
+        }
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::Sqlite { path } => write!(f, "sqlite:{}", path.display()),
+            DatabaseUrl::Postgres { redacted, .. } => f.write_str(redacted),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Replaces the password of a URL (`user:pass@` and `password=` parameters) with `***`.
+pub fn redact(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = out[authority_start..].find(['/', '?']).map_or(out.len(), |i| authority_start + i);
+        if let Some(at) = out[authority_start..authority_end].rfind('@') {
+            let userinfo = &out[authority_start..authority_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(authority_start + colon + 1..authority_start + at, "***");
+            }
+        }
+    }
+    if let Some(query_start) = out.find('?') {
+        let (base, query) = out.split_at(query_start + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{base}{}", query.join("&"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_show() {
+        assert_eq!(redact("postgres://u:s3cr%40t@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u@h/db?password=x&sslmode=disable"),
+            "postgres://u@h/db?password=***&sslmode=disable"
+        );
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+        let url = DatabaseUrl::parse("postgresql://app:hunter2@localhost/notes").unwrap();
+        assert!(!format!("{url} {url:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sqlite_forms() {
+        for text in ["sqlite:data/app.db", "sqlite://data/app.db", "sqlite:data/app.db?mode=rwc"] {
+            let DatabaseUrl::Sqlite { path } = DatabaseUrl::parse(text).unwrap() else { panic!() };
+            assert_eq!(path, PathBuf::from("data/app.db"));
+        }
+        let DatabaseUrl::Sqlite { path } = DatabaseUrl::parse("sqlite:///tmp/a.db").unwrap() else { panic!() };
+        assert_eq!(path, PathBuf::from("/tmp/a.db"));
+    }
+
+    #[test]
+    fn unknown_schemes_are_refused_without_the_password() {
+        let err = DatabaseUrl::parse("mysql://root:pw@h/db").unwrap_err().to_string();
+        assert!(err.contains("expected postgres://"), "{err}");
+        assert!(!err.contains("pw@"), "{err}");
+    }
+}

@@ -1,0 +1,132 @@
+//! The command line, as clap derive types. Flags only: settings are resolved in
+//! [`crate::settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// One safe command for application upgrades: check, back up, migrate, roll out, verify,
+/// and undo when anything fails.
+#[derive(Debug, Parser)]
+#[command(name = "upshift", version, propagate_version = true, max_term_width = 100)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// The manifest [default: ./upshift.toml, when it exists]
+    #[arg(long, global = true, value_name = "PATH", env = "UPSHIFT_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// `json` prints one JSON document on stdout, for scripts and CI
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    pub(crate) output: Output,
+    /// Say more about what is done (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    /// Answer yes to every confirmation
+    #[arg(long, global = true)]
+    pub(crate) yes: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// The schema engine on its own (also usable without a manifest)
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MigrateArgs {
+    #[command(flatten)]
+    pub(crate) connect: ConnectArgs,
+    #[command(subcommand)]
+    pub(crate) command: MigrateCommand,
+}
+
+/// Where the database and the migrations are.
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// postgres://user:pass@host:port/db or sqlite:PATH [else `DATABASE_URL`, then the manifest]
+    #[arg(long, global = true, value_name = "URL", env = "UPSHIFT_DATABASE_URL", hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+    /// The migrations folder [else the manifest's, else ./migrations]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub(crate) dir: Option<PathBuf>,
+    /// How long to wait for another run's lock before giving up
+    #[arg(long, global = true, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) lock_timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MigrateCommand {
+    /// Write a new revision file whose parents are the current heads
+    New {
+        /// What the revision does, in a few words (becomes the file name)
+        slug: String,
+        /// expand: the old code still works after it; contract: removes what the old code needs
+        #[arg(long, value_enum, default_value_t = PhaseArg::Expand)]
+        phase: PhaseArg,
+    },
+    /// Applied, pending, heads and current revisions
+    Status,
+    /// The revision graph, newest first, applied ones marked
+    History,
+    /// The revisions no revision follows
+    Heads,
+    /// Apply pending revisions
+    Up {
+        /// A revision id, +N, or heads
+        #[arg(default_value = "heads", allow_hyphen_values = true)]
+        target: String,
+    },
+    /// Revert applied revisions
+    Down {
+        /// A revision id (it stays applied), -N, or base
+        #[arg(allow_hyphen_values = true)]
+        target: String,
+    },
+    /// Write a merge revision over the current heads
+    Merge {
+        /// What the merge is for (becomes the file name)
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Print the exact SQL of a range, offline: nothing is executed
+    Sql {
+        /// Which way
+        #[arg(value_enum, default_value_t = Way::Up)]
+        way: Way,
+        /// up: a revision id, +N or heads (from base); down: a revision id, -N or base (from the heads)
+        #[arg(allow_hyphen_values = true)]
+        target: Option<String>,
+    },
+    /// Check the checksums of applied revisions against the files
+    Verify,
+    /// Mark an existing schema as being at a revision, without running anything
+    Baseline {
+        /// The revision the schema is at; it and everything before it are recorded
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PhaseArg {
+    Expand,
+    Contract,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Way {
+    Up,
+    Down,
+}

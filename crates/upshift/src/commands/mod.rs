@@ -1,0 +1,14 @@
+//! One module per command; each resolves its settings, calls the libraries, and prints
+//! through the [`Printer`].
+
+mod graph_lines;
+mod migrate;
+
+use crate::cli::{Cli, Command};
+use crate::printer::Printer;
+
+pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Migrate(args) => migrate::run(&cli.global, args, printer),
+    }
+}

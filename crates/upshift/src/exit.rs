@@ -1,0 +1,30 @@
+//! Errors to exit codes, in one place (PRODUCT.md: 0 success, 1 failed and nothing
+//! changed, 2 bad usage or input, 3 rolled back, 4 failed and not undone).
+
+use upshift_core::ManifestError;
+
+/// A mistake in how upshift was called (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageError(pub(crate) String);
+
+pub(crate) fn code(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if let Some(e) = cause.downcast_ref::<upshift_migrate::Error>() {
+            return if e.is_input() { 2 } else { 1 };
+        }
+        if cause.is::<ManifestError>() || cause.is::<UsageError>() {
+            return 2;
+        }
+    }
+    1
+}
+
+pub(crate) fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    error.chain().find_map(|cause| match cause.downcast_ref::<upshift_migrate::Error>()? {
+        upshift_migrate::Error::Connect { .. } => {
+            Some("check that the server is running and that the URL's host, port, user and database are right")
+        }
+        _ => None,
+    })
+}
