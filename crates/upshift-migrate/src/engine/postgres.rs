@@ -47,7 +47,9 @@ impl PostgresEngine {
                     to_char(a.backend_start, 'YYYY-MM-DD HH24:MI:SS TZ') \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted \
-               AND l.classid::bigint = $1 AND l.objid::bigint = $2 AND l.objsubid = 1",
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid::bigint = $1 AND l.objid::bigint = $2 AND l.objsubid = 1 \
+             LIMIT 1",
             &[&(LOCK_KEY >> 32), &(LOCK_KEY & 0xffff_ffff)],
         );
         match row {

@@ -1,0 +1,111 @@
+//! Runs the real `upshift` binary in an isolated temp dir.
+#![allow(dead_code, unreachable_pub)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde::de::DeserializeOwned;
+
+pub struct Context {
+    dir: tempfile::TempDir,
+}
+
+/// What a finished run printed and how it exited.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(output: &Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Fails the test, showing both streams, unless the run exited with `code`.
+    #[track_caller]
+    pub fn code(&self, code: i32) -> &Run {
+        assert_eq!(self.code, code, "exit code\n--- stdout\n{}\n--- stderr\n{}", self.stdout, self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn success(&self) -> &Run {
+        self.code(0)
+    }
+
+    #[track_caller]
+    pub fn stderr_has(&self, text: &str) -> &Run {
+        assert!(self.stderr.contains(text), "stderr lacks {text:?}:\n{}", self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn stdout_has(&self, text: &str) -> &Run {
+        assert!(self.stdout.contains(text), "stdout lacks {text:?}:\n{}", self.stdout);
+        self
+    }
+
+    /// Parses stdout as one JSON document.
+    #[track_caller]
+    pub fn json<T: DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not the expected JSON: {e}\n{}", self.stdout))
+    }
+}
+
+impl Context {
+    pub fn new() -> Context {
+        Context { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// Writes a file under the context, making its folders.
+    pub fn write(&self, relative: &str, text: &str) {
+        let path = self.join(relative);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        fs::read_to_string(self.join(relative)).unwrap()
+    }
+
+    /// The binary, in the context's folder, with no database settings inherited.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_upshift"));
+        command
+            .current_dir(self.path())
+            .env_remove("DATABASE_URL")
+            .env_remove("UPSHIFT_DATABASE_URL")
+            .env_remove("UPSHIFT_CONFIG")
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    /// Runs `upshift ARGS` to completion.
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(&self.command().args(args).output().unwrap())
+    }
+
+    /// Runs `upshift migrate ARGS --database-url URL`.
+    pub fn migrate(&self, url: &str, args: &[&str]) -> Run {
+        let mut all = vec!["migrate"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--database-url", url]);
+        self.run(&all)
+    }
+}

@@ -1,0 +1,602 @@
+//! `upshift migrate` through the real binary, against real SQLite files and the real
+//! throwaway PostgreSQL cluster.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::Context;
+use serde::Deserialize;
+
+/// A database the tests can look into.
+enum Db {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Db {
+    fn sqlite(ctx: &Context) -> (Db, String) {
+        (Db::Sqlite(ctx.join("app.db")), "sqlite:app.db".to_owned())
+    }
+
+    fn postgres() -> (Db, String) {
+        let url = upshift_testing::fresh_database();
+        (Db::Postgres(upshift_testing::database_name(&url).to_owned()), url)
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        match self {
+            Db::Sqlite(path) => rusqlite::Connection::open(path).unwrap().query_row(sql, [], |r| r.get(0)).unwrap(),
+            Db::Postgres(name) => upshift_testing::postgres().connect(name).query_one(sql, &[]).unwrap().get(0),
+        }
+    }
+
+    fn has_table(&self, table: &str) -> bool {
+        match self {
+            Db::Sqlite(path) => {
+                path.exists()
+                    && self
+                        .count(&format!("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"))
+                        == 1
+            }
+            Db::Postgres(_) => self.count(&format!("SELECT count(*) FROM pg_tables WHERE tablename = '{table}'")) == 1,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct Status {
+    applied: Vec<String>,
+    pending: Vec<String>,
+    heads: Vec<String>,
+    current: Vec<String>,
+    drifted: Vec<String>,
+    vanished: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Applied {
+    applied: Vec<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reverted {
+    reverted: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryEntry {
+    id: String,
+    name: String,
+    parents: Vec<String>,
+    phase: String,
+    applied: bool,
+    applied_at: Option<String>,
+}
+
+/// What `migrate new` and `migrate merge` print.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Created {
+    id: String,
+    path: String,
+    parents: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Recorded {
+    recorded: Vec<String>,
+}
+
+fn status(ctx: &Context, url: &str) -> Status {
+    ctx.migrate(url, &["status", "--output", "json"]).success().json()
+}
+
+fn linear_three(ctx: &Context) {
+    ctx.write(
+        "migrations/1_users.sql",
+        "-- upshift:up\nCREATE TABLE users (id int);\n-- upshift:down\nDROP TABLE users;\n",
+    );
+    ctx.write(
+        "migrations/2_posts.sql",
+        "-- upshift:up\nCREATE TABLE posts (id int);\n-- upshift:down\nDROP TABLE posts;\n",
+    );
+    ctx.write(
+        "migrations/3_likes.sql",
+        "-- upshift:phase contract\n-- upshift:up\nCREATE TABLE likes (id int);\n-- upshift:down\nDROP TABLE likes;\n",
+    );
+}
+
+fn up_and_down(ctx: &Context, db: &Db, url: &str) {
+    linear_three(ctx);
+    assert_eq!(
+        status(ctx, url),
+        Status {
+            applied: vec![],
+            pending: vec!["1".into(), "2".into(), "3".into()],
+            heads: vec!["3".into()],
+            current: vec![],
+            drifted: vec![],
+            vanished: vec![],
+        }
+    );
+    let up: Applied = ctx.migrate(url, &["up", "--output", "json"]).success().json();
+    assert_eq!(up.applied, ["1", "2", "3"]);
+    assert!(up.error.is_none());
+    assert!(db.has_table("likes"));
+    assert_eq!(db.count("SELECT count(*) FROM upshift_migrations"), 3);
+    assert_eq!(db.count("SELECT count(*) FROM upshift_migrations WHERE phase = 'contract'"), 1);
+
+    let nothing: Applied = ctx.migrate(url, &["up", "--output", "json"]).success().json();
+    assert!(nothing.applied.is_empty());
+
+    let down: Reverted = ctx.migrate(url, &["down", "-1", "--output", "json"]).success().json();
+    assert_eq!(down.reverted, ["3"]);
+    assert!(!db.has_table("likes"));
+    assert!(db.has_table("posts"));
+    assert_eq!(status(ctx, url).current, ["2"]);
+
+    let down: Reverted = ctx.migrate(url, &["down", "base", "--output", "json"]).success().json();
+    assert_eq!(down.reverted, ["2", "1"]);
+    assert!(!db.has_table("users"));
+    assert_eq!(db.count("SELECT count(*) FROM upshift_migrations"), 0);
+
+    // Up to a target, then +N.
+    ctx.migrate(url, &["up", "1"]).success();
+    assert_eq!(status(ctx, url).applied, ["1"]);
+    ctx.migrate(url, &["up", "+1"]).success();
+    assert_eq!(status(ctx, url).applied, ["1", "2"]);
+    ctx.migrate(url, &["up", "+5"]).code(2).stderr_has("only 1 revisions are pending");
+    // Down to a revision keeps that revision.
+    ctx.migrate(url, &["up"]).success();
+    let down: Reverted = ctx.migrate(url, &["down", "1", "--output", "json"]).success().json();
+    assert_eq!(down.reverted, ["3", "2"]);
+    assert_eq!(status(ctx, url).applied, ["1"]);
+}
+
+#[test]
+fn sqlite_up_and_down() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    up_and_down(&ctx, &db, &url);
+}
+
+#[test]
+fn postgres_up_and_down() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    up_and_down(&ctx, &db, &url);
+}
+
+/// A failing statement after others in one revision: exit 1, nothing of that revision
+/// remains, and the revisions before it in the same run stay applied.
+fn failure_leaves_no_trace(ctx: &Context, db: &Db, url: &str) {
+    ctx.write("migrations/1_ok.sql", "-- upshift:up\nCREATE TABLE ok (id int);\n-- upshift:down\nDROP TABLE ok;\n");
+    ctx.write(
+        "migrations/2_bad.sql",
+        "-- upshift:up\nCREATE TABLE half (id int);\nINSERT INTO half VALUES (1);\n\nINSERT INTO no_such_table VALUES (1);\n-- upshift:down\nDROP TABLE half;\n",
+    );
+    let run = ctx.migrate(url, &["up", "--output", "json"]);
+    run.code(1).stderr_has("revision 2 failed at").stderr_has("2_bad.sql:5").stderr_has("nothing of it was applied");
+    let partial: Applied = run.json();
+    assert_eq!(partial.applied, ["1"]);
+    assert!(partial.error.unwrap().contains("no_such_table"));
+    assert!(!db.has_table("half"), "the first statements of the failed revision left a trace");
+    assert!(db.has_table("ok"));
+    assert_eq!(status(ctx, url).applied, ["1"]);
+}
+
+#[test]
+fn sqlite_failure_leaves_no_trace() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    failure_leaves_no_trace(&ctx, &db, &url);
+}
+
+#[test]
+fn postgres_failure_leaves_no_trace() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    failure_leaves_no_trace(&ctx, &db, &url);
+}
+
+#[test]
+fn postgres_lexer_cases_run_for_real() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    ctx.write(
+        "migrations/1_tricky.sql",
+        r#"-- upshift:up
+/* a comment; /* nested; */ still comment; */
+CREATE TABLE "odd;name" ("semi;col" text, "quote""d" text);
+INSERT INTO "odd;name" VALUES ('a;b', 'it''s; fine');
+INSERT INTO "odd;name" VALUES (E'esc\'aped;', 'x'); -- trailing; comment
+CREATE FUNCTION plpgsql_fn() RETURNS int LANGUAGE plpgsql AS $fn$
+BEGIN
+  -- a $$ inside the tagged body; not the end
+  RETURN 1;
+END
+$fn$;
+DO $$ BEGIN INSERT INTO "odd;name" VALUES ('from do;', 'y'); END $$;
+CREATE FUNCTION atomic_fn(a int) RETURNS int LANGUAGE sql
+BEGIN ATOMIC
+  SELECT CASE WHEN a > 0 THEN a ELSE 0 END;
+END;
+-- upshift:down
+DROP FUNCTION atomic_fn(int);
+DROP FUNCTION plpgsql_fn();
+DROP TABLE "odd;name";
+"#,
+    );
+    ctx.migrate(&url, &["up"]).success();
+    assert_eq!(db.count(r#"SELECT count(*) FROM "odd;name""#), 3);
+    assert_eq!(db.count(r#"SELECT count(*) FROM "odd;name" WHERE "semi;col" = E'esc\'aped;'"#), 1);
+    assert_eq!(db.count("SELECT plpgsql_fn()::bigint + atomic_fn(41)::bigint"), 42);
+    ctx.migrate(&url, &["down", "base"]).success();
+    assert!(!db.has_table("odd;name"));
+}
+
+#[test]
+fn sqlite_lexer_cases_run_for_real() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    ctx.write(
+        "migrations/1_tricky.sql",
+        "-- upshift:up\r\n\
+         CREATE TABLE `odd;name` ([semi;col] TEXT, \"quote\"\"d\" TEXT);\r\n\
+         CREATE TABLE audit (n INTEGER);\r\n\
+         CREATE TRIGGER log_insert AFTER INSERT ON `odd;name` BEGIN\r\n\
+         \tINSERT INTO audit VALUES (CASE WHEN new.[semi;col] = 'a;b' THEN 1 ELSE 2 END);\r\n\
+         \tINSERT INTO audit VALUES (10);\r\n\
+         END;\r\n\
+         INSERT INTO `odd;name` VALUES ('a;b', 'it''s; fine'); /* c; */\r\n\
+         -- upshift:down\r\n\
+         DROP TABLE audit;\r\n\
+         DROP TABLE `odd;name`;\r\n",
+    );
+    ctx.migrate(&url, &["up"]).success();
+    assert_eq!(db.count("SELECT sum(n) FROM audit"), 11);
+    ctx.migrate(&url, &["down", "base"]).success();
+    assert!(!db.has_table("audit"));
+}
+
+#[test]
+fn unterminated_quote_is_refused_before_anything_runs() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    ctx.write("migrations/1_a.sql", "-- upshift:up\nCREATE TABLE a (id int);\n");
+    ctx.write("migrations/2_b.sql", "-- upshift:up\nCREATE TABLE b (id int);\nSELECT 'open;\n");
+    ctx.migrate(&url, &["up"]).code(2).stderr_has("2_b.sql:3").stderr_has("unterminated string");
+    assert!(!db.has_table("a"), "revision 1 ran although the run was refused");
+}
+
+#[test]
+fn branch_is_refused_until_merged() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    ctx.write(
+        "migrations/1_base.sql",
+        "-- upshift:parents\n-- upshift:up\nCREATE TABLE base (id int);\n-- upshift:down\nDROP TABLE base;\n",
+    );
+    ctx.write(
+        "migrations/2_left.sql",
+        "-- upshift:parents 1\n-- upshift:up\nCREATE TABLE l (id int);\n-- upshift:down\nDROP TABLE l;\n",
+    );
+    ctx.write(
+        "migrations/3_right.sql",
+        "-- upshift:parents 1\n-- upshift:up\nCREATE TABLE r (id int);\n-- upshift:down\nDROP TABLE r;\n",
+    );
+
+    ctx.migrate(&url, &["up"]).code(2).stderr_has("2 heads (2, 3)").stderr_has("upshift migrate merge");
+    assert!(!db.has_table("base"));
+    // An explicit target on one branch is fine.
+    ctx.migrate(&url, &["up", "2"]).success();
+    assert_eq!(status(&ctx, &url).current, ["2"]);
+
+    let merge: Created = ctx.run(&["migrate", "merge", "-m", "join branches", "--output", "json"]).success().json();
+    assert_eq!(merge.parents, ["2", "3"]);
+    assert!(merge.path.ends_with("_join_branches.sql"), "{}", merge.path);
+
+    let up: Applied = ctx.migrate(&url, &["up", "--output", "json"]).success().json();
+    assert_eq!(up.applied, ["3".to_owned(), merge.id.clone()]);
+    let s = status(&ctx, &url);
+    assert_eq!(s.heads, std::slice::from_ref(&merge.id));
+    assert_eq!(s.current, std::slice::from_ref(&merge.id));
+
+    let history: Vec<HistoryEntry> = ctx.migrate(&url, &["history", "--output", "json"]).success().json();
+    assert_eq!(history[0].id, merge.id);
+    assert_eq!(history[0].parents, ["2", "3"]);
+    assert_eq!(history[0].name, "join_branches");
+    assert_eq!(history[0].phase, "expand");
+    assert!(history.iter().all(|h| h.applied && h.applied_at.is_some()));
+    assert_eq!(history.last().unwrap().id, "1");
+
+    let drawn = ctx.migrate(&url, &["history"]).success().stdout.clone();
+    let art: Vec<&str> = drawn.lines().map(|l| l.split("  ").next().unwrap().trim_end()).collect();
+    assert_eq!(art, ["*", "|\\", "| *", "* |", "|/", "*"], "{drawn}");
+
+    // Reverting the merge and one branch, newest first.
+    let down: Reverted = ctx.migrate(&url, &["down", "-2", "--output", "json"]).success().json();
+    assert_eq!(down.reverted, [merge.id.clone(), "3".to_owned()]);
+}
+
+#[test]
+fn drift_and_vanished_files_are_refused() {
+    let ctx = Context::new();
+    let (_db, url) = Db::sqlite(&ctx);
+    linear_three(&ctx);
+    ctx.migrate(&url, &["up", "2"]).success();
+    ctx.migrate(&url, &["verify"]).success().stdout_has("2 applied revision(s) match");
+
+    // Line ends and a BOM are not changes.
+    let original = ctx.read("migrations/1_users.sql");
+    ctx.write("migrations/1_users.sql", &format!("\u{feff}{}", original.replace('\n', "\r\n")));
+    ctx.migrate(&url, &["verify"]).success();
+
+    ctx.write("migrations/1_users.sql", &original.replace("id int", "id bigint"));
+    ctx.migrate(&url, &["up"]).code(2).stderr_has("revision 1 was applied with checksum").stderr_has("1_users.sql");
+    ctx.migrate(&url, &["down", "base"]).code(2);
+    ctx.migrate(&url, &["verify"]).code(2);
+    let s = status(&ctx, &url);
+    assert_eq!(s.drifted, ["1"]);
+    assert_eq!(status(&ctx, &url).pending, ["3"], "nothing ran");
+
+    ctx.write("migrations/1_users.sql", &original);
+    std::fs::remove_file(ctx.join("migrations/2_posts.sql")).unwrap();
+    ctx.migrate(&url, &["up"]).code(2).stderr_has("revision 2 is applied in the database but has no file");
+    assert_eq!(status(&ctx, &url).vanished, ["2"]);
+}
+
+#[test]
+fn bad_graphs_are_refused_with_exit_2() {
+    // What is wrong, the files, and what the error must say.
+    type Case = (&'static str, &'static [(&'static str, &'static str)], &'static str);
+    let cases: &[Case] = &[
+        ("missing parent", &[("1_a.sql", "-- upshift:parents 0\nSELECT 1;")], "parent revision 0 does not exist"),
+        (
+            "cycle",
+            &[("1_a.sql", "-- upshift:parents 2\nSELECT 1;"), ("2_b.sql", "-- upshift:parents 1\nSELECT 1;")],
+            "cycle through",
+        ),
+        ("duplicate id", &[("1_a.sql", "SELECT 1;"), ("1_b.up.sql", "SELECT 1;")], "two files have revision id 1"),
+        ("bad phase", &[("1_a.sql", "-- upshift:phase maybe\nSELECT 1;")], "1_a.sql:1: unknown phase `maybe`"),
+    ];
+    for (what, files, message) in cases {
+        let ctx = Context::new();
+        for (name, text) in *files {
+            ctx.write(&format!("migrations/{name}"), text);
+        }
+        let run = ctx.migrate("sqlite:app.db", &["up"]);
+        assert_eq!(run.code, 2, "{what}: {run:?}");
+        assert!(run.stderr.contains(message), "{what}: {}", run.stderr);
+        assert!(!ctx.join("app.db").exists(), "{what}: the database was touched");
+    }
+}
+
+#[test]
+fn down_through_a_revision_without_down_is_refused() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    ctx.write("migrations/1_a.sql", "CREATE TABLE a (id int);\n");
+    ctx.write("migrations/2_b.sql", "-- upshift:up\nCREATE TABLE b (id int);\n-- upshift:down\nDROP TABLE b;\n");
+    ctx.migrate(&url, &["up"]).success();
+    ctx.migrate(&url, &["down", "base"]).code(2).stderr_has("revision 1").stderr_has("has no down section");
+    assert!(db.has_table("b"), "revision 2 was reverted although the run was refused");
+    ctx.migrate(&url, &["down", "-1"]).success();
+}
+
+#[test]
+fn bad_urls_and_missing_urls_exit_2() {
+    let ctx = Context::new();
+    linear_three(&ctx);
+    ctx.migrate("mysql://root:hunter2@db/app", &["status"])
+        .code(2)
+        .stderr_has("expected postgres://")
+        .stderr_has("mysql://root:***@db/app");
+    ctx.run(&["migrate", "status"]).code(2).stderr_has("no database URL");
+    ctx.run(&["migrate", "bogus"]).code(2);
+}
+
+#[test]
+fn sql_prints_without_touching_the_database() {
+    let ctx = Context::new();
+    linear_three(&ctx);
+    let run = ctx.migrate("sqlite:app.db", &["sql", "up", "2"]);
+    run.success().stdout_has("CREATE TABLE users (id int);").stdout_has("CREATE TABLE posts (id int);");
+    assert!(!run.stdout.contains("likes"));
+    assert!(run.stdout.contains("INSERT INTO upshift_migrations"));
+    assert!(!ctx.join("app.db").exists(), "sql created the database");
+    let run = ctx.migrate("sqlite:app.db", &["sql", "down", "-2"]);
+    let likes = run.stdout.find("DROP TABLE likes").expect("likes dropped");
+    let posts = run.stdout.find("DROP TABLE posts").expect("posts dropped");
+    assert!(likes < posts);
+    assert!(!run.stdout.contains("DROP TABLE users"));
+
+    let (db, url) = Db::postgres();
+    ctx.migrate(&url, &["sql"]).success().stdout_has("clock_timestamp()");
+    assert!(!db.has_table("upshift_migrations"));
+}
+
+#[test]
+fn postgres_no_transaction_revisions() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    ctx.write("migrations/1_t.sql", "-- upshift:up\nCREATE TABLE t (a int);\n-- upshift:down\nDROP TABLE t;\n");
+    ctx.write(
+        "migrations/2_index.sql",
+        "-- upshift:no-transaction\n-- upshift:up\nCREATE INDEX CONCURRENTLY t_a ON t (a);\nCREATE INDEX CONCURRENTLY t_a2 ON t (a);\n-- upshift:down\nDROP INDEX CONCURRENTLY t_a;\nDROP INDEX CONCURRENTLY t_a2;\n",
+    );
+    ctx.migrate(&url, &["up"]).success();
+    assert_eq!(db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 't'"), 2);
+    ctx.migrate(&url, &["down", "-1"]).success();
+    assert_eq!(db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 't'"), 0);
+}
+
+#[test]
+fn dbmate_and_golang_migrate_folders_read_as_they_are() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    ctx.write(
+        "dbmate/20200101000000_users.sql",
+        "-- migrate:up\nCREATE TABLE users (id int);\n\n-- migrate:down\nDROP TABLE users;\n",
+    );
+    ctx.write(
+        "dbmate/20200102000000_posts.sql",
+        "-- migrate:up transaction:false\nCREATE TABLE posts (id int);\n-- migrate:down\nDROP TABLE posts;\n",
+    );
+    ctx.migrate(&url, &["up", "--dir", "dbmate"]).success();
+    assert!(db.has_table("posts"));
+    ctx.migrate(&url, &["down", "base", "--dir", "dbmate"]).success();
+    assert!(!db.has_table("users"));
+
+    ctx.write("golang/1_a.up.sql", "CREATE TABLE a (id int);");
+    ctx.write("golang/1_a.down.sql", "DROP TABLE a;");
+    ctx.write("golang/10_b.up.sql", "CREATE TABLE b (id int);");
+    ctx.write("golang/10_b.down.sql", "DROP TABLE b;");
+    ctx.write("golang/2_c.up.sql", "CREATE TABLE c (id int);");
+    ctx.write("golang/2_c.down.sql", "DROP TABLE c;");
+    let up: Applied = ctx.migrate(&url, &["up", "--dir", "golang", "--output", "json"]).success().json();
+    assert_eq!(up.applied, ["1", "2", "10"]);
+}
+
+#[test]
+fn baseline_records_without_running() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    linear_three(&ctx);
+    let recorded: Recorded = ctx.migrate(&url, &["baseline", "2", "--output", "json"]).success().json();
+    assert_eq!(recorded.recorded, ["1", "2"]);
+    assert!(!db.has_table("users"), "baseline ran a migration");
+    let up: Applied = ctx.migrate(&url, &["up", "--output", "json"]).success().json();
+    assert_eq!(up.applied, ["3"]);
+}
+
+#[test]
+fn postgres_lock_names_its_holder_and_times_out() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    linear_three(&ctx);
+    let Db::Postgres(name) = &db else { unreachable!() };
+    let mut holder = upshift_testing::postgres().connect(name);
+    holder.batch_execute("SET application_name = 'held-by-test'").unwrap();
+    let pid: i32 = holder.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+    // The key upshift uses: "upshmigr" as a big-endian integer.
+    holder.execute("SELECT pg_advisory_lock($1)", &[&0x7570_7368_6d69_6772_i64]).unwrap();
+    ctx.migrate(&url, &["up", "--lock-timeout", "300ms"])
+        .code(1)
+        .stderr_has(&format!("pid {pid}"))
+        .stderr_has("held-by-test")
+        .stderr_has("waited 300ms");
+    assert!(!db.has_table("users"));
+    holder.execute("SELECT pg_advisory_unlock_all()", &[]).unwrap();
+    ctx.migrate(&url, &["up", "--lock-timeout", "300ms"]).success();
+}
+
+#[test]
+fn sqlite_lock_times_out_with_exit_1() {
+    let ctx = Context::new();
+    let (db, url) = Db::sqlite(&ctx);
+    linear_three(&ctx);
+    ctx.migrate(&url, &["up", "1"]).success();
+    let holder = rusqlite::Connection::open(ctx.join("app.db")).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    ctx.migrate(&url, &["up", "--lock-timeout", "200ms"]).code(1).stderr_has("another process is writing to app.db");
+    holder.execute_batch("COMMIT").unwrap();
+    drop(holder);
+    assert!(!db.has_table("posts"));
+    ctx.migrate(&url, &["up"]).success();
+}
+
+/// Two runs at once against one PostgreSQL database: each revision runs exactly once.
+#[test]
+fn postgres_concurrent_runs_apply_each_revision_once() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    ctx.write("migrations/001_log.sql", "CREATE TABLE log (revision text);\nINSERT INTO log VALUES ('001');\n");
+    for i in 2..=12 {
+        // A short sleep in each keeps both runs alive together.
+        ctx.write(
+            &format!("migrations/{i:03}_step.sql"),
+            &format!("SELECT pg_sleep(0.02);\nINSERT INTO log VALUES ('{i:03}');\n"),
+        );
+    }
+    let spawn = || {
+        ctx.command()
+            .args(["migrate", "up", "--output", "json", "--database-url", &url])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (first, second) = (spawn(), spawn());
+    let mut all = Vec::new();
+    for child in [first, second] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let applied: Applied = serde_json::from_slice(&output.stdout).unwrap();
+        all.extend(applied.applied);
+    }
+    all.sort();
+    let expected: Vec<String> = (1..=12).map(|i| format!("{i:03}")).collect();
+    assert_eq!(all, expected, "each revision applied by exactly one run");
+    assert_eq!(db.count("SELECT count(*) FROM log"), 12);
+    assert_eq!(db.count("SELECT count(DISTINCT revision) FROM log"), 12);
+}
+
+#[test]
+fn passwords_never_appear_in_output() {
+    let ctx = Context::new();
+    linear_three(&ctx);
+    let url = upshift_testing::fresh_database().replace("postgres@", "postgres:sup3r-secret@");
+    for args in [&["status", "-v"][..], &["up", "-v"], &["history"], &["up", "nope"]] {
+        let run = ctx.migrate(&url, args);
+        assert!(!run.stdout.contains("sup3r-secret") && !run.stderr.contains("sup3r-secret"), "{args:?}: {run:?}");
+    }
+    let unreachable = "postgres://u:sup3r-secret@127.0.0.1:1/db";
+    let run = ctx.migrate(unreachable, &["status"]);
+    run.code(1).stderr_has("could not connect to postgres://u:***@127.0.0.1:1/db");
+    assert!(!run.stderr.contains("sup3r-secret"));
+}
+
+#[test]
+fn new_writes_heads_as_parents_and_phase() {
+    let ctx = Context::new();
+    let run = ctx.run(&["migrate", "new", "Create Notes!", "--output", "json"]);
+    let first: Created = run.success().json();
+    assert_eq!(first.id.len(), 14);
+    assert!(first.path.ends_with(&format!("{}_create_notes.sql", first.id)));
+    assert!(first.parents.is_empty());
+    let second: Created =
+        ctx.run(&["migrate", "new", "drop old", "--phase", "contract", "--output", "json"]).success().json();
+    assert!(second.id > first.id, "ids stay in order within one second");
+    assert_eq!(second.parents, std::slice::from_ref(&first.id));
+    let text = ctx.read(&second.path);
+    assert!(text.starts_with(&format!("-- upshift:parents {}\n-- upshift:phase contract\n-- upshift:up\n", first.id)));
+    ctx.run(&["migrate", "heads"]).success().stdout_has(&second.id);
+    ctx.run(&["migrate", "merge"]).code(2).stderr_has("nothing to merge");
+}
+
+#[test]
+fn manifest_supplies_url_and_folder() {
+    let ctx = Context::new();
+    ctx.write(
+        "upshift.toml",
+        "[app]\nname = \"notes\"\n\n[database]\nurl = \"${NOTES_DB}\"\nmigrations = \"db/migrations\"\n",
+    );
+    ctx.write("db/migrations/1_a.sql", "CREATE TABLE a (id int);\n");
+    let run = ctx.command().args(["migrate", "up"]).env("NOTES_DB", "sqlite:notes.db").output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(ctx.join("notes.db").exists());
+
+    ctx.run(&["migrate", "status"]).code(2).stderr_has("upshift.toml:5:7: environment variable NOTES_DB is not set");
+    ctx.write("upshift.toml", "[database]\nurl = \"sqlite:x.db\"\nmigratons = \"m\"\n");
+    ctx.run(&["migrate", "status"]).code(2).stderr_has("upshift.toml:3:1").stderr_has("unknown field `migratons`");
+    ctx.run(&["--config", "missing.toml", "migrate", "heads"]).code(2).stderr_has("missing.toml");
+}
