@@ -25,19 +25,12 @@ def revision_sql(i: int) -> list[str]:
     ]
 
 
-def write_upshift(folder: Path, count: int) -> None:
+def write_sql_files(folder: Path, count: int, up_marker: str, down_marker: str) -> None:
+    """One file per revision, in upshift's or dbmate's format (they differ in the markers)."""
     folder.mkdir(parents=True)
     for i in range(1, count + 1):
         up = ";\n".join(revision_sql(i)) + ";\n"
-        text = f"-- upshift:up\n{up}-- upshift:down\nDROP TABLE bench_{i:04d};\n"
-        (folder / f"{20260000000000 + i}_bench_{i:04d}.sql").write_text(text)
-
-
-def write_dbmate(folder: Path, count: int) -> None:
-    folder.mkdir(parents=True)
-    for i in range(1, count + 1):
-        up = ";\n".join(revision_sql(i)) + ";\n"
-        text = f"-- migrate:up\n{up}\n-- migrate:down\nDROP TABLE bench_{i:04d};\n"
+        text = f"{up_marker}\n{up}{down_marker}\nDROP TABLE bench_{i:04d};\n"
         (folder / f"{20260000000000 + i}_bench_{i:04d}.sql").write_text(text)
 
 
@@ -132,8 +125,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="upshift-bench-migrate-"))
     pg = Postgres(args.psql, args.pg_port)
     count = args.count
-    write_upshift(work / "upshift", count)
-    write_dbmate(work / "dbmate", count)
+    write_sql_files(work / "upshift", count, "-- upshift:up", "-- upshift:down")
+    write_sql_files(work / "dbmate", count, "-- migrate:up", "-- migrate:down")
     base_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "UPSHIFT_DATABASE_URL")}
 
     script = work / "all.sql"

@@ -295,13 +295,7 @@ impl Migrator {
         done: &mut dyn FnMut(&Revision, Duration),
     ) -> Result<(), Error> {
         self.check_up_target(target)?;
-        locked(engine, lock_timeout, |engine| {
-            let applied = engine.applied()?;
-            self.check_applied(&applied)?;
-            let plan = self.plan_up(&applied, target)?;
-            let steps = self.steps(&plan, Direction::Up, engine.dialect())?;
-            run(engine, &steps, done)
-        })
+        self.run_locked(engine, lock_timeout, Direction::Up, |applied| self.plan_up(applied, target), done)
     }
 
     /// Reverts revisions down to `target` under the lock; `done` as for [`Migrator::up`].
@@ -315,11 +309,23 @@ impl Migrator {
         if let DownTarget::Revision(id) = target {
             self.find(id)?;
         }
+        self.run_locked(engine, lock_timeout, Direction::Down, |applied| self.plan_down(applied, target), done)
+    }
+
+    /// Under the lock: reads the applied set (only now, so concurrent runs see each other's
+    /// work), refuses drift, plans, lexes every script, then runs the steps.
+    fn run_locked(
+        &self,
+        engine: &mut dyn Engine,
+        lock_timeout: Duration,
+        direction: Direction,
+        plan: impl FnOnce(&[AppliedRevision]) -> Result<Vec<usize>, Error>,
+        done: &mut dyn FnMut(&Revision, Duration),
+    ) -> Result<(), Error> {
         locked(engine, lock_timeout, |engine| {
             let applied = engine.applied()?;
             self.check_applied(&applied)?;
-            let plan = self.plan_down(&applied, target)?;
-            let steps = self.steps(&plan, Direction::Down, engine.dialect())?;
+            let steps = self.steps(&plan(&applied)?, direction, engine.dialect())?;
             run(engine, &steps, done)
         })
     }
