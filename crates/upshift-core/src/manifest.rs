@@ -4,13 +4,14 @@
 //! are refused. `${VAR}` is read from the environment when the manifest is loaded; an
 //! undefined variable is an error, never an empty string.
 //!
-//! Typed so far: `[app]` and `[database]`, which the migration commands read. The other
-//! tables of PRODUCT.md (`[backup]`, `[[components]]`, `[verify]`, `[[releases]]`,
-//! `[agent]`) are accepted as tables and typed by the issues that use them.
+//! Typed so far: `[app]`, `[database]` and `[backup]`, which the migration and backup
+//! commands read. The other tables of PRODUCT.md (`[[components]]`, `[verify]`,
+//! `[[releases]]`, `[agent]`) are accepted as tables and typed by the issues that use them.
 
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -41,7 +42,7 @@ impl fmt::Display for ManifestError {
 struct RawManifest {
     app: Option<RawApp>,
     database: Option<RawDatabase>,
-    backup: Option<toml::Table>,
+    backup: Option<RawBackup>,
     components: Option<Vec<toml::Table>>,
     verify: Option<toml::Table>,
     releases: Option<Vec<toml::Table>>,
@@ -53,6 +54,18 @@ struct RawManifest {
 struct RawApp {
     name: String,
     state_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackup {
+    dir: Option<String>,
+    keep_last: Option<usize>,
+    keep_within: Option<Spanned<String>>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    encrypt_to: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +89,25 @@ pub struct Manifest {
     pub database_url: Option<String>,
     /// `[database] migrations`, relative to the manifest's folder (default `migrations`).
     pub migrations_dir: PathBuf,
+    /// The manifest's folder: where relative paths start.
+    pub base_dir: PathBuf,
+    /// `[backup]`.
+    pub backup: BackupSettings,
+}
+
+/// `[backup]`, paths resolved against the manifest's folder.
+#[derive(Debug, Clone, Default)]
+pub struct BackupSettings {
+    /// `dir` (default `.upshift/backups`).
+    pub dir: PathBuf,
+    /// `keep_last`.
+    pub keep_last: Option<usize>,
+    /// `keep_within`, e.g. `7d`.
+    pub keep_within: Option<Duration>,
+    /// `paths`: files and folders saved beside the database, relative to the manifest.
+    pub paths: Vec<PathBuf>,
+    /// `encrypt_to`: age recipients.
+    pub encrypt_to: Vec<String>,
 }
 
 impl Manifest {
@@ -98,7 +130,7 @@ impl Manifest {
         };
         let raw: RawManifest = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
         // Accepted here and typed by the commands that use them.
-        let _ = (&raw.backup, &raw.components, &raw.verify, &raw.releases, &raw.agent);
+        let _ = (&raw.components, &raw.verify, &raw.releases, &raw.agent);
         let base = path.parent().unwrap_or(Path::new(""));
         let (database_url, migrations, _min_server) = match raw.database {
             Some(database) => {
@@ -113,8 +145,28 @@ impl Manifest {
             }
             None => (None, None, None),
         };
+        let backup = match raw.backup {
+            Some(backup) => BackupSettings {
+                dir: base.join(backup.dir.unwrap_or_else(|| ".upshift/backups".into())),
+                keep_last: backup.keep_last,
+                keep_within: match backup.keep_within {
+                    Some(text) => Some(humantime::parse_duration(text.get_ref()).map_err(|e| {
+                        error(
+                            Some(text.span()),
+                            format!("`keep_within`: {e}; expected a duration like \"7d\" or \"12h\""),
+                        )
+                    })?),
+                    None => None,
+                },
+                paths: backup.paths.iter().map(PathBuf::from).collect(),
+                encrypt_to: backup.encrypt_to,
+            },
+            None => BackupSettings { dir: base.join(".upshift/backups"), ..BackupSettings::default() },
+        };
         let app = raw.app;
         Ok(Manifest {
+            base_dir: base.to_path_buf(),
+            backup,
             path: path.to_path_buf(),
             app_name: app.as_ref().map(|a| a.name.clone()),
             state_dir: base.join(app.and_then(|a| a.state_dir).unwrap_or_else(|| ".upshift".into())),
@@ -195,6 +247,22 @@ mod tests {
         assert_eq!(err.position.map(|p| p.0), Some(2));
         assert!(err.message.contains("unknown field `urll`"), "{err}");
         assert!(err.message.contains("expected one of"), "{err}");
+    }
+
+    #[test]
+    fn backup_settings() {
+        let m = Manifest::parse(
+            Path::new("app/upshift.toml"),
+            "[backup]\nkeep_last = 3\nkeep_within = \"7d\"\npaths = [\"config/\"]\n",
+            env,
+        )
+        .unwrap();
+        assert_eq!(m.backup.dir, PathBuf::from("app/.upshift/backups"));
+        assert_eq!(m.backup.keep_last, Some(3));
+        assert_eq!(m.backup.keep_within, Some(Duration::from_hours(7 * 24)));
+        assert_eq!(m.backup.paths, [PathBuf::from("config/")]);
+        let err = Manifest::parse(Path::new("u.toml"), "[backup]\nkeep_within = \"soon\"\n", env).unwrap_err();
+        assert_eq!(err.position, Some((2, 15)));
     }
 
     #[test]

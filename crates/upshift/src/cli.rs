@@ -43,6 +43,70 @@ pub(crate) enum Output {
 pub(crate) enum Command {
     /// The schema engine on its own (also usable without a manifest)
     Migrate(MigrateArgs),
+    /// The backup engine on its own
+    Backup(BackupArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BackupArgs {
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
+    /// The backup folder [else the manifest's `[backup] dir`, else .upshift/backups]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub(crate) backup_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(crate) command: BackupCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BackupCommand {
+    /// Back up the database and the saved paths
+    Create {
+        /// A note shown by `list`
+        #[arg(long)]
+        label: Option<String>,
+        /// A file or folder to save (repeatable) [else the manifest's `[backup] paths`]
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// The backups, oldest first
+    List,
+    /// Check a backup's checksums, decompress it all and read the whole dump
+    Verify {
+        /// A backup id, or `latest`
+        id: String,
+        /// Also restore it into a scratch database and compare row counts
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Restore a backup (atomically: a failure leaves the target as it was)
+    Restore {
+        /// A backup id, or `latest`
+        id: String,
+        /// The database to restore into [default: the database URL]
+        #[arg(long, value_name = "URL", hide_env_values = true)]
+        target_url: Option<String>,
+        /// Replace a target that holds data
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove backups the retention policy does not keep, and leftovers of interrupted ones
+    Prune {
+        /// Keep the newest N [else the manifest's `keep_last`]
+        #[arg(long, value_name = "N")]
+        keep_last: Option<usize>,
+        /// Keep every backup younger than this, e.g. 7d [else the manifest's `keep_within`]
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_within: Option<Duration>,
+    },
+}
+
+/// Which database.
+#[derive(Debug, Args)]
+pub(crate) struct DatabaseArgs {
+    /// postgres://user:pass@host:port/db or sqlite:PATH [else `DATABASE_URL`, then the manifest]
+    #[arg(long, global = true, value_name = "URL", env = "UPSHIFT_DATABASE_URL", hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -56,9 +120,8 @@ pub(crate) struct MigrateArgs {
 /// Where the database and the migrations are.
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
-    /// postgres://user:pass@host:port/db or sqlite:PATH [else `DATABASE_URL`, then the manifest]
-    #[arg(long, global = true, value_name = "URL", env = "UPSHIFT_DATABASE_URL", hide_env_values = true)]
-    pub(crate) database_url: Option<String>,
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
     /// The migrations folder [else the manifest's, else ./migrations]
     #[arg(long, global = true, value_name = "PATH")]
     pub(crate) dir: Option<PathBuf>,

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use upshift_core::Manifest;
 use upshift_migrate::DatabaseUrl;
 
-use crate::cli::{ConnectArgs, GlobalArgs};
+use crate::cli::{BackupArgs, ConnectArgs, DatabaseArgs, GlobalArgs};
 use crate::exit::UsageError;
 
 /// Reads the manifest: the one `--config` names (which must exist), else `./upshift.toml`
@@ -22,6 +22,26 @@ pub(crate) fn manifest(global: &GlobalArgs) -> anyhow::Result<Option<Manifest>> 
     Ok(Some(Manifest::load(&path, |name| std::env::var(name).ok())?))
 }
 
+/// The database URL: the flag (or `UPSHIFT_DATABASE_URL`), then `DATABASE_URL`, then the
+/// manifest. Unparsed: commands that do not need one must not fail on it.
+fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>) -> Option<String> {
+    args.database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .or_else(|| manifest.and_then(|m| m.database_url.clone()))
+}
+
+/// The database URL, or a usage error saying where to put one.
+fn require_url(url: Option<&str>) -> anyhow::Result<DatabaseUrl> {
+    let text = url.ok_or_else(|| {
+        UsageError(
+            "no database URL: pass --database-url, set UPSHIFT_DATABASE_URL or DATABASE_URL, or set [database] url in upshift.toml"
+                .into(),
+        )
+    })?;
+    DatabaseUrl::parse(text).context("the database URL cannot be used")
+}
+
 pub(crate) struct MigrateSettings {
     pub(crate) dir: PathBuf,
     url: Option<String>,
@@ -31,11 +51,7 @@ pub(crate) struct MigrateSettings {
 impl MigrateSettings {
     pub(crate) fn resolve(global: &GlobalArgs, connect: &ConnectArgs) -> anyhow::Result<MigrateSettings> {
         let manifest = manifest(global)?;
-        let url = connect
-            .database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
-            .or_else(|| manifest.as_ref().and_then(|m| m.database_url.clone()));
+        let url = database_url(&connect.database, manifest.as_ref());
         let dir = connect
             .dir
             .clone()
@@ -46,16 +62,56 @@ impl MigrateSettings {
 
     /// The database URL, or a usage error saying where to put one.
     pub(crate) fn url(&self) -> anyhow::Result<DatabaseUrl> {
-        let text = self.url.as_deref().ok_or_else(|| {
-            UsageError(
-                "no database URL: pass --database-url, set UPSHIFT_DATABASE_URL or DATABASE_URL, or set [database] url in upshift.toml"
-                    .into(),
-            )
-        })?;
-        DatabaseUrl::parse(text).context("the database URL cannot be used")
+        require_url(self.url.as_deref())
     }
 
     /// The URL when one is given; a bad one is still an error.
+    pub(crate) fn optional_url(&self) -> anyhow::Result<Option<DatabaseUrl>> {
+        self.url.as_ref().map(|_| self.url()).transpose()
+    }
+}
+
+pub(crate) struct BackupSettings {
+    pub(crate) store: upshift_backup::Store,
+    url: Option<String>,
+    /// Where saved paths are relative to: the manifest's folder, else the current one.
+    pub(crate) base: PathBuf,
+    pub(crate) paths: Vec<PathBuf>,
+    pub(crate) retention: upshift_backup::Retention,
+    pub(crate) app: Option<String>,
+}
+
+impl BackupSettings {
+    pub(crate) fn resolve(global: &GlobalArgs, args: &BackupArgs) -> anyhow::Result<BackupSettings> {
+        let manifest = manifest(global)?;
+        let settings = manifest.as_ref().map(|m| m.backup.clone()).unwrap_or_default();
+        if !settings.encrypt_to.is_empty() {
+            return Err(UsageError(
+                "[backup] encrypt_to is set, but this build of upshift cannot encrypt backups yet; \
+                 remove it to take unencrypted backups"
+                    .into(),
+            )
+            .into());
+        }
+        let dir = args
+            .backup_dir
+            .clone()
+            .or_else(|| manifest.as_ref().map(|m| m.backup.dir.clone()))
+            .unwrap_or_else(|| PathBuf::from(".upshift/backups"));
+        Ok(BackupSettings {
+            store: upshift_backup::Store::new(dir),
+            url: database_url(&args.database, manifest.as_ref()),
+            base: manifest.as_ref().map_or_else(|| PathBuf::from("."), |m| m.base_dir.clone()),
+            paths: settings.paths,
+            retention: upshift_backup::Retention { keep_last: settings.keep_last, keep_within: settings.keep_within },
+            app: manifest.and_then(|m| m.app_name),
+        })
+    }
+
+    pub(crate) fn url(&self) -> anyhow::Result<DatabaseUrl> {
+        require_url(self.url.as_deref())
+    }
+
     pub(crate) fn optional_url(&self) -> anyhow::Result<Option<DatabaseUrl>> {
         self.url.as_ref().map(|_| self.url()).transpose()
     }

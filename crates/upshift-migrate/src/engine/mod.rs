@@ -9,7 +9,7 @@ mod sqlite;
 
 use std::time::Duration;
 
-pub use self::postgres::PostgresEngine;
+pub use self::postgres::{PostgresEngine, message as postgres_message};
 pub use self::sqlite::SqliteEngine;
 use crate::error::Error;
 use crate::lexer::Dialect;

@@ -66,8 +66,9 @@ impl PostgresEngine {
     }
 }
 
-/// The server's message with its detail and hint, as a person needs it.
-fn message(error: &postgres::Error) -> String {
+/// The server's message with its detail and hint, as a person needs it (`postgres::Error`
+/// alone prints only "db error").
+pub fn message(error: &postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => {
             let mut text = format!("{}: {}", db.severity(), db.message());

@@ -1,6 +1,7 @@
 //! One module per command; each resolves its settings, calls the libraries, and prints
 //! through the [`Printer`].
 
+mod backup;
 mod graph_lines;
 mod migrate;
 
@@ -10,5 +11,6 @@ use crate::printer::Printer;
 pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
     match &cli.command {
         Command::Migrate(args) => migrate::run(&cli.global, args, printer),
+        Command::Backup(args) => backup::run(&cli.global, args, printer),
     }
 }

@@ -1,0 +1,248 @@
+//! The backup engine of upshift: verified, restorable backups of a SQLite or PostgreSQL
+//! database and of saved paths, in a store where a half-written backup is never listed.
+
+pub mod artifact;
+mod error;
+pub mod manifest;
+mod paths;
+mod postgres;
+mod sqlite;
+mod store;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use upshift_migrate::DatabaseUrl;
+
+pub use artifact::Compression;
+pub use error::Error;
+pub use manifest::{BackupManifest, DatabaseInfo, EngineKind};
+pub use store::{Pruned, Retention, Store};
+
+/// What to back up.
+pub struct CreateOptions<'a> {
+    /// The database, if any.
+    pub database: Option<&'a DatabaseUrl>,
+    /// Files and folders to save, relative to `base`.
+    pub paths: &'a [PathBuf],
+    /// The folder paths are relative to (the manifest's folder).
+    pub base: &'a Path,
+    /// A note for `list`.
+    pub label: Option<String>,
+    /// `[app] name`.
+    pub app: Option<String>,
+    /// The deployed version.
+    pub version: Option<String>,
+    /// zstd settings.
+    pub compression: Compression,
+}
+
+/// Takes a backup into `store`.
+pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManifest, Error> {
+    if options.database.is_none() && options.paths.is_empty() {
+        return Err(Error::Usage(
+            "nothing to back up: give a database URL (--database-url, DATABASE_URL or the manifest) or --path".into(),
+        ));
+    }
+    // Everything that can be refused is refused before the store is touched.
+    let relative_paths: Vec<PathBuf> =
+        options.paths.iter().map(|p| paths::relative_inside(options.base, p)).collect::<Result<_, _>>()?;
+    if let Some(DatabaseUrl::Sqlite { path }) = options.database
+        && !path.is_file()
+    {
+        return Err(Error::Usage(format!("the SQLite database {} does not exist", path.display())));
+    }
+    let started = Instant::now();
+    let partial = store.begin()?;
+    let mut files = Vec::new();
+    let mut database = None;
+    let mut applied_revisions = Vec::new();
+    if let Some(url) = options.database {
+        let mut applied: Vec<String> =
+            upshift_migrate::connect(url, false)?.applied()?.into_iter().map(|r| r.id).collect();
+        applied.sort_by(|a, b| upshift_migrate::source::compare_ids(a, b));
+        applied_revisions = applied;
+        let info = match url {
+            DatabaseUrl::Sqlite { path } => {
+                let (entry, info) = sqlite::dump(path, partial.dir(), options.compression)?;
+                files.push(entry);
+                info
+            }
+            DatabaseUrl::Postgres { config, .. } => {
+                let (entries, info) = postgres::dump(config, partial.dir(), options.compression)?;
+                files.extend(entries);
+                info
+            }
+        };
+        database = Some(info);
+    }
+    let mut saved_paths = Vec::new();
+    if !options.paths.is_empty() {
+        let (entry, names) = paths::archive(options.base, &relative_paths, partial.dir(), options.compression)?;
+        files.push(entry);
+        saved_paths = names;
+    }
+    let manifest = BackupManifest {
+        format: manifest::FORMAT,
+        id: partial.id.clone(),
+        created_at: humantime::format_rfc3339_millis(partial.created_at).to_string(),
+        label: options.label.clone(),
+        app: options.app.clone(),
+        version: options.version.clone(),
+        applied_revisions,
+        database,
+        paths: saved_paths,
+        files,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    partial.commit(&manifest)?;
+    Ok(manifest)
+}
+
+/// What `verify` checked.
+#[derive(Debug)]
+pub struct Verified {
+    /// The backup.
+    pub id: String,
+    /// Files whose checksums and decompression passed.
+    pub files: usize,
+    /// Tables whose row counts matched after a scratch restore (deep only).
+    pub tables_compared: Option<usize>,
+}
+
+/// The differences between recorded and restored row counts, for people.
+pub(crate) fn compare_counts(recorded: &BTreeMap<String, i64>, restored: &BTreeMap<String, i64>) -> Vec<String> {
+    let mut differences = Vec::new();
+    for (table, count) in recorded {
+        match restored.get(table) {
+            Some(found) if found == count => {}
+            Some(found) => differences.push(format!("{table}: {count} rows recorded, {found} restored")),
+            None => differences.push(format!("{table}: missing after the restore")),
+        }
+    }
+    differences
+        .extend(restored.keys().filter(|t| !recorded.contains_key(*t)).map(|t| format!("{t}: not in the backup")));
+    differences
+}
+
+/// Checks a backup: every checksum, every artifact fully decompressed, the dump read whole
+/// (`pg_restore -f /dev/null`) or the SQLite copy through `PRAGMA integrity_check`. With
+/// `deep`, also restores into a scratch database (a temp file for SQLite; for PostgreSQL a
+/// temporary database on the server of `scratch_server`, dropped afterwards) and compares
+/// the row counts recorded at backup time.
+pub fn verify(store: &Store, id: &str, deep: bool, scratch_server: Option<&DatabaseUrl>) -> Result<Verified, Error> {
+    let manifest = store.load(id)?;
+    let id = manifest.id.clone();
+    let dir = store.path(&id);
+    let corrupt = |message: String| Error::Corrupt { id: id.clone(), message };
+    store.check(&manifest)?;
+    for entry in manifest.files.iter().filter(|f| !f.path.starts_with("db/")) {
+        artifact::decompress(&dir, entry, &mut io::sink()).map_err(corrupt)?;
+    }
+    let mut tables_compared = None;
+    if let Some(info) = &manifest.database {
+        let differences = match info.engine {
+            EngineKind::Sqlite => {
+                let entry =
+                    manifest.database_files().next().ok_or_else(|| corrupt("the database file is missing".into()))?;
+                let unpacked = sqlite::unpack(&dir, entry, &store.dir().join("scratch")).map_err(corrupt)?;
+                if deep {
+                    compare_counts(&info.row_counts, &sqlite::row_counts(&unpacked.connection)?)
+                } else {
+                    Vec::new()
+                }
+            }
+            EngineKind::Postgres => {
+                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir()).map_err(corrupt)?;
+                postgres::read_whole(&unpacked, info.server_major.unwrap_or(0))
+                    .map_err(|e| corrupt(format!("pg_restore cannot read the whole dump: {e}")))?;
+                if deep {
+                    let Some(DatabaseUrl::Postgres { config, .. }) = scratch_server else {
+                        return Err(Error::Usage(
+                            "verify --deep of a PostgreSQL backup restores it into a scratch database: \
+                             give a PostgreSQL server with --database-url"
+                                .into(),
+                        ));
+                    };
+                    postgres::deep_verify(&unpacked, info, config, &id, Compression::default())?
+                } else {
+                    Vec::new()
+                }
+            }
+        };
+        if !differences.is_empty() {
+            return Err(corrupt(format!("row counts differ after a scratch restore: {}", differences.join("; "))));
+        }
+        if deep {
+            tables_compared = Some(info.row_counts.len());
+        }
+    }
+    Ok(Verified { id, files: manifest.files.len(), tables_compared })
+}
+
+/// Where and how to restore.
+pub struct RestoreOptions<'a> {
+    /// The database to restore into; must be of the backup's engine.
+    pub target: Option<&'a DatabaseUrl>,
+    /// Replace a target that holds data.
+    pub force: bool,
+    /// Where saved paths go back to (the manifest's folder); `None` leaves them.
+    pub paths_into: Option<&'a Path>,
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct Restored {
+    /// The backup.
+    pub id: String,
+    /// The database restored into, printable (no password).
+    pub database: Option<String>,
+    /// Top-level saved paths put back.
+    pub paths: Vec<String>,
+}
+
+/// Restores a backup whose checksums pass. The database restore is atomic: a failure
+/// leaves the target as it was.
+pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<Restored, Error> {
+    let manifest = store.load(id)?;
+    let id = manifest.id.clone();
+    let dir = store.path(&id);
+    let corrupt = |message: String| Error::Corrupt { id: id.clone(), message };
+    store.check(&manifest)?;
+    let mut restored = Restored { id: id.clone(), database: None, paths: Vec::new() };
+    if let Some(info) = &manifest.database {
+        let target = options.target.ok_or_else(|| {
+            Error::Usage(
+                "the backup holds a database: give the database to restore into with --target-url or --database-url"
+                    .into(),
+            )
+        })?;
+        match (info.engine, target) {
+            (EngineKind::Sqlite, DatabaseUrl::Sqlite { path }) => {
+                sqlite::check_target(path, options.force)?;
+                let entry =
+                    manifest.database_files().next().ok_or_else(|| corrupt("the database file is missing".into()))?;
+                let unpacked = sqlite::unpack(&dir, entry, path).map_err(corrupt)?;
+                sqlite::restore(&unpacked, path)?;
+            }
+            (EngineKind::Postgres, DatabaseUrl::Postgres { config, .. }) => {
+                let checked = postgres::check_target(config, info, options.force)?;
+                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir()).map_err(corrupt)?;
+                postgres::restore(&unpacked, &checked, Compression::default())?;
+            }
+            (engine, _) => {
+                return Err(Error::Usage(format!(
+                    "backup {id} holds a {} database and cannot be restored into {target}",
+                    if engine == EngineKind::Sqlite { "SQLite" } else { "PostgreSQL" }
+                )));
+            }
+        }
+        restored.database = Some(target.to_string());
+    }
+    if let (Some(entry), Some(into)) = (manifest.paths_file(), options.paths_into) {
+        restored.paths = paths::extract(&dir, entry, into, &id)?;
+    }
+    Ok(restored)
+}

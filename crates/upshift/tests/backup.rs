@@ -1,0 +1,408 @@
+//! `upshift backup` through the real binary, against real SQLite files and the real
+//! throwaway PostgreSQL cluster.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Created {
+    id: String,
+    size_bytes: u64,
+    duration_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Listed {
+    id: String,
+    created_at: String,
+    size_bytes: u64,
+    version: Option<String>,
+    label: Option<String>,
+    database: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pruned {
+    removed: Vec<String>,
+    kept: Vec<String>,
+    leftovers: Vec<String>,
+}
+
+fn create(ctx: &Context, args: &[&str]) -> Created {
+    let mut all = vec!["backup", "create", "--output", "json"];
+    all.extend_from_slice(args);
+    ctx.run(&all).success().json()
+}
+
+/// Flips one bit in the middle of a file.
+fn flip_a_bit(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(path, bytes).unwrap();
+}
+
+// ---- SQLite ----
+
+fn sqlite_fingerprint(path: &Path) -> (i64, String) {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    let count = connection.query_row("SELECT count(*) FROM notes", [], |r| r.get(0)).unwrap();
+    let digest = connection
+        .query_row("SELECT group_concat(id || ':' || body, ',') FROM (SELECT * FROM notes ORDER BY id)", [], |r| {
+            r.get::<_, Option<String>>(0)
+        })
+        .unwrap()
+        .unwrap_or_default();
+    (count, digest)
+}
+
+fn sqlite_notes(ctx: &Context, rows: usize) {
+    let connection = rusqlite::Connection::open(ctx.join("app.db")).unwrap();
+    connection.execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT NOT NULL)").unwrap();
+    let mut insert = connection.prepare("INSERT INTO notes (body) VALUES (?1)").unwrap();
+    for i in 0..rows {
+        insert.execute([format!("note {i}")]).unwrap();
+    }
+}
+
+#[test]
+fn sqlite_create_list_verify_restore() {
+    let ctx = Context::new();
+    sqlite_notes(&ctx, 500);
+    ctx.write("config/app.toml", "workers = 1\n");
+    ctx.write(
+        "upshift.toml",
+        "[app]\nname = \"notes\"\n[database]\nurl = \"sqlite:app.db\"\n[backup]\nkeep_last = 2\npaths = [\"config\"]\n",
+    );
+    let before = sqlite_fingerprint(&ctx.join("app.db"));
+
+    let created = create(&ctx, &["--label", "before 2.0"]);
+    assert!(created.size_bytes > 0);
+    let _ = created.duration_ms;
+    let dir = ctx.join(&format!(".upshift/backups/{}", created.id));
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    for file in ["manifest.json", "db/database.sqlite.zst", "paths.tar.zst"] {
+        assert_eq!(std::fs::metadata(dir.join(file)).unwrap().permissions().mode() & 0o777, 0o600, "{file}");
+    }
+
+    let listed: Vec<Listed> = ctx.run(&["backup", "list", "--output", "json"]).success().json();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, created.id);
+    assert_eq!(listed[0].label.as_deref(), Some("before 2.0"));
+    assert_eq!(listed[0].database.as_deref(), Some("app.db"));
+    assert_eq!(listed[0].size_bytes, created.size_bytes);
+    assert!(listed[0].version.is_none() && listed[0].created_at.ends_with('Z'));
+
+    ctx.run(&["backup", "verify", &created.id]).success().stdout_has("read back whole");
+    ctx.run(&["backup", "verify", "latest", "--deep"]).success().stdout_has("row counts of 1 table(s) match");
+
+    // Into a new file: identical content; the live paths are not touched by a copy.
+    ctx.write("config/app.toml", "workers = 2\n");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", "sqlite:copy.db"]).success();
+    assert_eq!(sqlite_fingerprint(&ctx.join("copy.db")), before);
+    assert_eq!(ctx.read("config/app.toml"), "workers = 2\n");
+
+    // Onto the changed original: refused without --force and untouched.
+    rusqlite::Connection::open(ctx.join("app.db")).unwrap().execute("DELETE FROM notes WHERE id > 10", []).unwrap();
+    let changed = sqlite_fingerprint(&ctx.join("app.db"));
+    ctx.run(&["backup", "restore", &created.id]).code(2).stderr_has("not empty").stderr_has("--force");
+    assert_eq!(sqlite_fingerprint(&ctx.join("app.db")), changed);
+    assert_eq!(ctx.read("config/app.toml"), "workers = 2\n");
+
+    ctx.run(&["backup", "restore", &created.id, "--force"]).success().stdout_has("paths put back: config");
+    assert_eq!(sqlite_fingerprint(&ctx.join("app.db")), before);
+    assert_eq!(ctx.read("config/app.toml"), "workers = 1\n");
+
+    ctx.run(&["backup", "verify", "nope"]).code(2).stderr_has("no backup `nope`");
+}
+
+#[test]
+fn sqlite_flipped_byte_is_caught_and_never_restored() {
+    let ctx = Context::new();
+    sqlite_notes(&ctx, 2000);
+    let url = "sqlite:app.db";
+    let created = create(&ctx, &["--database-url", url]);
+    ctx.run(&["backup", "restore", &created.id, "--database-url", "sqlite:copy.db"]).success();
+    let good = sqlite_fingerprint(&ctx.join("copy.db"));
+    rusqlite::Connection::open(ctx.join("copy.db")).unwrap().execute("DELETE FROM notes WHERE id > 5", []).unwrap();
+    let changed = sqlite_fingerprint(&ctx.join("copy.db"));
+    assert_ne!(good, changed);
+
+    flip_a_bit(&ctx.join(&format!(".upshift/backups/{}/db/database.sqlite.zst", created.id)));
+    ctx.run(&["backup", "verify", &created.id, "--database-url", url])
+        .code(1)
+        .stderr_has("is damaged")
+        .stderr_has("sha256");
+    ctx.run(&["backup", "restore", &created.id, "--database-url", "sqlite:copy.db", "--force"])
+        .code(1)
+        .stderr_has("will not be restored");
+    assert_eq!(sqlite_fingerprint(&ctx.join("copy.db")), changed, "a damaged backup touched the target");
+}
+
+/// Backups taken while another process writes are consistent snapshots: every pair of rows
+/// written in one transaction is in the copy together.
+#[test]
+fn sqlite_backup_is_consistent_under_a_concurrent_writer() {
+    let ctx = Context::new();
+    let path = ctx.join("app.db");
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE a (n INTEGER); CREATE TABLE b (n INTEGER);")
+            .unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = Arc::clone(&stop);
+        let path = path.clone();
+        std::thread::spawn(move || {
+            let mut connection = rusqlite::Connection::open(&path).unwrap();
+            connection.busy_timeout(Duration::from_secs(10)).unwrap();
+            let mut written = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let tx = connection.transaction().unwrap();
+                tx.execute("INSERT INTO a VALUES (?1)", [written]).unwrap();
+                tx.execute("INSERT INTO b VALUES (?1)", [written]).unwrap();
+                tx.commit().unwrap();
+                written += 1;
+            }
+            written
+        })
+    };
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(50));
+        ids.push(create(&ctx, &["--database-url", "sqlite:app.db"]).id);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+    let mut seen = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let copy = format!("copy{i}.db");
+        ctx.run(&["backup", "verify", id, "--deep", "--database-url", "sqlite:app.db"]).success();
+        ctx.run(&["backup", "restore", id, "--target-url", &format!("sqlite:{copy}")]).success();
+        let connection = rusqlite::Connection::open(ctx.join(&copy)).unwrap();
+        let (a, b): (i64, i64) = connection
+            .query_row("SELECT (SELECT count(*) FROM a), (SELECT count(*) FROM b)", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!(a, b, "backup {id} holds half a transaction");
+        seen.push(a);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+}
+
+#[test]
+fn prune_keeps_what_the_policy_says() {
+    let ctx = Context::new();
+    ctx.write("config/app.toml", "x = 1\n");
+    let ids: Vec<String> = (0..4).map(|_| create(&ctx, &["--path", "config"]).id).collect();
+    std::fs::create_dir_all(ctx.join(".upshift/backups/20200101000000-dead.partial")).unwrap();
+    let listed: Vec<Listed> = ctx.run(&["backup", "list", "--output", "json"]).success().json();
+    assert_eq!(listed.iter().map(|l| l.id.clone()).collect::<Vec<_>>(), ids, "a .partial folder is never listed");
+
+    let pruned: Pruned = ctx.run(&["backup", "prune", "--keep-within", "1h", "--output", "json"]).success().json();
+    assert!(pruned.removed.is_empty());
+    assert_eq!(pruned.leftovers, ["20200101000000-dead.partial"]);
+
+    let pruned: Pruned = ctx.run(&["backup", "prune", "--keep-last", "2", "--output", "json"]).success().json();
+    assert_eq!(pruned.removed, ids[..2]);
+    assert_eq!(pruned.kept, ids[2..]);
+
+    // The newest good backup stays even when the policy would keep only a damaged one.
+    flip_a_bit(&ctx.join(&format!(".upshift/backups/{}/paths.tar.zst", ids[3])));
+    let pruned: Pruned = ctx.run(&["backup", "prune", "--keep-last", "1", "--output", "json"]).success().json();
+    assert!(pruned.removed.is_empty(), "{pruned:?}");
+    assert_eq!(pruned.kept, ids[2..]);
+}
+
+#[test]
+fn bad_input_exits_2() {
+    let ctx = Context::new();
+    ctx.run(&["backup", "create"]).code(2).stderr_has("nothing to back up");
+    ctx.run(&["backup", "create", "--path", "../outside"]).code(2).stderr_has("leaves");
+    ctx.run(&["backup", "create", "--path", "missing"]).code(2).stderr_has("does not exist");
+    ctx.write("upshift.toml", "[backup]\nencrypt_to = [\"age1xyz\"]\n");
+    ctx.run(&["backup", "list"]).code(2).stderr_has("cannot encrypt");
+    assert!(!ctx.join(".upshift").exists(), "a refused command wrote files");
+}
+
+// ---- PostgreSQL ----
+
+fn pg_setup(url: &str, rows: i64) {
+    let name = upshift_testing::database_name(url);
+    upshift_testing::postgres()
+        .connect(name)
+        .batch_execute(&format!(
+            "CREATE TABLE notes (id bigserial PRIMARY KEY, body text NOT NULL, created timestamptz NOT NULL DEFAULT '2026-01-01');
+             INSERT INTO notes (body) SELECT 'note ' || g FROM generate_series(1, {rows}) g;
+             CREATE TABLE tags (note_id bigint REFERENCES notes (id), name text NOT NULL);
+             INSERT INTO tags SELECT g, 'tag' || (g % 7) FROM generate_series(1, least({rows}, 1000)) g;
+             CREATE INDEX tags_name ON tags (name);
+             CREATE FUNCTION add_one(i int) RETURNS int LANGUAGE sql IMMUTABLE AS $$ SELECT i + 1 $$;
+             CREATE VIEW note_count AS SELECT count(*) AS n FROM notes;"
+        ))
+        .unwrap();
+}
+
+/// Row counts, a checksum over every row, the function's definition and the sequence.
+fn pg_fingerprint(database: &str) -> String {
+    let mut client = upshift_testing::postgres().connect(database);
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM notes)::text || ' ' || (SELECT count(*) FROM tags)::text || ' ' ||
+                    (SELECT md5(coalesce(string_agg(n::text, ',' ORDER BY n.id), '')) FROM notes n) || ' ' ||
+                    (SELECT md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM tags t) || ' ' ||
+                    md5(pg_get_functiondef('add_one(int)'::regprocedure)) || ' ' ||
+                    (SELECT last_value FROM notes_id_seq)::text || ' ' || (SELECT n FROM note_count)::text",
+            &[],
+        )
+        .unwrap();
+    row.get(0)
+}
+
+fn database_exists(name: &str) -> bool {
+    upshift_testing::postgres()
+        .connect("postgres")
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .unwrap()
+        .is_some()
+}
+
+#[test]
+fn postgres_create_verify_restore() {
+    let ctx = Context::new();
+    // A password in the URL (the test cluster trusts every login) must never be written.
+    let url = upshift_testing::fresh_database().replace("postgres@", "postgres:pa55-word@");
+    let name = upshift_testing::database_name(&url).to_owned();
+    pg_setup(&url, 3000);
+    let before = pg_fingerprint(&name);
+
+    let run = ctx.run(&["backup", "create", "--database-url", &url, "--output", "json"]);
+    let created: Created = run.success().json();
+    let manifest = ctx.read(&format!(".upshift/backups/{}/manifest.json", created.id));
+    for text in [&manifest, &run.stdout, &run.stderr] {
+        assert!(!text.contains("pa55-word"), "the password leaked: {text}");
+    }
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    let database = &manifest["database"];
+    assert_eq!(database["engine"], "postgres");
+    assert_eq!(database["row_counts"]["public.notes"], 3000);
+    assert!(database["pg_dump_version"].as_str().unwrap().contains("PostgreSQL"));
+    assert!(manifest["files"].as_array().unwrap().iter().any(|f| f["path"] == "db/toc.dat.zst"));
+
+    ctx.run(&["backup", "verify", &created.id]).success();
+    ctx.run(&["backup", "verify", &created.id, "--deep", "--database-url", &url])
+        .success()
+        .stdout_has("row counts of 2 table(s) match");
+    assert!(
+        !database_exists(&format!("upshift_verify_{}", created.id.replace('-', "_"))),
+        "the scratch database stayed"
+    );
+
+    // Into a database that does not exist yet: created, identical.
+    let copy = format!("{name}_copy");
+    let copy_url = upshift_testing::postgres().url(&copy);
+    ctx.run(&["backup", "restore", &created.id, "--database-url", &url, "--target-url", &copy_url]).success();
+    assert_eq!(pg_fingerprint(&copy), before);
+
+    // Onto a non-empty database: refused without --force, untouched; with it, replaced.
+    upshift_testing::postgres()
+        .connect(&copy)
+        .batch_execute("DELETE FROM tags; DELETE FROM notes WHERE id > 3")
+        .unwrap();
+    let changed = pg_fingerprint(&copy);
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &copy_url]).code(2).stderr_has("not empty");
+    assert_eq!(pg_fingerprint(&copy), changed);
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &copy_url, "--force"]).success();
+    assert_eq!(pg_fingerprint(&copy), before);
+    assert!(!database_exists(&format!("{copy}__upshift_restore")) && !database_exists(&format!("{copy}__upshift_old")));
+
+    // A flipped byte: caught by verify, refused by restore, target untouched.
+    upshift_testing::postgres().connect(&copy).batch_execute("DELETE FROM tags").unwrap();
+    let changed = pg_fingerprint(&copy);
+    let toc = ctx.join(&format!(".upshift/backups/{}/db/toc.dat.zst", created.id));
+    flip_a_bit(&toc);
+    ctx.run(&["backup", "verify", &created.id]).code(1).stderr_has("is damaged");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &copy_url, "--force"]).code(1);
+    assert_eq!(pg_fingerprint(&copy), changed);
+}
+
+/// kill -9 of the whole restore (`upshift` and its `pg_restore`) while `pg_restore` runs: the
+/// target is as it was, and the next restore succeeds.
+#[test]
+fn postgres_restore_killed_halfway_leaves_the_target() {
+    let ctx = Context::new();
+    let url = upshift_testing::fresh_database();
+    let name = upshift_testing::database_name(&url).to_owned();
+    pg_setup(&url, 600_000);
+    let created = create(&ctx, &["--database-url", &url]);
+    upshift_testing::postgres()
+        .connect(&name)
+        .batch_execute("DELETE FROM tags; DELETE FROM notes WHERE id > 10")
+        .unwrap();
+    let changed = pg_fingerprint(&name);
+
+    let mut child = ctx
+        .command()
+        .args(["backup", "restore", &created.id, "--force", "--database-url", &url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let scratch = format!("{name}__upshift_restore");
+    let started = Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_mins(1) {
+        let restoring = upshift_testing::postgres()
+            .connect("postgres")
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'upshift pg_restore%'",
+                &[&scratch],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0;
+        if restoring {
+            let group = i32::try_from(child.id()).unwrap();
+            let status =
+                std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status().unwrap();
+            assert!(status.success(), "kill failed");
+            killed = true;
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before it could be killed: make the data bigger"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(killed, "pg_restore never started");
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "the restore was not killed: {status}");
+    assert_eq!(pg_fingerprint(&name), changed, "a killed restore changed the target");
+
+    ctx.run(&["backup", "restore", &created.id, "--force", "--database-url", &url]).success();
+    assert_eq!(
+        upshift_testing::postgres()
+            .connect(&name)
+            .query_one("SELECT count(*) FROM notes", &[])
+            .unwrap()
+            .get::<_, i64>(0),
+        600_000
+    );
+}
