@@ -132,12 +132,19 @@ impl Tools {
     }
 }
 
-/// Runs a tool to completion, failing with its stderr unless it exited 0.
-fn run(mut command: Command, tool: &str) -> Result<Output, Error> {
-    let output = command
+/// Starts a tool with its stderr captured.
+fn spawn(mut command: Command, tool: &str) -> Result<std::process::Child, Error> {
+    command
         .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| Error::Tool { program: tool.to_owned(), message: format!("could not be started: {e}") })?;
+        .spawn()
+        .map_err(|e| Error::Tool { program: tool.to_owned(), message: format!("could not be started: {e}") })
+}
+
+/// Waits for a started tool, failing with its stderr unless it exited 0.
+fn finish(child: std::process::Child, tool: &str) -> Result<Output, Error> {
+    let output = child
+        .wait_with_output()
+        .map_err(|e| Error::Tool { program: tool.to_owned(), message: format!("could not be waited for: {e}") })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(10).collect::<Vec<_>>().into_iter().rev().collect();
@@ -147,6 +154,11 @@ fn run(mut command: Command, tool: &str) -> Result<Output, Error> {
         });
     }
     Ok(output)
+}
+
+/// Runs a tool to completion, failing with its stderr unless it exited 0.
+fn run(command: Command, tool: &str) -> Result<Output, Error> {
+    finish(spawn(command, tool)?, tool)
 }
 
 fn jobs(compression: Compression) -> String {
@@ -197,13 +209,6 @@ pub(crate) fn dump(
         .map_err(pg_error("open a snapshot"))?;
     let snapshot: String =
         snapshot_tx.query_one("SELECT pg_export_snapshot()", &[]).map_err(pg_error("export a snapshot"))?.get(0);
-    let row_counts = row_counts(&mut snapshot_tx)?;
-    let extensions = snapshot_tx
-        .query("SELECT extname, extversion FROM pg_extension ORDER BY 1", &[])
-        .map_err(pg_error("list extensions"))?
-        .iter()
-        .map(|row| Extension { name: row.get(0), version: row.get(1) })
-        .collect();
 
     let raw = dir.join(".raw");
     let mut pg_dump = tools.command("pg_dump", config, &database);
@@ -214,7 +219,21 @@ pub(crate) fn dump(
         .arg("--file")
         .arg(&raw)
         .stdout(Stdio::null());
-    run(pg_dump, "pg_dump")?;
+    let dumping = spawn(pg_dump, "pg_dump")?;
+    // While pg_dump reads the snapshot, count its rows in the same snapshot. If counting
+    // fails, pg_dump is still waited for (and its folder removed with the partial backup).
+    let counted = row_counts(&mut snapshot_tx).and_then(|counts| {
+        let extensions = snapshot_tx
+            .query("SELECT extname, extversion FROM pg_extension ORDER BY 1", &[])
+            .map_err(pg_error("list extensions"))?
+            .iter()
+            .map(|row| Extension { name: row.get(0), version: row.get(1) })
+            .collect::<Vec<_>>();
+        Ok((counts, extensions))
+    });
+    let dumped = finish(dumping, "pg_dump");
+    let (row_counts, extensions) = counted?;
+    dumped?;
     snapshot_tx.commit().map_err(pg_error("close the snapshot"))?;
 
     let mut names: Vec<String> = fs::read_dir(&raw)
@@ -337,6 +356,11 @@ fn restore_into(
         .batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote(name)))
         .map_err(pg_error(format!("create the scratch database {name}")))?;
     let mut pg_restore = tools.command("pg_restore", config, name);
+    // Safe for a database nobody uses yet: it is swapped in by a rename whose commit is
+    // synchronous, and WAL is flushed in order, so everything restored before it is on disk
+    // by then; a crash before the swap leaves only the scratch database. Bigger sorts
+    // memory speeds up the index builds.
+    pg_restore.env("PGOPTIONS", "-c synchronous_commit=off -c maintenance_work_mem=256MB");
     pg_restore
         .args(["--exit-on-error", "--no-password"])
         .arg(format!("--jobs={jobs}"))
