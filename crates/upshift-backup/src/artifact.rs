@@ -22,21 +22,82 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-/// zstd settings for every artifact.
-#[derive(Clone, Copy, Debug)]
-pub struct Compression {
+/// Hears how a long write goes, for a progress display.
+pub trait Progress: Send + Sync {
+    /// A new phase begins; `total` is its size in bytes when known.
+    fn phase(&self, what: &str, total: Option<u64>);
+    /// `bytes` more were read in the current phase.
+    fn advance(&self, bytes: u64);
+}
+
+/// How artifacts are written: zstd settings and, when recipients are given, age encryption.
+#[derive(Clone)]
+pub struct Codec {
     /// zstd level (3 is zstd's default: about gzip -6's ratio at many times its speed).
     pub level: i32,
     /// Worker threads for one stream.
     pub threads: u32,
+    /// age recipients; empty means no encryption.
+    pub recipients: Vec<age::x25519::Recipient>,
+    /// Told of every byte compressed.
+    pub progress: Option<std::sync::Arc<dyn Progress>>,
 }
 
-impl Default for Compression {
+impl Default for Codec {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1));
-        Compression { level: 3, threads }
+        Codec { level: 3, threads, recipients: Vec::new(), progress: None }
     }
 }
+
+impl Codec {
+    /// Announces a phase to the progress display, if any.
+    pub(crate) fn phase(&self, what: &str, total: Option<u64>) {
+        if let Some(progress) = &self.progress {
+            progress.phase(what, total);
+        }
+    }
+}
+
+/// Tells the progress display of every byte read through it.
+struct Metered<'a> {
+    inner: &'a mut dyn Read,
+    progress: Option<&'a dyn Progress>,
+}
+
+impl Read for Metered<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        if let Some(progress) = self.progress {
+            progress.advance(read as u64);
+        }
+        Ok(read)
+    }
+}
+
+impl std::fmt::Debug for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Codec").field("level", &self.level).field("threads", &self.threads).finish_non_exhaustive()
+    }
+}
+
+/// age identities that can open encrypted backups (`--identity FILE`).
+pub struct Identities(Vec<Box<dyn age::Identity>>);
+
+impl Identities {
+    /// Reads an age identity file (`AGE-SECRET-KEY-1...` lines).
+    pub fn from_file(path: &Path) -> Result<Identities, Error> {
+        let file = age::IdentityFile::from_file(path.to_string_lossy().into_owned())
+            .map_err(Error::io("read the identity file", path))?;
+        let identities = file
+            .into_identities()
+            .map_err(|e| Error::Usage(format!("{} is not an age identity file: {e}", path.display())))?;
+        Ok(Identities(identities))
+    }
+}
+
+/// Suffix of encrypted artifacts.
+const AGE: &str = ".age";
 
 fn hex(digest: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -76,15 +137,26 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Compresses everything `source` yields into `backup_dir/relative`, returning its entry.
-/// The file is fsynced before this returns.
+fn compress_into<W: Write>(source: &mut dyn Read, output: W, codec: &Codec) -> io::Result<W> {
+    let mut encoder = zstd::Encoder::new(output, codec.level)?;
+    if codec.threads > 1 {
+        encoder.multithread(codec.threads)?;
+    }
+    io::copy(&mut Metered { inner: source, progress: codec.progress.as_deref() }, &mut encoder)?;
+    encoder.finish()
+}
+
+/// Compresses (and, with recipients, encrypts) everything `source` yields into
+/// `backup_dir/relative` (plus `.age` when encrypted), returning its entry. The file is
+/// fsynced before this returns.
 pub(crate) fn write_compressed(
     source: &mut dyn Read,
     backup_dir: &Path,
     relative: &str,
-    compression: Compression,
+    codec: &Codec,
 ) -> Result<FileEntry, Error> {
-    let path = backup_dir.join(relative);
+    let relative = if codec.recipients.is_empty() { relative.to_owned() } else { format!("{relative}{AGE}") };
+    let path = backup_dir.join(&relative);
     if let Some(parent) = path.parent() {
         private_dir(parent)?;
     }
@@ -92,19 +164,20 @@ pub(crate) fn write_compressed(
     let hashing = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
     let write_error = Error::io("write", &path);
     let result = (|| -> io::Result<HashingWriter<BufWriter<File>>> {
-        let mut encoder = zstd::Encoder::new(hashing, compression.level)?;
-        if compression.threads > 1 {
-            encoder.multithread(compression.threads)?;
-        }
-        io::copy(source, &mut encoder)?;
-        let mut hashing = encoder.finish()?;
+        let mut hashing = if codec.recipients.is_empty() {
+            compress_into(source, hashing, codec)?
+        } else {
+            let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
+            let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
+            compress_into(source, encryptor.wrap_output(hashing)?, codec)?.finish()?
+        };
         hashing.flush()?;
         Ok(hashing)
     })();
     let hashing = result.map_err(write_error)?;
     let file = hashing.inner.into_inner().map_err(|e| Error::io("write", &path)(e.into_error()))?;
     file.sync_all().map_err(Error::io("fsync", &path))?;
-    Ok(FileEntry { path: relative.to_owned(), size: hashing.size, sha256: hex(&hashing.hasher.finalize()) })
+    Ok(FileEntry { path: relative, size: hashing.size, sha256: hex(&hashing.hasher.finalize()) })
 }
 
 /// Reads a file and checks its size and sha256 against `entry`.
@@ -123,18 +196,51 @@ pub(crate) fn check(backup_dir: &Path, entry: &FileEntry) -> Result<(), String> 
     Ok(())
 }
 
-/// Decompresses a checked artifact into `sink`. Call [`check`] first: this only reports
-/// decompression errors.
-pub(crate) fn decompress(backup_dir: &Path, entry: &FileEntry, sink: &mut dyn Write) -> Result<u64, String> {
-    let path = backup_dir.join(&entry.path);
-    let file = File::open(&path).map_err(|e| format!("{} cannot be read: {e}", entry.path))?;
-    let mut decoder = zstd::Decoder::with_buffer(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| format!("{}: {e}", entry.path))?;
-    io::copy(&mut decoder, sink).map_err(|e| format!("{} does not decompress: {e}", entry.path))
+/// Whether an artifact is encrypted.
+pub(crate) fn is_encrypted(entry: &FileEntry) -> bool {
+    entry.path.ends_with(AGE)
 }
 
-/// Decompresses an artifact into a new file at `dest`, fsynced.
-pub(crate) fn decompress_to_file(backup_dir: &Path, entry: &FileEntry, dest: &Path) -> Result<(), String> {
+/// A reader of an artifact's original bytes: decrypted (with `identities`) and
+/// decompressed. Call [`check`] first.
+pub(crate) fn open_decoded(
+    backup_dir: &Path,
+    entry: &FileEntry,
+    identities: Option<&Identities>,
+) -> Result<Box<dyn Read>, String> {
+    let path = backup_dir.join(&entry.path);
+    let file = File::open(&path).map_err(|e| format!("{} cannot be read: {e}", entry.path))?;
+    let file = BufReader::with_capacity(1 << 20, file);
+    let compressed: Box<dyn Read> = if is_encrypted(entry) {
+        let identities = identities.ok_or_else(|| format!("{} is encrypted and no identity was given", entry.path))?;
+        let decryptor = age::Decryptor::new_buffered(file).map_err(|e| format!("{}: {e}", entry.path))?;
+        let identities = identities.0.iter().map(|i| i.as_ref() as &dyn age::Identity);
+        Box::new(decryptor.decrypt(identities).map_err(|e| format!("{} cannot be decrypted: {e}", entry.path))?)
+    } else {
+        Box::new(file)
+    };
+    Ok(Box::new(zstd::Decoder::new(compressed).map_err(|e| format!("{}: {e}", entry.path))?))
+}
+
+/// Decodes a checked artifact into `sink`. Call [`check`] first: this only reports
+/// decryption and decompression errors.
+pub(crate) fn decompress(
+    backup_dir: &Path,
+    entry: &FileEntry,
+    identities: Option<&Identities>,
+    sink: &mut dyn Write,
+) -> Result<u64, String> {
+    let mut reader = open_decoded(backup_dir, entry, identities)?;
+    io::copy(&mut reader, sink).map_err(|e| format!("{} does not decode: {e}", entry.path))
+}
+
+/// Decodes an artifact into a new file at `dest`, fsynced.
+pub(crate) fn decompress_to_file(
+    backup_dir: &Path,
+    entry: &FileEntry,
+    identities: Option<&Identities>,
+    dest: &Path,
+) -> Result<(), String> {
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -142,7 +248,7 @@ pub(crate) fn decompress_to_file(backup_dir: &Path, entry: &FileEntry, dest: &Pa
         .open(dest)
         .map_err(|e| format!("could not create {}: {e}", dest.display()))?;
     let mut writer = BufWriter::with_capacity(1 << 20, file);
-    decompress(backup_dir, entry, &mut writer)?;
+    decompress(backup_dir, entry, identities, &mut writer)?;
     let file = writer.into_inner().map_err(|e| format!("could not write {}: {}", dest.display(), e.error()))?;
     file.sync_all().map_err(|e| format!("could not fsync {}: {e}", dest.display()))
 }
@@ -155,12 +261,17 @@ mod tests {
     fn round_trip_and_tamper_detection() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
-        let entry =
-            write_compressed(&mut &data[..], dir.path(), "db/a.zst", Compression { level: 3, threads: 2 }).unwrap();
+        let entry = write_compressed(
+            &mut &data[..],
+            dir.path(),
+            "db/a.zst",
+            &Codec { level: 3, threads: 2, ..Codec::default() },
+        )
+        .unwrap();
         assert!(entry.size > 0 && entry.size < data.len() as u64);
         check(dir.path(), &entry).unwrap();
         let mut out = Vec::new();
-        decompress(dir.path(), &entry, &mut out).unwrap();
+        decompress(dir.path(), &entry, None, &mut out).unwrap();
         assert_eq!(out, data);
         let mode = fs::metadata(dir.path().join("db/a.zst")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
@@ -172,5 +283,24 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let message = check(dir.path(), &entry).unwrap_err();
         assert!(message.contains("sha256"), "{message}");
+    }
+
+    #[test]
+    fn encrypted_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = age::x25519::Identity::generate();
+        let codec = Codec { level: 3, threads: 1, recipients: vec![identity.to_public()], progress: None };
+        let entry = write_compressed(&mut &b"secret rows"[..], dir.path(), "db/a.zst", &codec).unwrap();
+        assert_eq!(entry.path, "db/a.zst.age");
+        check(dir.path(), &entry).unwrap();
+        assert!(decompress(dir.path(), &entry, None, &mut Vec::new()).unwrap_err().contains("no identity"));
+        let wrong = Identities(vec![Box::new(age::x25519::Identity::generate())]);
+        assert!(
+            decompress(dir.path(), &entry, Some(&wrong), &mut Vec::new()).unwrap_err().contains("cannot be decrypted")
+        );
+        let right = Identities(vec![Box::new(identity)]);
+        let mut out = Vec::new();
+        decompress(dir.path(), &entry, Some(&right), &mut out).unwrap();
+        assert_eq!(out, b"secret rows");
     }
 }

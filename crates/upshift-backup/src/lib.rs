@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use upshift_migrate::DatabaseUrl;
 
-pub use artifact::Compression;
+pub use artifact::{Codec, Identities, Progress};
 pub use error::Error;
 pub use manifest::{BackupManifest, DatabaseInfo, EngineKind};
 pub use store::{Pruned, Retention, Store};
@@ -35,8 +35,8 @@ pub struct CreateOptions<'a> {
     pub app: Option<String>,
     /// The deployed version.
     pub version: Option<String>,
-    /// zstd settings.
-    pub compression: Compression,
+    /// zstd settings and age recipients.
+    pub codec: Codec,
 }
 
 /// Takes a backup into `store`.
@@ -66,12 +66,12 @@ pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManife
         applied_revisions = applied;
         let info = match url {
             DatabaseUrl::Sqlite { path } => {
-                let (entry, info) = sqlite::dump(path, partial.dir(), options.compression)?;
+                let (entry, info) = sqlite::dump(path, partial.dir(), &options.codec)?;
                 files.push(entry);
                 info
             }
             DatabaseUrl::Postgres { config, .. } => {
-                let (entries, info) = postgres::dump(config, partial.dir(), options.compression)?;
+                let (entries, info) = postgres::dump(config, partial.dir(), &options.codec)?;
                 files.extend(entries);
                 info
             }
@@ -80,7 +80,7 @@ pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManife
     }
     let mut saved_paths = Vec::new();
     if !options.paths.is_empty() {
-        let (entry, names) = paths::archive(options.base, &relative_paths, partial.dir(), options.compression)?;
+        let (entry, names) = paths::archive(options.base, &relative_paths, partial.dir(), &options.codec)?;
         files.push(entry);
         saved_paths = names;
     }
@@ -95,6 +95,7 @@ pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManife
         database,
         paths: saved_paths,
         files,
+        encrypted_to: options.codec.recipients.iter().map(ToString::to_string).collect(),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
     partial.commit(&manifest)?;
@@ -132,14 +133,21 @@ pub(crate) fn compare_counts(recorded: &BTreeMap<String, i64>, restored: &BTreeM
 /// `deep`, also restores into a scratch database (a temp file for SQLite; for PostgreSQL a
 /// temporary database on the server of `scratch_server`, dropped afterwards) and compares
 /// the row counts recorded at backup time.
-pub fn verify(store: &Store, id: &str, deep: bool, scratch_server: Option<&DatabaseUrl>) -> Result<Verified, Error> {
+pub fn verify(
+    store: &Store,
+    id: &str,
+    deep: bool,
+    scratch_server: Option<&DatabaseUrl>,
+    identities: Option<&Identities>,
+) -> Result<Verified, Error> {
     let manifest = store.load(id)?;
     let id = manifest.id.clone();
     let dir = store.path(&id);
     let corrupt = |message: String| Error::Corrupt { id: id.clone(), message };
+    require_identity(&manifest, identities)?;
     store.check(&manifest)?;
     for entry in manifest.files.iter().filter(|f| !f.path.starts_with("db/")) {
-        artifact::decompress(&dir, entry, &mut io::sink()).map_err(corrupt)?;
+        artifact::decompress(&dir, entry, identities, &mut io::sink()).map_err(corrupt)?;
     }
     let mut tables_compared = None;
     if let Some(info) = &manifest.database {
@@ -147,7 +155,8 @@ pub fn verify(store: &Store, id: &str, deep: bool, scratch_server: Option<&Datab
             EngineKind::Sqlite => {
                 let entry =
                     manifest.database_files().next().ok_or_else(|| corrupt("the database file is missing".into()))?;
-                let unpacked = sqlite::unpack(&dir, entry, &store.dir().join("scratch")).map_err(corrupt)?;
+                let unpacked =
+                    sqlite::unpack(&dir, entry, &store.dir().join("scratch"), identities).map_err(corrupt)?;
                 if deep {
                     compare_counts(&info.row_counts, &sqlite::row_counts(&unpacked.connection)?)
                 } else {
@@ -155,7 +164,8 @@ pub fn verify(store: &Store, id: &str, deep: bool, scratch_server: Option<&Datab
                 }
             }
             EngineKind::Postgres => {
-                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir()).map_err(corrupt)?;
+                let unpacked =
+                    postgres::unpack(&dir, manifest.database_files(), store.dir(), identities).map_err(corrupt)?;
                 postgres::read_whole(&unpacked, info.server_major.unwrap_or(0))
                     .map_err(|e| corrupt(format!("pg_restore cannot read the whole dump: {e}")))?;
                 if deep {
@@ -166,7 +176,7 @@ pub fn verify(store: &Store, id: &str, deep: bool, scratch_server: Option<&Datab
                                 .into(),
                         ));
                     };
-                    postgres::deep_verify(&unpacked, info, config, &id, Compression::default())?
+                    postgres::deep_verify(&unpacked, info, config, &id, &Codec::default())?
                 } else {
                     Vec::new()
                 }
@@ -190,6 +200,20 @@ pub struct RestoreOptions<'a> {
     pub force: bool,
     /// Where saved paths go back to (the manifest's folder); `None` leaves them.
     pub paths_into: Option<&'a Path>,
+    /// Identities for an encrypted backup.
+    pub identities: Option<&'a Identities>,
+}
+
+/// Refuses to read an encrypted backup without an identity, before anything is read.
+fn require_identity(manifest: &BackupManifest, identities: Option<&Identities>) -> Result<(), Error> {
+    if identities.is_none() && manifest.files.iter().any(artifact::is_encrypted) {
+        return Err(Error::Usage(format!(
+            "backup {} is encrypted to {}: pass --identity FILE with the matching age identity",
+            manifest.id,
+            manifest.encrypted_to.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// What a restore did.
@@ -210,6 +234,7 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
     let id = manifest.id.clone();
     let dir = store.path(&id);
     let corrupt = |message: String| Error::Corrupt { id: id.clone(), message };
+    require_identity(&manifest, options.identities)?;
     store.check(&manifest)?;
     let mut restored = Restored { id: id.clone(), database: None, paths: Vec::new() };
     if let Some(info) = &manifest.database {
@@ -224,13 +249,14 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
                 sqlite::check_target(path, options.force)?;
                 let entry =
                     manifest.database_files().next().ok_or_else(|| corrupt("the database file is missing".into()))?;
-                let unpacked = sqlite::unpack(&dir, entry, path).map_err(corrupt)?;
+                let unpacked = sqlite::unpack(&dir, entry, path, options.identities).map_err(corrupt)?;
                 sqlite::restore(&unpacked, path)?;
             }
             (EngineKind::Postgres, DatabaseUrl::Postgres { config, .. }) => {
                 let checked = postgres::check_target(config, info, options.force)?;
-                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir()).map_err(corrupt)?;
-                postgres::restore(&unpacked, &checked, Compression::default())?;
+                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir(), options.identities)
+                    .map_err(corrupt)?;
+                postgres::restore(&unpacked, &checked, &Codec::default())?;
             }
             (engine, _) => {
                 return Err(Error::Usage(format!(
@@ -242,7 +268,7 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
         restored.database = Some(target.to_string());
     }
     if let (Some(entry), Some(into)) = (manifest.paths_file(), options.paths_into) {
-        restored.paths = paths::extract(&dir, entry, into, &id)?;
+        restored.paths = paths::extract(&dir, entry, into, &id, options.identities)?;
     }
     Ok(restored)
 }

@@ -72,6 +72,9 @@ pub struct BackupManifest {
     pub paths: Vec<String>,
     /// Every file of the backup with its size and sha256.
     pub files: Vec<FileEntry>,
+    /// The age recipients the files are encrypted to (public keys); empty when not encrypted.
+    #[serde(default)]
+    pub encrypted_to: Vec<String>,
     /// How long the backup took.
     pub duration_ms: u64,
 }
@@ -87,8 +90,8 @@ impl BackupManifest {
         self.files.iter().filter(|f| f.path.starts_with("db/"))
     }
 
-    /// The tar of the saved paths, if any.
+    /// The tar of the saved paths (encrypted or not), if any.
     pub fn paths_file(&self) -> Option<&FileEntry> {
-        self.files.iter().find(|f| f.path == crate::paths::ARCHIVE)
+        self.files.iter().find(|f| f.path.strip_suffix(".age").unwrap_or(&f.path) == crate::paths::ARCHIVE)
     }
 }

@@ -5,11 +5,11 @@
 //! into a temp folder beside the target first and each top-level path is then renamed into
 //! place, so a failure partway leaves the old files.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use crate::artifact::{self, Compression, FileEntry};
+use crate::artifact::{self, Codec, FileEntry, Identities};
 use crate::error::Error;
 
 /// The archive's name inside a backup.
@@ -60,11 +60,12 @@ pub(crate) fn archive(
     base: &Path,
     paths: &[PathBuf],
     dir: &Path,
-    compression: Compression,
+    codec: &Codec,
 ) -> Result<(FileEntry, Vec<String>), Error> {
     let relative: Vec<PathBuf> = paths.iter().map(|p| relative_inside(base, p)).collect::<Result<_, _>>()?;
+    codec.phase("saving paths", None);
     let (mut reader, handle) = tar_stream(base.to_path_buf(), relative.clone());
-    let written = artifact::write_compressed(&mut reader, dir, ARCHIVE, compression);
+    let written = artifact::write_compressed(&mut reader, dir, ARCHIVE, codec);
     drop(reader);
     let tarred = handle.join().expect("the tar thread does not panic");
     tarred.map_err(Error::io("archive", base))?;
@@ -117,14 +118,18 @@ fn check_entry<R: Read>(entry: &tar::Entry<'_, R>) -> Result<(), String> {
 }
 
 /// Restores the archive into `target`, replacing the saved top-level paths.
-pub(crate) fn extract(backup_dir: &Path, entry: &FileEntry, target: &Path, id: &str) -> Result<Vec<String>, Error> {
+pub(crate) fn extract(
+    backup_dir: &Path,
+    entry: &FileEntry,
+    target: &Path,
+    id: &str,
+    identities: Option<&Identities>,
+) -> Result<Vec<String>, Error> {
     let corrupt = |message: String| Error::Corrupt { id: id.to_owned(), message };
-    let decode = || -> io::Result<tar::Archive<zstd::Decoder<'static, io::BufReader<File>>>> {
-        Ok(tar::Archive::new(zstd::Decoder::new(File::open(backup_dir.join(&entry.path))?)?))
-    };
+    let decode = || artifact::open_decoded(backup_dir, entry, identities).map(tar::Archive::new);
     // First pass: check every entry, touching nothing.
     let mut tops = Vec::new();
-    let mut checking = decode().map_err(|e| corrupt(e.to_string()))?;
+    let mut checking = decode().map_err(corrupt)?;
     for item in checking.entries().map_err(|e| corrupt(e.to_string()))? {
         let item = item.map_err(|e| corrupt(e.to_string()))?;
         check_entry(&item)
@@ -143,7 +148,7 @@ pub(crate) fn extract(backup_dir: &Path, entry: &FileEntry, target: &Path, id: &
         .prefix(".upshift-paths-")
         .tempdir_in(target)
         .map_err(Error::io("create a temp folder in", target))?;
-    let mut archive = decode().map_err(|e| corrupt(e.to_string()))?;
+    let mut archive = decode().map_err(corrupt)?;
     archive.set_preserve_permissions(true);
     archive.set_overwrite(true);
     for item in archive.entries().map_err(|e| corrupt(e.to_string()))? {
@@ -180,7 +185,7 @@ mod archive_tests {
     use std::io::Write as _;
 
     use super::*;
-    use crate::artifact::{Compression, write_compressed};
+    use crate::artifact::{Codec, write_compressed};
 
     /// Writes a tar with one raw entry (bypassing the tar crate's own path checks, as an
     /// attacker's archive would) into a backup folder and returns its entry.
@@ -199,7 +204,7 @@ mod archive_tests {
             tar.resize(tar.len() + 508, 0);
         }
         tar.resize(tar.len() + 1024, 0);
-        write_compressed(&mut &tar[..], dir, ARCHIVE, Compression { level: 3, threads: 1 }).unwrap()
+        write_compressed(&mut &tar[..], dir, ARCHIVE, &Codec { threads: 1, ..Codec::default() }).unwrap()
     }
 
     #[test]
@@ -214,7 +219,7 @@ mod archive_tests {
             let backup = tempfile::tempdir().unwrap();
             let target = tempfile::tempdir().unwrap();
             let entry = crafted(backup.path(), name, kind, link);
-            let err = extract(backup.path(), &entry, target.path(), "x").unwrap_err();
+            let err = extract(backup.path(), &entry, target.path(), "x", None).unwrap_err();
             assert!(err.to_string().contains("unsafe path"), "{}: {err}", String::from_utf8_lossy(name));
             assert_eq!(fs::read_dir(target.path()).unwrap().count(), 0, "{}", String::from_utf8_lossy(name));
         }
@@ -225,7 +230,7 @@ mod archive_tests {
         let backup = tempfile::tempdir().unwrap();
         let target = tempfile::tempdir().unwrap();
         let entry = crafted(backup.path(), b"config/link", tar::EntryType::Symlink, b"app.toml");
-        assert_eq!(extract(backup.path(), &entry, target.path(), "x").unwrap(), ["config"]);
+        assert_eq!(extract(backup.path(), &entry, target.path(), "x", None).unwrap(), ["config"]);
         assert_eq!(fs::read_link(target.path().join("config/link")).unwrap(), Path::new("app.toml"));
     }
 }

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use postgres::config::Host;
 use postgres::{Client, Config, IsolationLevel, NoTls};
 
-use crate::artifact::{self, Compression, FileEntry};
+use crate::artifact::{self, Codec, FileEntry, Identities};
 use crate::error::Error;
 use crate::manifest::{DatabaseInfo, EngineKind, Extension};
 
@@ -161,8 +161,8 @@ fn run(command: Command, tool: &str) -> Result<Output, Error> {
     finish(spawn(command, tool)?, tool)
 }
 
-fn jobs(compression: Compression) -> String {
-    compression.threads.max(1).to_string()
+fn jobs(codec: &Codec) -> String {
+    codec.threads.max(1).to_string()
 }
 
 /// Rows per table, as the given transaction sees them.
@@ -188,11 +188,7 @@ fn row_counts(client: &mut impl postgres::GenericClient) -> Result<BTreeMap<Stri
 }
 
 /// Dumps the database into the backup folder `dir`.
-pub(crate) fn dump(
-    config: &Config,
-    dir: &Path,
-    compression: Compression,
-) -> Result<(Vec<FileEntry>, DatabaseInfo), Error> {
+pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<FileEntry>, DatabaseInfo), Error> {
     let database = database_name(config);
     let mut client = connect(config, None)?;
     let major = server_major(&mut client)?;
@@ -214,11 +210,12 @@ pub(crate) fn dump(
     let mut pg_dump = tools.command("pg_dump", config, &database);
     pg_dump
         .args(["--format=directory", "--compress=0", "--no-password"])
-        .arg(format!("--jobs={}", jobs(compression)))
+        .arg(format!("--jobs={}", jobs(codec)))
         .arg(format!("--snapshot={snapshot}"))
         .arg("--file")
         .arg(&raw)
         .stdout(Stdio::null());
+    codec.phase("dumping with pg_dump", None);
     let dumping = spawn(pg_dump, "pg_dump")?;
     // While pg_dump reads the snapshot, count its rows in the same snapshot. If counting
     // fails, pg_dump is still waited for (and its folder removed with the partial backup).
@@ -242,11 +239,13 @@ pub(crate) fn dump(
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
+    let total = names.iter().filter_map(|n| fs::metadata(raw.join(n)).ok()).map(|m| m.len()).sum();
+    codec.phase("compressing", Some(total));
     let mut files = Vec::with_capacity(names.len() + 1);
     for name in names {
         let path = raw.join(&name);
         let mut file = File::open(&path).map_err(Error::io("read", &path))?;
-        files.push(artifact::write_compressed(&mut file, dir, &format!("{DB_DIR}/{name}.zst"), compression)?);
+        files.push(artifact::write_compressed(&mut file, dir, &format!("{DB_DIR}/{name}.zst"), codec)?);
         fs::remove_file(&path).map_err(Error::io("remove", &path))?;
     }
     fs::remove_dir(&raw).map_err(Error::io("remove", &raw))?;
@@ -256,7 +255,7 @@ pub(crate) fn dump(
     dumpall.args(["--globals-only", "--no-role-passwords", "--no-password"]).stdout(Stdio::piped());
     let roles_saved = match run(dumpall, "pg_dumpall") {
         Ok(output) => {
-            files.push(artifact::write_compressed(&mut &output.stdout[..], dir, ROLES, compression)?);
+            files.push(artifact::write_compressed(&mut &output.stdout[..], dir, ROLES, codec)?);
             true
         }
         Err(_) => false,
@@ -285,15 +284,18 @@ pub(crate) fn unpack<'a>(
     backup_dir: &Path,
     files: impl Iterator<Item = &'a FileEntry>,
     near: &Path,
+    identities: Option<&Identities>,
 ) -> Result<Unpacked, String> {
     let folder = tempfile::Builder::new()
         .prefix(".unpacked-")
         .tempdir_in(near)
         .map_err(|e| format!("could not make a temp folder in {}: {e}", near.display()))?;
     for entry in files {
-        let name =
-            entry.path.strip_prefix(&format!("{DB_DIR}/")).and_then(|n| n.strip_suffix(".zst")).unwrap_or(&entry.path);
-        artifact::decompress_to_file(backup_dir, entry, &folder.path().join(name))?;
+        // db/<name>.zst or db/<name>.zst.age -> <name>, as pg_restore expects.
+        let name = entry.path.strip_prefix(&format!("{DB_DIR}/")).unwrap_or(&entry.path);
+        let name = name.strip_suffix(".age").unwrap_or(name);
+        let name = name.strip_suffix(".zst").unwrap_or(name);
+        artifact::decompress_to_file(backup_dir, entry, identities, &folder.path().join(name))?;
     }
     Ok(Unpacked { folder })
 }
@@ -405,11 +407,11 @@ fn maintenance(config: &Config) -> Result<Client, Error> {
 
 /// Restores the unpacked dump over the target database: into a scratch database first, then
 /// swapped in by two renames. Until the first rename the target is untouched.
-pub(crate) fn restore(unpacked: &Unpacked, target: &Target<'_>, compression: Compression) -> Result<(), Error> {
+pub(crate) fn restore(unpacked: &Unpacked, target: &Target<'_>, codec: &Codec) -> Result<(), Error> {
     let name = &target.name;
     let mut maintenance = maintenance(target.config)?;
     let scratch = derived_name(name, "__upshift_restore");
-    restore_into(&mut maintenance, target.config, unpacked, &scratch, &target.tools, &jobs(compression))?;
+    restore_into(&mut maintenance, target.config, unpacked, &scratch, &target.tools, &jobs(codec))?;
 
     let swap = |maintenance: &mut Client| -> Result<(), postgres::Error> {
         if target.exists {
@@ -439,7 +441,7 @@ pub(crate) fn deep_verify(
     info: &DatabaseInfo,
     config: &Config,
     id: &str,
-    compression: Compression,
+    codec: &Codec,
 ) -> Result<Vec<String>, Error> {
     let mut maintenance = maintenance(config)?;
     let major = server_major(&mut maintenance)?;
@@ -449,7 +451,7 @@ pub(crate) fn deep_verify(
     }
     let tools = Tools::find(major)?;
     let scratch = derived_name(&format!("upshift_verify_{}", id.replace('-', "_")), "");
-    restore_into(&mut maintenance, config, unpacked, &scratch, &tools, &jobs(compression))?;
+    restore_into(&mut maintenance, config, unpacked, &scratch, &tools, &jobs(codec))?;
     let counted = connect(config, Some(&scratch)).and_then(|mut client| row_counts(&mut client));
     let _ = maintenance.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(&scratch)));
     Ok(crate::compare_counts(&info.row_counts, &counted?))

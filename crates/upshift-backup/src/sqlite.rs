@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rusqlite::backup::{Backup, StepResult};
 use rusqlite::{Connection, OpenFlags};
 
-use crate::artifact::{self, Compression, FileEntry};
+use crate::artifact::{self, Codec, FileEntry, Identities};
 use crate::error::Error;
 use crate::manifest::{DatabaseInfo, EngineKind};
 
@@ -72,16 +72,18 @@ fn integrity_check(connection: &Connection) -> Result<(), String> {
 }
 
 /// Backs up the SQLite file at `path` into the backup folder `dir`.
-pub(crate) fn dump(path: &Path, dir: &Path, compression: Compression) -> Result<(FileEntry, DatabaseInfo), Error> {
+pub(crate) fn dump(path: &Path, dir: &Path, codec: &Codec) -> Result<(FileEntry, DatabaseInfo), Error> {
     let source = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
         .map_err(db_error(format!("open {}", path.display())))?;
+    codec.phase("copying the SQLite database", None);
     let copy_path = dir.join("database.sqlite.copy");
     let mut copy = Connection::open(&copy_path).map_err(db_error("create the copy"))?;
     copy_all(&source, &mut copy, Duration::from_mins(1))?;
     let row_counts = row_counts(&copy)?;
     drop(copy);
     let mut file = File::open(&copy_path).map_err(Error::io("read", &copy_path))?;
-    let entry = artifact::write_compressed(&mut file, dir, ARTIFACT, compression)?;
+    codec.phase("compressing", file.metadata().ok().map(|m| m.len()));
+    let entry = artifact::write_compressed(&mut file, dir, ARTIFACT, codec)?;
     std::fs::remove_file(&copy_path).map_err(Error::io("remove", &copy_path))?;
     let info = DatabaseInfo {
         engine: EngineKind::Sqlite,
@@ -103,7 +105,12 @@ pub(crate) struct Unpacked {
 }
 
 /// Decompresses the backup's database next to `near` (same filesystem) and checks it.
-pub(crate) fn unpack(backup_dir: &Path, entry: &FileEntry, near: &Path) -> Result<Unpacked, String> {
+pub(crate) fn unpack(
+    backup_dir: &Path,
+    entry: &FileEntry,
+    near: &Path,
+    identities: Option<&Identities>,
+) -> Result<Unpacked, String> {
     let folder =
         near.parent().filter(|p| !p.as_os_str().is_empty()).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let temp = tempfile::Builder::new()
@@ -112,7 +119,7 @@ pub(crate) fn unpack(backup_dir: &Path, entry: &FileEntry, near: &Path) -> Resul
         .map_err(|e| format!("could not make a temp file in {}: {e}", folder.display()))?
         .into_temp_path();
     std::fs::remove_file(&temp).map_err(|e| e.to_string())?;
-    artifact::decompress_to_file(backup_dir, entry, &temp)?;
+    artifact::decompress_to_file(backup_dir, entry, identities, &temp)?;
     let connection = Connection::open(&temp).map_err(|e| format!("the copy does not open: {e}"))?;
     integrity_check(&connection)?;
     Ok(Unpacked { connection, _file: temp })

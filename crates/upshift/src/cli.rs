@@ -78,6 +78,9 @@ pub(crate) enum BackupCommand {
         /// Also restore it into a scratch database and compare row counts
         #[arg(long)]
         deep: bool,
+        /// An age identity file, for an encrypted backup
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Restore a backup (atomically: a failure leaves the target as it was)
     Restore {
@@ -89,6 +92,9 @@ pub(crate) enum BackupCommand {
         /// Replace a target that holds data
         #[arg(long)]
         force: bool,
+        /// An age identity file, for an encrypted backup
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Remove backups the retention policy does not keep, and leftovers of interrupted ones
     Prune {

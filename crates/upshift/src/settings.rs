@@ -79,20 +79,27 @@ pub(crate) struct BackupSettings {
     pub(crate) paths: Vec<PathBuf>,
     pub(crate) retention: upshift_backup::Retention,
     pub(crate) app: Option<String>,
+    /// zstd settings and the age recipients of `[backup] encrypt_to`.
+    pub(crate) codec: upshift_backup::Codec,
 }
 
 impl BackupSettings {
     pub(crate) fn resolve(global: &GlobalArgs, args: &BackupArgs) -> anyhow::Result<BackupSettings> {
         let manifest = manifest(global)?;
         let settings = manifest.as_ref().map(|m| m.backup.clone()).unwrap_or_default();
-        if !settings.encrypt_to.is_empty() {
-            return Err(UsageError(
-                "[backup] encrypt_to is set, but this build of upshift cannot encrypt backups yet; \
-                 remove it to take unencrypted backups"
-                    .into(),
-            )
-            .into());
-        }
+        let manifest_path = manifest.as_ref().map_or_else(|| PathBuf::from("upshift.toml"), |m| m.path.clone());
+        let recipients = settings
+            .encrypt_to
+            .iter()
+            .map(|text| {
+                text.parse::<age::x25519::Recipient>().map_err(|e| {
+                    UsageError(format!(
+                        "{}: [backup] encrypt_to: `{text}` is not an age recipient ({e}); expected a public key like age1...",
+                        manifest_path.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let dir = args
             .backup_dir
             .clone()
@@ -105,6 +112,7 @@ impl BackupSettings {
             paths: settings.paths,
             retention: upshift_backup::Retention { keep_last: settings.keep_last, keep_within: settings.keep_within },
             app: manifest.and_then(|m| m.app_name),
+            codec: upshift_backup::Codec { recipients, ..upshift_backup::Codec::default() },
         })
     }
 

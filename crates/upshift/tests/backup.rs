@@ -236,8 +236,55 @@ fn bad_input_exits_2() {
     ctx.run(&["backup", "create", "--path", "../outside"]).code(2).stderr_has("leaves");
     ctx.run(&["backup", "create", "--path", "missing"]).code(2).stderr_has("does not exist");
     ctx.write("upshift.toml", "[backup]\nencrypt_to = [\"age1xyz\"]\n");
-    ctx.run(&["backup", "list"]).code(2).stderr_has("cannot encrypt");
+    ctx.run(&["backup", "list"])
+        .code(2)
+        .stderr_has("upshift.toml: [backup] encrypt_to: `age1xyz` is not an age recipient");
     assert!(!ctx.join(".upshift").exists(), "a refused command wrote files");
+}
+
+/// A new age identity written to `name` in the context; returns its public key.
+fn age_identity(ctx: &Context, name: &str) -> String {
+    use age::secrecy::ExposeSecret;
+    let identity = age::x25519::Identity::generate();
+    ctx.write(name, &format!("{}\n", identity.to_string().expose_secret()));
+    identity.to_public().to_string()
+}
+
+#[test]
+fn sqlite_encrypted_backups_need_the_identity() {
+    let ctx = Context::new();
+    sqlite_notes(&ctx, 300);
+    ctx.write("config/app.toml", "token = \"s3cret\"\n");
+    let recipient = age_identity(&ctx, "key.txt");
+    age_identity(&ctx, "other.txt");
+    ctx.write(
+        "upshift.toml",
+        &format!(
+            "[database]\nurl = \"sqlite:app.db\"\n[backup]\npaths = [\"config\"]\nencrypt_to = [\"{recipient}\"]\n"
+        ),
+    );
+    let before = sqlite_fingerprint(&ctx.join("app.db"));
+    let created = create(&ctx, &[]);
+    let dir = ctx.join(&format!(".upshift/backups/{}", created.id));
+    for file in ["db/database.sqlite.zst.age", "paths.tar.zst.age"] {
+        let bytes = std::fs::read(dir.join(file)).unwrap();
+        assert!(bytes.starts_with(b"age-encryption.org/v1"), "{file} is not an age file");
+    }
+    let manifest = ctx.read(&format!(".upshift/backups/{}/manifest.json", created.id));
+    assert!(manifest.contains(&recipient));
+
+    ctx.run(&["backup", "verify", &created.id]).code(2).stderr_has("is encrypted to").stderr_has("--identity");
+    ctx.run(&["backup", "verify", &created.id, "--deep", "--identity", "key.txt"]).success();
+    ctx.run(&["backup", "restore", &created.id, "--target-url", "sqlite:copy.db"]).code(2).stderr_has("--identity");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", "sqlite:copy.db", "--identity", "other.txt"])
+        .code(1)
+        .stderr_has("cannot be decrypted");
+    assert!(!ctx.join("copy.db").exists(), "a failed decryption left a target behind");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", "sqlite:copy.db", "--identity", "key.txt"]).success();
+    assert_eq!(sqlite_fingerprint(&ctx.join("copy.db")), before);
+    ctx.write("config/app.toml", "changed\n");
+    ctx.run(&["backup", "restore", &created.id, "--force", "--identity", "key.txt"]).success();
+    assert_eq!(ctx.read("config/app.toml"), "token = \"s3cret\"\n");
 }
 
 // ---- PostgreSQL ----
@@ -341,6 +388,23 @@ fn postgres_create_verify_restore() {
     assert_eq!(pg_fingerprint(&copy), changed);
 }
 
+#[test]
+fn postgres_encrypted_backup_round_trip() {
+    let ctx = Context::new();
+    let url = upshift_testing::fresh_database();
+    pg_setup(&url, 1000);
+    let before = pg_fingerprint(upshift_testing::database_name(&url));
+    let recipient = age_identity(&ctx, "key.txt");
+    ctx.write("upshift.toml", &format!("[backup]\nencrypt_to = [\"{recipient}\"]\n"));
+    let created = create(&ctx, &["--database-url", &url]);
+    assert!(ctx.join(&format!(".upshift/backups/{}/db/toc.dat.zst.age", created.id)).is_file());
+    ctx.run(&["backup", "verify", &created.id, "--deep", "--database-url", &url, "--identity", "key.txt"]).success();
+    let copy = format!("{}_enc", upshift_testing::database_name(&url));
+    let copy_url = upshift_testing::postgres().url(&copy);
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &copy_url, "--identity", "key.txt"]).success();
+    assert_eq!(pg_fingerprint(&copy), before);
+}
+
 /// kill -9 of the whole restore (`upshift` and its `pg_restore`) while `pg_restore` runs: the
 /// target is as it was, and the next restore succeeds.
 #[test]
@@ -405,4 +469,41 @@ fn postgres_restore_killed_halfway_leaves_the_target() {
             .get::<_, i64>(0),
         600_000
     );
+}
+
+/// Progress is drawn on a terminal (a pty from `script`), never in json mode or with
+/// `NO_COLOR`, and never on a pipe.
+#[test]
+fn progress_only_on_a_terminal() {
+    let ctx = Context::new();
+    sqlite_notes(&ctx, 100);
+    let on_terminal = |args: &str, no_color: bool| {
+        let line = format!("'{}' backup create --database-url sqlite:app.db {args}", env!("CARGO_BIN_EXE_upshift"));
+        let mut script = std::process::Command::new("script");
+        script.current_dir(ctx.path()).env_remove("NO_COLOR").env_remove("DATABASE_URL").args([
+            "-qec",
+            &line,
+            "/dev/null",
+        ]);
+        if no_color {
+            script.env("NO_COLOR", "1");
+        }
+        let output = script.output().expect("script (util-linux) runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let drawn = on_terminal("", false);
+    assert!(drawn.contains("compressing: ") && drawn.contains("MiB/s"), "{drawn}");
+    let json = on_terminal("--output json", false);
+    assert!(!json.contains("compressing"), "{json}");
+    let no_color = on_terminal("", true);
+    assert!(!no_color.contains("compressing"), "{no_color}");
+    let piped = ctx
+        .command()
+        .env_remove("NO_COLOR")
+        .args(["backup", "create", "--database-url", "sqlite:app.db"])
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("compressing"));
 }

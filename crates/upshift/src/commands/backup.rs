@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use serde::Serialize;
-use upshift_backup::{Compression, CreateOptions, RestoreOptions, Retention};
+use upshift_backup::{CreateOptions, Identities, RestoreOptions, Retention};
 
 use crate::cli::{BackupArgs, BackupCommand, GlobalArgs};
 use crate::exit::UsageError;
@@ -16,9 +16,13 @@ pub(crate) fn run(global: &GlobalArgs, args: &BackupArgs, printer: &Printer) -> 
     match &args.command {
         BackupCommand::Create { label, paths } => create(&settings, label.clone(), paths, printer),
         BackupCommand::List => list(&settings, printer),
-        BackupCommand::Verify { id, deep } => verify(&settings, id, *deep, printer),
-        BackupCommand::Restore { id, target_url, force } => {
-            restore(&settings, id, target_url.as_deref(), *force, printer)
+        BackupCommand::Verify { id, deep, identity } => {
+            let identities = identity.as_deref().map(Identities::from_file).transpose()?;
+            verify(&settings, id, *deep, identities.as_ref(), printer)
+        }
+        BackupCommand::Restore { id, target_url, force, identity } => {
+            let identities = identity.as_deref().map(Identities::from_file).transpose()?;
+            restore(&settings, id, target_url.as_deref(), *force, identities.as_ref(), printer)
         }
         BackupCommand::Prune { keep_last, keep_within } => {
             let retention = Retention {
@@ -59,7 +63,10 @@ fn create(
     let url = settings.optional_url()?;
     let paths = if paths.is_empty() { settings.paths.as_slice() } else { paths };
     printer.progress(&format!("backing up into {}", settings.store.dir().display()));
-    let manifest = upshift_backup::create(
+    let bar = printer.progress_bar();
+    let mut codec = settings.codec.clone();
+    codec.progress = bar.clone().map(|b| b as std::sync::Arc<dyn upshift_backup::Progress>);
+    let created = upshift_backup::create(
         &settings.store,
         &CreateOptions {
             database: url.as_ref(),
@@ -68,9 +75,13 @@ fn create(
             label,
             app: settings.app.clone(),
             version: None,
-            compression: Compression::default(),
+            codec,
         },
-    )?;
+    );
+    if let Some(bar) = bar {
+        bar.finish();
+    }
+    let manifest = created?;
     let json = CreateJson { id: &manifest.id, size_bytes: manifest.size_bytes(), duration_ms: manifest.duration_ms };
     printer.result(&json, || {
         format!(
@@ -135,9 +146,15 @@ struct VerifyJson<'a> {
     tables_compared: Option<usize>,
 }
 
-fn verify(settings: &BackupSettings, id: &str, deep: bool, printer: &Printer) -> anyhow::Result<()> {
+fn verify(
+    settings: &BackupSettings,
+    id: &str,
+    deep: bool,
+    identities: Option<&Identities>,
+    printer: &Printer,
+) -> anyhow::Result<()> {
     let url = if deep { settings.optional_url()? } else { None };
-    let verified = upshift_backup::verify(&settings.store, id, deep, url.as_ref())?;
+    let verified = upshift_backup::verify(&settings.store, id, deep, url.as_ref(), identities)?;
     let json = VerifyJson {
         id: &verified.id,
         ok: true,
@@ -170,6 +187,7 @@ fn restore(
     id: &str,
     target_url: Option<&str>,
     force: bool,
+    identities: Option<&Identities>,
     printer: &Printer,
 ) -> anyhow::Result<()> {
     let target = match target_url {
@@ -190,6 +208,7 @@ fn restore(
             target: target.as_ref(),
             force,
             paths_into: target_url.is_none().then_some(settings.base.as_path()),
+            identities,
         },
     )?;
     let json = RestoreJson { id: &restored.id, database: restored.database.as_deref(), paths: &restored.paths };
