@@ -1,5 +1,8 @@
-//! The manifest (`upshift.toml`) and what is read from the environment for it.
+//! The manifest (`upshift.toml`), the journal, and the plan of an upgrade.
 
+pub mod journal;
 pub mod manifest;
+pub mod plan;
 
 pub use manifest::{Manifest, ManifestError};
+pub use plan::{Plan, PlanError, PlanInput, plan};

@@ -4,10 +4,12 @@
 //! are refused. `${VAR}` is read from the environment when the manifest is loaded; an
 //! undefined variable is an error, never an empty string.
 //!
-//! Typed so far: `[app]`, `[database]` and `[backup]`, which the migration and backup
-//! commands read. The other tables of PRODUCT.md (`[[components]]`, `[verify]`,
-//! `[[releases]]`, `[agent]`) are accepted as tables and typed by the issues that use them.
+//! Everything is typed: `[app]`, `[database]`, `[backup]`, `[[components]]`, `[verify]`,
+//! `[[releases]]` and `[agent]`. Placeholders (`{version}`, `{addr}`, `{port}`) are checked
+//! at load, and every value that came from the environment is remembered so output can
+//! redact it ([`Manifest::redact`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -43,10 +45,266 @@ struct RawManifest {
     app: Option<RawApp>,
     database: Option<RawDatabase>,
     backup: Option<RawBackup>,
-    components: Option<Vec<toml::Table>>,
-    verify: Option<toml::Table>,
-    releases: Option<Vec<toml::Table>>,
-    agent: Option<toml::Table>,
+    #[serde(default)]
+    components: Vec<RawComponent>,
+    verify: Option<RawVerify>,
+    #[serde(default)]
+    releases: Vec<RawRelease>,
+    agent: Option<Agent>,
+}
+
+/// A duration written for people: `250ms`, `2s`, `1m30s`, `7d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a duration ({e}); expected one like \"250ms\", \"2s\" or \"1m\""
+            ))
+        })
+    }
+}
+
+/// How a component is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriverKind {
+    /// Local processes supervised by the agent.
+    Process,
+    /// Docker Compose services.
+    Compose,
+    /// Kubernetes workloads.
+    Kubernetes,
+    /// Helm releases.
+    Helm,
+}
+
+/// How a new version replaces the old one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Stop the old, then start the new.
+    Recreate,
+    /// Replace instances one at a time.
+    Rolling,
+    /// Start the new beside the old, switch the proxy, drain the old.
+    BlueGreen,
+    /// Send a growing share of requests to the new version.
+    Canary,
+}
+
+impl Strategy {
+    /// The name used in the manifest and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Recreate => "recreate",
+            Strategy::Rolling => "rolling",
+            Strategy::BlueGreen => "blue-green",
+            Strategy::Canary => "canary",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComponent {
+    name: Spanned<String>,
+    driver: DriverKind,
+    run: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    serve: Option<Spanned<String>>,
+    strategy: Option<Strategy>,
+    health: Option<RawHealth>,
+    drain: Option<HumanDuration>,
+    instances: Option<u32>,
+    steps: Option<Vec<u32>>,
+    step_interval: Option<HumanDuration>,
+    max_error_rate: Option<f64>,
+    max_p99_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    http: Option<String>,
+    tcp: Option<bool>,
+    command: Option<Vec<Spanned<String>>>,
+    status: Option<u16>,
+    body: Option<String>,
+    interval: Option<HumanDuration>,
+    timeout: Option<HumanDuration>,
+    healthy_after: Option<u32>,
+    deadline: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default)]
+    smoke: Vec<Vec<Spanned<String>>>,
+    timeout: Option<HumanDuration>,
+}
+
+/// `[agent]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Agent {
+    /// Where the opt-in Prometheus metrics listen, e.g. `127.0.0.1:9464`.
+    pub metrics: Option<String>,
+}
+
+/// A deprecation announced by a release.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deprecation {
+    /// What is deprecated.
+    pub what: String,
+    /// The version that removes it.
+    pub removed_in: Option<String>,
+    /// What to use instead.
+    pub instead: Option<String>,
+}
+
+/// A configuration option a release adds.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigAdded {
+    /// The option.
+    pub name: String,
+    /// Its default.
+    pub default: Option<String>,
+    /// Whether it must be set.
+    #[serde(default)]
+    pub required: bool,
+    /// What it does.
+    pub doc: Option<String>,
+}
+
+/// A configuration option whose default a release changes.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigChanged {
+    /// The option.
+    pub name: String,
+    /// The old default.
+    pub from: String,
+    /// The new default.
+    pub to: String,
+    /// Why.
+    pub why: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelease {
+    version: Spanned<semver::Version>,
+    upgrade_from: Option<semver::VersionReq>,
+    summary: Option<String>,
+    #[serde(default)]
+    breaking: Vec<String>,
+    #[serde(default)]
+    deprecated: Vec<Deprecation>,
+    #[serde(default)]
+    config_added: Vec<ConfigAdded>,
+    #[serde(default)]
+    config_removed: Vec<String>,
+    #[serde(default)]
+    config_changed: Vec<ConfigChanged>,
+    migrate_to: Option<String>,
+}
+
+/// How a component's health is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// GET this path on the component's address; healthy on `status` (default any 2xx)
+    /// and, when given, a body containing `body`.
+    Http { path: String, status: Option<u16>, body: Option<String> },
+    /// A TCP connection to the component's address.
+    Tcp,
+    /// A command that exits 0 (placeholders filled at run time).
+    Command(Vec<String>),
+}
+
+/// A health check and its timing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// What is checked.
+    pub probe: Probe,
+    /// Time between checks (default 1s).
+    pub interval: Duration,
+    /// Time one check may take (default 2s).
+    pub timeout: Duration,
+    /// Consecutive passes needed (default 1).
+    pub healthy_after: u32,
+    /// Time to become healthy before giving up (default 60s).
+    pub deadline: Duration,
+}
+
+/// A component of the application.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Component {
+    /// Its name.
+    pub name: String,
+    /// How it is run.
+    pub driver: DriverKind,
+    /// The command (process driver), with placeholders.
+    pub run: Vec<String>,
+    /// Environment for the command, with placeholders.
+    pub env: BTreeMap<String, String>,
+    /// The stable address the agent's proxy holds.
+    pub serve: Option<String>,
+    /// How versions replace each other (default `recreate`).
+    pub strategy: Strategy,
+    /// The health check, if any.
+    pub health: Option<Health>,
+    /// How long old instances get to finish requests (default 10s).
+    pub drain: Duration,
+    /// Instances to run (default 1).
+    pub instances: u32,
+    /// Canary steps in percent (default 5, 25, 50, 100).
+    pub steps: Vec<u32>,
+    /// Time at each canary step (default 30s).
+    pub step_interval: Duration,
+    /// Canary threshold: the error rate (0..1) that aborts.
+    pub max_error_rate: Option<f64>,
+    /// Canary threshold: the p99 latency that aborts.
+    pub max_p99_ms: Option<u64>,
+}
+
+/// `[verify]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verify {
+    /// Commands that must exit 0 after the rollout.
+    pub smoke: Vec<Vec<String>>,
+    /// Time each may take (default 60s).
+    pub timeout: Duration,
+}
+
+/// A release of the application.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// Its version.
+    pub version: semver::Version,
+    /// Which deployed versions may upgrade to it.
+    pub upgrade_from: Option<semver::VersionReq>,
+    /// One line for people.
+    pub summary: Option<String>,
+    /// Breaking changes.
+    pub breaking: Vec<String>,
+    /// Deprecations.
+    pub deprecated: Vec<Deprecation>,
+    /// Options added.
+    pub config_added: Vec<ConfigAdded>,
+    /// Options removed.
+    pub config_removed: Vec<String>,
+    /// Defaults changed.
+    pub config_changed: Vec<ConfigChanged>,
+    /// The revision the schema goes to for this release (default: the heads).
+    pub migrate_to: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +331,8 @@ struct RawBackup {
 struct RawDatabase {
     url: Option<Spanned<String>>,
     migrations: Option<String>,
+    /// Read by `upshift guide` (a later issue); accepted so manifests may declare it.
+    #[allow(dead_code)]
     min_server: Option<String>,
 }
 
@@ -93,6 +353,29 @@ pub struct Manifest {
     pub base_dir: PathBuf,
     /// `[backup]`.
     pub backup: BackupSettings,
+    /// `[[components]]`, in manifest order.
+    pub components: Vec<Component>,
+    /// `[verify]`.
+    pub verify: Verify,
+    /// `[[releases]]`, in manifest order.
+    pub releases: Vec<Release>,
+    /// `[agent]`.
+    pub agent: Agent,
+    /// Every value that came from a `${VAR}`: never printed.
+    secrets: Vec<String>,
+}
+
+/// The placeholders a component's strings may hold.
+const COMPONENT_PLACEHOLDERS: &[&str] = &["version", "addr", "port"];
+/// The placeholders a smoke command may hold.
+const SMOKE_PLACEHOLDERS: &[&str] = &["version"];
+
+/// The `{name}` placeholders in `text` (a `{` right after `$` opens a `${VAR}` instead).
+fn placeholders(text: &str) -> impl Iterator<Item = &str> {
+    text.match_indices('{').filter(move |(at, _)| !text[..*at].ends_with('$')).filter_map(move |(at, _)| {
+        let rest = &text[at + 1..];
+        rest.find('}').map(|end| &rest[..end])
+    })
 }
 
 /// `[backup]`, paths resolved against the manifest's folder.
@@ -123,61 +406,269 @@ impl Manifest {
 
     /// Checks manifest text read from `path`.
     pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Manifest, ManifestError> {
-        let error = |span: Option<Range<usize>>, message: String| ManifestError {
-            path: path.to_path_buf(),
-            position: span.map(|s| line_column(text, s.start)),
-            message,
-        };
-        let raw: RawManifest = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_owned()))?;
-        // Accepted here and typed by the commands that use them.
-        let _ = (&raw.components, &raw.verify, &raw.releases, &raw.agent);
+        let mut loader = Loader { path, text, env: &env, secrets: Vec::new() };
+        let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let (database_url, migrations, _min_server) = match raw.database {
-            Some(database) => {
-                let url = match database.url {
-                    Some(url) => {
-                        let span = url.span();
-                        Some(expand(url.get_ref(), &env).map_err(|message| error(Some(span), message))?)
-                    }
-                    None => None,
-                };
-                (url, database.migrations, database.min_server)
-            }
-            None => (None, None, None),
+        let (database_url_raw, migrations) = match raw.database {
+            Some(database) => (database.url, database.migrations),
+            None => (None, None),
         };
-        let backup = match raw.backup {
-            Some(backup) => BackupSettings {
-                dir: base.join(backup.dir.unwrap_or_else(|| ".upshift/backups".into())),
-                keep_last: backup.keep_last,
-                keep_within: match backup.keep_within {
-                    Some(text) => Some(humantime::parse_duration(text.get_ref()).map_err(|e| {
-                        error(
-                            Some(text.span()),
-                            format!("`keep_within`: {e}; expected a duration like \"7d\" or \"12h\""),
-                        )
-                    })?),
-                    None => None,
-                },
-                paths: backup.paths.iter().map(PathBuf::from).collect(),
-                encrypt_to: backup.encrypt_to,
-            },
-            None => BackupSettings { dir: base.join(".upshift/backups"), ..BackupSettings::default() },
-        };
+        let database_url = database_url_raw.as_ref().map(|url| loader.expand(url)).transpose()?;
+        let backup = loader.backup(raw.backup, base)?;
+        let mut components: Vec<Component> = Vec::new();
+        for raw in raw.components {
+            let component = loader.component(raw, &components)?;
+            components.push(component);
+        }
+        let verify = loader.verify(raw.verify)?;
+        let releases = loader.releases(raw.releases)?;
         let app = raw.app;
         Ok(Manifest {
-            base_dir: base.to_path_buf(),
-            backup,
             path: path.to_path_buf(),
             app_name: app.as_ref().map(|a| a.name.clone()),
             state_dir: base.join(app.and_then(|a| a.state_dir).unwrap_or_else(|| ".upshift".into())),
             database_url,
             migrations_dir: base.join(migrations.unwrap_or_else(|| "migrations".into())),
+            base_dir: base.to_path_buf(),
+            backup,
+            components,
+            verify,
+            releases,
+            agent: raw.agent.unwrap_or_default(),
+            secrets: loader.secrets,
         })
+    }
+
+    /// The release with this version.
+    pub fn release(&self, version: &semver::Version) -> Option<&Release> {
+        self.releases.iter().find(|r| &r.version == version)
+    }
+
+    /// `text` with every value that came from the environment replaced by `***`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut secrets: Vec<&String> = self.secrets.iter().collect();
+        // Longest first, so a secret that contains another is hidden whole.
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.into_iter().fold(text.to_owned(), |out, secret| out.replace(secret.as_str(), "***"))
+    }
+}
+
+/// Turns the raw tables into the manifest, with errors at their place.
+struct Loader<'a> {
+    path: &'a Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Every value that came from the environment.
+    secrets: Vec<String>,
+}
+
+impl Loader<'_> {
+    fn error(&self, span: Option<Range<usize>>, message: String) -> ManifestError {
+        ManifestError {
+            path: self.path.to_path_buf(),
+            position: span.map(|s| line_column(self.text, s.start)),
+            message,
+        }
+    }
+
+    /// Expands `${VAR}`, remembering what came from the environment.
+    fn expand(&mut self, value: &Spanned<String>) -> Result<String, ManifestError> {
+        let mut used = Vec::new();
+        let expanded = expand(value.get_ref(), |name| {
+            let found = (self.env)(name);
+            used.extend(found.clone());
+            found
+        })
+        .map_err(|message| self.error(Some(value.span()), message))?;
+        self.secrets.extend(used.into_iter().filter(|v| !v.is_empty()));
+        Ok(expanded)
+    }
+
+    /// Checks the placeholders of a value, then expands it.
+    fn template(&mut self, value: &Spanned<String>, allowed: &[&str]) -> Result<String, ManifestError> {
+        if let Some(name) = placeholders(value.get_ref()).find(|name| !allowed.contains(name)) {
+            let expected = allowed.iter().map(|a| format!("{{{a}}}")).collect::<Vec<_>>().join(", ");
+            return Err(
+                self.error(Some(value.span()), format!("unknown placeholder {{{name}}}; expected one of {expected}"))
+            );
+        }
+        self.expand(value)
+    }
+
+    fn backup(&self, raw: Option<RawBackup>, base: &Path) -> Result<BackupSettings, ManifestError> {
+        let Some(backup) = raw else {
+            return Ok(BackupSettings { dir: base.join(".upshift/backups"), ..BackupSettings::default() });
+        };
+        let keep_within = match backup.keep_within {
+            Some(text) => Some(humantime::parse_duration(text.get_ref()).map_err(|e| {
+                self.error(Some(text.span()), format!("`keep_within`: {e}; expected a duration like \"7d\" or \"12h\""))
+            })?),
+            None => None,
+        };
+        Ok(BackupSettings {
+            dir: base.join(backup.dir.unwrap_or_else(|| ".upshift/backups".into())),
+            keep_last: backup.keep_last,
+            keep_within,
+            paths: backup.paths.iter().map(PathBuf::from).collect(),
+            encrypt_to: backup.encrypt_to,
+        })
+    }
+
+    fn component(&mut self, raw: RawComponent, earlier: &[Component]) -> Result<Component, ManifestError> {
+        let name = raw.name.get_ref().clone();
+        let at_name = Some(raw.name.span());
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(self.error(at_name, "a component name is letters, digits, - and _".into()));
+        }
+        if earlier.iter().any(|c| c.name == name) {
+            return Err(self.error(at_name, format!("a second component named `{name}`; names must differ")));
+        }
+        let run = raw
+            .run
+            .iter()
+            .flatten()
+            .map(|arg| self.template(arg, COMPONENT_PLACEHOLDERS))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut env = BTreeMap::new();
+        for (key, value) in &raw.env {
+            env.insert(key.clone(), self.template(value, COMPONENT_PLACEHOLDERS)?);
+        }
+        let strategy = raw.strategy.unwrap_or(Strategy::Recreate);
+        let takes_address = run.iter().chain(env.values()).any(|v| placeholders(v).any(|p| p == "addr" || p == "port"));
+        if raw.driver == DriverKind::Process {
+            if run.is_empty() {
+                return Err(
+                    self.error(at_name, format!("component `{name}` uses the process driver but has no `run` command"))
+                );
+            }
+            if strategy != Strategy::Recreate && raw.serve.is_none() {
+                return Err(self.error(
+                    at_name,
+                    format!(
+                        "component `{name}`: strategy {} needs `serve`, the stable address the agent's proxy holds",
+                        strategy.as_str()
+                    ),
+                ));
+            }
+            if let Some(serve) = &raw.serve
+                && !takes_address
+            {
+                return Err(self.error(
+                    Some(serve.span()),
+                    format!("component `{name}` has `serve` but its `run` and `env` never use {{addr}} or {{port}}, so it cannot be told where to listen"),
+                ));
+            }
+        }
+        if let Some(serve) = &raw.serve
+            && serve.get_ref().parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(self.error(
+                Some(serve.span()),
+                format!("`{}` is not an address; expected host:port like 127.0.0.1:8080", serve.get_ref()),
+            ));
+        }
+        let health = match raw.health {
+            Some(h) => {
+                Some(self.health(h, &name, at_name.clone(), takes_address || raw.driver != DriverKind::Process)?)
+            }
+            None => None,
+        };
+        Ok(Component {
+            name,
+            driver: raw.driver,
+            run,
+            env,
+            serve: raw.serve.map(Spanned::into_inner),
+            strategy,
+            health,
+            drain: raw.drain.map_or(Duration::from_secs(10), |d| d.0),
+            instances: raw.instances.unwrap_or(1).max(1),
+            steps: raw.steps.unwrap_or_else(|| vec![5, 25, 50, 100]),
+            step_interval: raw.step_interval.map_or(Duration::from_secs(30), |d| d.0),
+            max_error_rate: raw.max_error_rate,
+            max_p99_ms: raw.max_p99_ms,
+        })
+    }
+
+    fn health(
+        &mut self,
+        raw: RawHealth,
+        name: &str,
+        at_name: Option<Range<usize>>,
+        has_address: bool,
+    ) -> Result<Health, ManifestError> {
+        let kinds =
+            usize::from(raw.http.is_some()) + usize::from(raw.tcp == Some(true)) + usize::from(raw.command.is_some());
+        if kinds != 1 {
+            return Err(self.error(
+                at_name,
+                format!("component `{name}`: `health` needs exactly one of http, tcp = true, command"),
+            ));
+        }
+        let probe = if let Some(path) = raw.http {
+            Probe::Http { path, status: raw.status, body: raw.body }
+        } else if let Some(command) = raw.command {
+            Probe::Command(
+                command.iter().map(|arg| self.template(arg, COMPONENT_PLACEHOLDERS)).collect::<Result<_, _>>()?,
+            )
+        } else {
+            Probe::Tcp
+        };
+        if matches!(probe, Probe::Http { .. } | Probe::Tcp) && !has_address {
+            return Err(self.error(
+                at_name,
+                format!("component `{name}`: an http or tcp health check needs an address ({{addr}} in `run`)"),
+            ));
+        }
+        Ok(Health {
+            probe,
+            interval: raw.interval.map_or(Duration::from_secs(1), |d| d.0),
+            timeout: raw.timeout.map_or(Duration::from_secs(2), |d| d.0),
+            healthy_after: raw.healthy_after.unwrap_or(1).max(1),
+            deadline: raw.deadline.map_or(Duration::from_mins(1), |d| d.0),
+        })
+    }
+
+    fn verify(&mut self, raw: Option<RawVerify>) -> Result<Verify, ManifestError> {
+        let Some(raw) = raw else {
+            return Ok(Verify { smoke: Vec::new(), timeout: Duration::from_mins(1) });
+        };
+        let mut smoke = Vec::new();
+        for command in &raw.smoke {
+            if command.is_empty() {
+                return Err(self.error(None, "[verify] smoke has an empty command".into()));
+            }
+            smoke
+                .push(command.iter().map(|arg| self.template(arg, SMOKE_PLACEHOLDERS)).collect::<Result<Vec<_>, _>>()?);
+        }
+        Ok(Verify { smoke, timeout: raw.timeout.map_or(Duration::from_mins(1), |d| d.0) })
+    }
+
+    fn releases(&self, raw: Vec<RawRelease>) -> Result<Vec<Release>, ManifestError> {
+        let mut releases: Vec<Release> = Vec::new();
+        for raw in raw {
+            let version = raw.version.get_ref().clone();
+            if releases.iter().any(|r| r.version == version) {
+                return Err(self.error(Some(raw.version.span()), format!("release {version} is listed twice")));
+            }
+            releases.push(Release {
+                version,
+                upgrade_from: raw.upgrade_from,
+                summary: raw.summary,
+                breaking: raw.breaking,
+                deprecated: raw.deprecated,
+                config_added: raw.config_added,
+                config_removed: raw.config_removed,
+                config_changed: raw.config_changed,
+                migrate_to: raw.migrate_to,
+            });
+        }
+        Ok(releases)
     }
 }
 
 /// Replaces each `${NAME}` in `value` with the variable's value; `$$` is a literal `$`.
-pub fn expand(value: &str, env: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn expand(value: &str, mut env: impl FnMut(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(at) = rest.find('$') {
@@ -263,6 +754,140 @@ mod tests {
         assert_eq!(m.backup.paths, [PathBuf::from("config/")]);
         let err = Manifest::parse(Path::new("u.toml"), "[backup]\nkeep_within = \"soon\"\n", env).unwrap_err();
         assert_eq!(err.position, Some((2, 15)));
+    }
+
+    const FULL: &str = r#"
+[app]
+name = "notes"
+
+[database]
+url = "${DATABASE_URL}"
+
+[[components]]
+name = "api"
+driver = "process"
+run = ["releases/{version}/notes", "--listen", "{addr}"]
+env = { DATABASE_URL = "${DATABASE_URL}" }
+serve = "127.0.0.1:8080"
+strategy = "blue-green"
+health = { http = "/health", interval = "250ms", timeout = "2s", healthy_after = 3, deadline = "30s" }
+drain = "10s"
+
+[[components]]
+name = "worker"
+driver = "process"
+run = ["releases/{version}/notes-worker"]
+strategy = "recreate"
+health = { command = ["releases/{version}/notes-worker", "--check"] }
+
+[verify]
+smoke = [["curl", "-fsS", "http://127.0.0.1:8080/api/notes"]]
+
+[[releases]]
+version = "2.0.0"
+upgrade_from = ">=1.4.0"
+summary = "Tags on notes"
+breaking = ["GET /api/notes returns tags as an array"]
+deprecated = [{ what = "GET /api/old", removed_in = "3.0.0", instead = "GET /api/v2/notes" }]
+config_added = [{ name = "NOTES_MAX_SIZE", default = "1MiB", required = false, doc = "largest note accepted" }]
+config_removed = ["NOTES_LEGACY_MODE"]
+config_changed = [{ name = "workers", from = "1", to = "2", why = "throughput" }]
+"#;
+
+    #[test]
+    fn the_product_example_loads() {
+        let m = Manifest::parse(Path::new("upshift.toml"), FULL, env).unwrap();
+        assert_eq!(m.components.len(), 2);
+        let api = &m.components[0];
+        assert_eq!(api.strategy, Strategy::BlueGreen);
+        assert_eq!(api.env["DATABASE_URL"], "sqlite:app.db");
+        let health = api.health.as_ref().unwrap();
+        assert_eq!((health.interval, health.healthy_after), (Duration::from_millis(250), 3));
+        assert!(matches!(m.components[1].health.as_ref().unwrap().probe, Probe::Command(_)));
+        assert_eq!(m.verify.smoke.len(), 1);
+        let release = m.release(&semver::Version::new(2, 0, 0)).unwrap();
+        assert!(release.upgrade_from.as_ref().unwrap().matches(&semver::Version::new(1, 4, 2)));
+        assert_eq!(release.config_added[0].name, "NOTES_MAX_SIZE");
+        assert_eq!(m.redact("connect to sqlite:app.db now"), "connect to *** now");
+    }
+
+    /// Each kind of mistake, with the line and what the message must say.
+    #[test]
+    fn every_kind_of_mistake_names_its_place() {
+        let cases: &[(&str, &str, usize, &str)] = &[
+            ("unknown key", "[app]\nname = \"x\"\ncolour = 1\n", 3, "unknown field `colour`"),
+            ("wrong type", "[backup]\nkeep_last = \"five\"\n", 2, "invalid type"),
+            (
+                "bad strategy",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\nstrategy = \"sideways\"\n",
+                5,
+                "unknown variant `sideways`",
+            ),
+            ("bad driver", "[[components]]\nname = \"a\"\ndriver = \"docker\"\n", 3, "unknown variant `docker`"),
+            (
+                "bad duration",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\ndrain = \"soon\"\n",
+                5,
+                "is not a duration",
+            ),
+            (
+                "bad placeholder",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\", \"{verison}\"]\n",
+                4,
+                "unknown placeholder {verison}",
+            ),
+            (
+                "undefined variable",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"${NOPE}\"]\n",
+                4,
+                "NOPE is not set",
+            ),
+            ("bad version", "[[releases]]\nversion = \"two\"\n", 2, "unexpected character"),
+            ("bad requirement", "[[releases]]\nversion = \"2.0.0\"\nupgrade_from = \"~>1\"\n", 3, ""),
+            (
+                "duplicate release",
+                "[[releases]]\nversion = \"2.0.0\"\n[[releases]]\nversion = \"2.0.0\"\n",
+                4,
+                "listed twice",
+            ),
+            (
+                "duplicate component",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\n[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"y\"]\n",
+                6,
+                "second component",
+            ),
+            ("process without run", "[[components]]\nname = \"a\"\ndriver = \"process\"\n", 2, "no `run` command"),
+            (
+                "blue-green without serve",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\", \"{addr}\"]\nstrategy = \"blue-green\"\n",
+                2,
+                "needs `serve`",
+            ),
+            (
+                "serve never used",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\nserve = \"127.0.0.1:8080\"\n",
+                5,
+                "never use {addr}",
+            ),
+            (
+                "bad address",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\", \"{addr}\"]\nserve = \"localhost\"\n",
+                5,
+                "not an address",
+            ),
+            (
+                "two probes",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\", \"{addr}\"]\nhealth = { http = \"/\", tcp = true }\n",
+                2,
+                "exactly one of",
+            ),
+            ("smoke placeholder", "[verify]\nsmoke = [[\"curl\", \"{addr}\"]]\n", 2, "unknown placeholder {addr}"),
+        ];
+        for (what, text, line, message) in cases {
+            let err = Manifest::parse(Path::new("upshift.toml"), text, env).unwrap_err();
+            assert_eq!(err.position.map(|p| p.0), Some(*line), "{what}: {err}");
+            assert!(err.to_string().contains(message), "{what}: {err}");
+        }
     }
 
     #[test]

@@ -45,6 +45,23 @@ pub(crate) enum Command {
     Migrate(MigrateArgs),
     /// The backup engine on its own
     Backup(BackupArgs),
+    /// Write a commented upshift.toml and a migrations folder
+    Init {
+        /// The application's name [default: this folder's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Dry run: every step an upgrade would take, and what a failure at each would undo
+    Plan {
+        /// The release to upgrade to
+        #[arg(long, value_name = "VERSION")]
+        to: String,
+        /// Plan without a backup (a failure that needs a restore then cannot be undone)
+        #[arg(long)]
+        no_backup: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
 }
 
 #[derive(Debug, Args)]

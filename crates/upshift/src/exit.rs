@@ -16,7 +16,7 @@ pub(crate) fn code(error: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<upshift_backup::Error>() {
             return if e.is_input() { 2 } else { 1 };
         }
-        if cause.is::<ManifestError>() || cause.is::<UsageError>() {
+        if cause.is::<ManifestError>() || cause.is::<UsageError>() || cause.is::<upshift_core::PlanError>() {
             return 2;
         }
     }

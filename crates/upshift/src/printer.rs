@@ -35,7 +35,15 @@ impl Printer {
     }
 
     /// Prints the command's result: `human` in human mode, `json` as one document in json mode.
+    /// A reader that went away (`upshift ... | head`) is not an error.
     pub(crate) fn result<T: Serialize>(&self, json: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
+        match self.write_result(json, human) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => Ok(result?),
+        }
+    }
+
+    fn write_result<T: Serialize>(&self, json: &T, human: impl FnOnce() -> String) -> std::io::Result<()> {
         let mut stdout = std::io::stdout().lock();
         if self.is_json() {
             serde_json::to_writer_pretty(&mut stdout, json)?;

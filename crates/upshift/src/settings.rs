@@ -22,9 +22,16 @@ pub(crate) fn manifest(global: &GlobalArgs) -> anyhow::Result<Option<Manifest>> 
     Ok(Some(Manifest::load(&path, |name| std::env::var(name).ok())?))
 }
 
+/// The manifest, which this command cannot do without.
+pub(crate) fn required_manifest(global: &GlobalArgs) -> anyhow::Result<Manifest> {
+    manifest(global)?.ok_or_else(|| {
+        UsageError("no upshift.toml here: run `upshift init` to write one, or pass --config PATH".into()).into()
+    })
+}
+
 /// The database URL: the flag (or `UPSHIFT_DATABASE_URL`), then `DATABASE_URL`, then the
 /// manifest. Unparsed: commands that do not need one must not fail on it.
-fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>) -> Option<String> {
+pub(crate) fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>) -> Option<String> {
     args.database_url
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))

@@ -1,0 +1,395 @@
+//! The plan of an upgrade: the exact steps `upshift upgrade --to V` takes, and for each
+//! point of failure the undo depth it would use.
+//!
+//! Pending revisions up to the release's `migrate_to` (default: the one head) are split in
+//! two: the expand step runs, in graph order, every pending `expand` revision none of whose
+//! pending ancestors is a `contract` one; the contract step runs the rest, after the new
+//! code is verified.
+
+use std::collections::BTreeSet;
+
+use semver::Version;
+use serde::Serialize;
+use upshift_migrate::{AppliedRevision, Migrator, Phase, UpTarget};
+
+use crate::manifest::{DriverKind, Manifest, Probe};
+
+/// Why a plan cannot be made. All of these are bad input: nothing was touched.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The target is not a `[[releases]]` version.
+    #[error("{target} is not a release in {manifest}; known releases: {}", if known.is_empty() { "none (add [[releases]])".to_owned() } else { known.join(", ") })]
+    UnknownTarget { target: Version, manifest: String, known: Vec<String> },
+    /// The target is the deployed version or older.
+    #[error("{target} is not newer than the deployed {deployed}; to go back, use `upshift rollback`")]
+    NotNewer { target: Version, deployed: Version },
+    /// The deployed version does not satisfy the release's `upgrade_from`.
+    #[error(
+        "release {target} upgrades from {requirement}, but {deployed} is deployed; upgrade to an intermediate release first"
+    )]
+    UpgradeFrom { target: Version, requirement: String, deployed: Version },
+    /// A component uses a driver this build cannot run yet.
+    #[error(
+        "component `{component}` uses the {driver} driver, which this build of upshift cannot run yet; use driver = \"process\""
+    )]
+    Driver { component: String, driver: String },
+    /// The migrations cannot be planned (heads, drift, unknown `migrate_to`).
+    #[error(transparent)]
+    Migrate(#[from] upshift_migrate::Error),
+}
+
+/// How deep an undo goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UndoDepth {
+    /// Nothing was changed.
+    Nothing,
+    /// Put the old code back; no migration ran.
+    Code,
+    /// Put the old code back and run `down` of the applied expand revisions.
+    CodeAndDown,
+    /// Restore the backup of step 2.
+    Restore,
+    /// A restore would be needed but there is no backup (`--no-backup`): the run stops
+    /// with exit 4 and waits for `resume` or `abort`.
+    Impossible,
+}
+
+/// What undoing a failure at one point would do, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OnFailure {
+    /// The depth.
+    pub undo: UndoDepth,
+    /// Why that depth.
+    pub why: String,
+}
+
+/// The kinds of steps, in the order they run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// Checks before anything is touched.
+    Preflight,
+    /// The backup.
+    Backup,
+    /// Expand migrations.
+    Expand,
+    /// Deploy one component.
+    Deploy,
+    /// Health of every component, then the smoke commands.
+    Verify,
+    /// Contract migrations.
+    Contract,
+    /// Record the release; prune backups.
+    Record,
+}
+
+/// One step of the plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanStep {
+    /// 1-based position.
+    pub number: usize,
+    /// Its kind.
+    pub kind: StepKind,
+    /// One line for people.
+    pub title: String,
+    /// What it does in detail: each check, each revision with its SQL file, each command.
+    pub details: Vec<String>,
+    /// What a failure here would undo.
+    pub on_failure: OnFailure,
+}
+
+/// An upgrade plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// The deployed version (none on a first deploy).
+    pub from: Option<Version>,
+    /// The target.
+    pub to: Version,
+    /// Ids of the expand revisions, in order.
+    pub expand: Vec<String>,
+    /// Ids of the contract revisions, in order.
+    pub contract: Vec<String>,
+    /// The steps.
+    pub steps: Vec<PlanStep>,
+}
+
+/// What a plan is made from.
+pub struct PlanInput<'a> {
+    /// The manifest.
+    pub manifest: &'a Manifest,
+    /// The target version.
+    pub target: &'a Version,
+    /// The deployed version, from the journal.
+    pub deployed: Option<&'a Version>,
+    /// The migrations and the applied revisions, when there is a database.
+    pub migrations: Option<(&'a Migrator, &'a [AppliedRevision])>,
+    /// A printable description of the database (URL without password, server version).
+    pub database: Option<String>,
+    /// `--no-backup`.
+    pub no_backup: bool,
+}
+
+fn failure(undo: UndoDepth, why: impl Into<String>) -> OnFailure {
+    OnFailure { undo, why: why.into() }
+}
+
+/// Plans an upgrade to `input.target`.
+pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    let manifest = input.manifest;
+    let release = manifest.release(input.target).ok_or_else(|| PlanError::UnknownTarget {
+        target: input.target.clone(),
+        manifest: manifest.path.display().to_string(),
+        known: manifest.releases.iter().map(|r| r.version.to_string()).collect(),
+    })?;
+    if let Some(deployed) = input.deployed {
+        if input.target <= deployed {
+            return Err(PlanError::NotNewer { target: input.target.clone(), deployed: deployed.clone() });
+        }
+        if let Some(requirement) = &release.upgrade_from
+            && !requirement.matches(deployed)
+        {
+            return Err(PlanError::UpgradeFrom {
+                target: input.target.clone(),
+                requirement: requirement.to_string(),
+                deployed: deployed.clone(),
+            });
+        }
+    }
+    if let Some(component) = manifest.components.iter().find(|c| c.driver != DriverKind::Process) {
+        return Err(PlanError::Driver {
+            component: component.name.clone(),
+            driver: format!("{:?}", component.driver).to_lowercase(),
+        });
+    }
+
+    // Split the pending revisions into expand and contract.
+    let (mut expand, mut contract) = (Vec::new(), Vec::new());
+    let mut expand_reversible = true;
+    if let Some((migrator, applied)) = input.migrations {
+        migrator.check_applied(applied)?;
+        let target = match &release.migrate_to {
+            Some(id) => UpTarget::Revision(id.clone()),
+            None => UpTarget::Heads,
+        };
+        let graph = migrator.graph();
+        let mut deferred: BTreeSet<usize> = BTreeSet::new();
+        for index in migrator.plan_up(applied, &target)? {
+            let revision = graph.revision(index);
+            let after_contract = graph.parents(index).iter().any(|p| deferred.contains(p));
+            if revision.phase == Phase::Expand && !after_contract {
+                expand_reversible &= revision.down.is_some();
+                expand.push(index);
+            } else {
+                deferred.insert(index);
+                contract.push(index);
+            }
+        }
+        let describe = |index: &usize| {
+            let revision = graph.revision(*index);
+            format!(
+                "{} {} ({}){}",
+                revision.id,
+                revision.name,
+                revision.path.display(),
+                if revision.no_transaction { ", no transaction" } else { "" }
+            )
+        };
+        let expand_details: Vec<String> = expand.iter().map(describe).collect();
+        let contract_details: Vec<String> = contract.iter().map(describe).collect();
+        let ids = |indexes: &[usize]| indexes.iter().map(|&i| graph.revision(i).id.clone()).collect::<Vec<_>>();
+        return Ok(build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible));
+    }
+    Ok(build(input, Vec::new(), Vec::new(), Vec::new(), Vec::new(), true))
+}
+
+/// Builds the steps, one method per kind.
+struct Builder<'a> {
+    input: &'a PlanInput<'a>,
+    expand: Vec<String>,
+    contract: Vec<String>,
+    expand_reversible: bool,
+    steps: Vec<PlanStep>,
+}
+
+fn build(
+    input: &PlanInput<'_>,
+    expand: Vec<String>,
+    contract: Vec<String>,
+    expand_details: Vec<String>,
+    contract_details: Vec<String>,
+    expand_reversible: bool,
+) -> Plan {
+    let mut builder = Builder { input, expand, contract, expand_reversible, steps: Vec::new() };
+    builder.preflight();
+    builder.backup();
+    builder.expand(expand_details);
+    builder.deploy();
+    builder.verify();
+    builder.contract(contract_details);
+    builder.record();
+    Plan {
+        from: input.deployed.cloned(),
+        to: input.target.clone(),
+        expand: builder.expand,
+        contract: builder.contract,
+        steps: builder.steps,
+    }
+}
+
+impl Builder<'_> {
+    fn push(&mut self, kind: StepKind, title: String, details: Vec<String>, on_failure: OnFailure) {
+        self.steps.push(PlanStep { number: self.steps.len() + 1, kind, title, details, on_failure });
+    }
+
+    fn restore_or_impossible(&self, why: &str) -> OnFailure {
+        if self.input.no_backup {
+            failure(
+                UndoDepth::Impossible,
+                format!(
+                    "{why}, and --no-backup left nothing to restore: the run stops for `upshift resume` or `upshift abort`"
+                ),
+            )
+        } else {
+            failure(UndoDepth::Restore, format!("{why}: the backup of step 2 is restored"))
+        }
+    }
+
+    /// Once code may have changed: the least destructive undo that restores the old state.
+    fn after_code(&self) -> OnFailure {
+        if self.expand.is_empty() {
+            failure(UndoDepth::Code, "no migration ran: the old code is put back")
+        } else if self.expand_reversible {
+            failure(
+                UndoDepth::CodeAndDown,
+                "the expand revisions have down sections: the old code is put back and they are reverted",
+            )
+        } else {
+            self.restore_or_impossible("an expand revision has no down section")
+        }
+    }
+
+    fn preflight(&mut self) {
+        let input = self.input;
+        let manifest = input.manifest;
+        let release = manifest.release(input.target).expect("checked by plan");
+        let mut checks = vec![format!("manifest {} is valid", manifest.path.display())];
+        checks.push(match (&release.upgrade_from, input.deployed) {
+            (Some(requirement), Some(deployed)) => {
+                format!("release {} upgrades from {requirement}: {deployed} is deployed", input.target)
+            }
+            (_, None) => format!("release {} is known; nothing is deployed yet (first deploy)", input.target),
+            (None, Some(deployed)) => format!("release {} is known; {deployed} is deployed", input.target),
+        });
+        if let Some(database) = &input.database {
+            checks.push("migrations folder is sane: one head, no drift, no vanished file".to_owned());
+            checks.push(format!("database {database} is reachable"));
+            if !input.no_backup {
+                checks.push("free disk for the backup".to_owned());
+            }
+        }
+        for component in &manifest.components {
+            checks.push(format!("component {} is healthy now (when deployed)", component.name));
+        }
+        checks.push("no other run is in flight".to_owned());
+        self.push(
+            StepKind::Preflight,
+            "preflight".to_owned(),
+            checks,
+            failure(UndoDepth::Nothing, "nothing was changed yet"),
+        );
+    }
+
+    fn backup(&mut self) {
+        let input = self.input;
+        if input.no_backup {
+            let nothing = failure(UndoDepth::Nothing, "nothing was changed yet");
+            self.push(StepKind::Backup, "backup skipped (--no-backup, recorded)".to_owned(), Vec::new(), nothing);
+            return;
+        }
+        let mut what = Vec::new();
+        if input.database.is_some() {
+            what.push("the database".to_owned());
+        }
+        what.extend(input.manifest.backup.paths.iter().map(|p| p.display().to_string()));
+        let nothing = failure(UndoDepth::Nothing, "nothing was changed yet; a partial backup is removed");
+        self.push(StepKind::Backup, format!("backup into {}", input.manifest.backup.dir.display()), what, nothing);
+    }
+
+    fn expand(&mut self, details: Vec<String>) {
+        if self.expand.is_empty() {
+            return;
+        }
+        let on_failure = if self.expand.len() == 1 {
+            failure(UndoDepth::Nothing, "the failing revision rolls back in its transaction")
+        } else if self.expand_reversible {
+            failure(
+                UndoDepth::CodeAndDown,
+                "the failing revision rolls back in its transaction; the ones before it are reverted with down",
+            )
+        } else {
+            self.restore_or_impossible("an applied expand revision has no down section")
+        };
+        self.push(StepKind::Expand, format!("migrate expand: {}", self.expand.join(", ")), details, on_failure);
+    }
+
+    fn deploy(&mut self) {
+        let manifest = self.input.manifest;
+        for component in &manifest.components {
+            let mut details = vec![format!("run: {}", manifest.redact(&component.run.join(" ")))];
+            if let Some(serve) = &component.serve {
+                details.push(format!("serve: {serve} (the agent's proxy)"));
+            }
+            if let Some(health) = &component.health {
+                let probe = match &health.probe {
+                    Probe::Http { path, .. } => format!("GET {path}"),
+                    Probe::Tcp => "TCP connect".to_owned(),
+                    Probe::Command(command) => manifest.redact(&command.join(" ")),
+                };
+                details.push(format!("health-gated: {probe} within {}", humantime::format_duration(health.deadline)));
+            }
+            let title = format!("deploy {} (process, {})", component.name, component.strategy.as_str());
+            let on_failure = self.after_code();
+            self.push(StepKind::Deploy, title, details, on_failure);
+        }
+    }
+
+    fn verify(&mut self) {
+        let manifest = self.input.manifest;
+        let mut checks: Vec<String> = manifest
+            .components
+            .iter()
+            .filter(|c| c.health.is_some())
+            .map(|c| format!("health of {}", c.name))
+            .collect();
+        checks.extend(
+            manifest.verify.smoke.iter().map(|command| format!("smoke: {}", manifest.redact(&command.join(" ")))),
+        );
+        let on_failure = self.after_code();
+        self.push(StepKind::Verify, "verify".to_owned(), checks, on_failure);
+    }
+
+    fn contract(&mut self, details: Vec<String>) {
+        if self.contract.is_empty() {
+            return;
+        }
+        // The first contract revision fails inside its transaction; after one has
+        // committed, what the old code needs is gone.
+        let on_failure = if self.contract.len() == 1 {
+            self.after_code()
+        } else {
+            self.restore_or_impossible("contract revisions remove what the old code needs")
+        };
+        self.push(StepKind::Contract, format!("migrate contract: {}", self.contract.join(", ")), details, on_failure);
+    }
+
+    fn record(&mut self) {
+        let input = self.input;
+        let mut details = vec![format!("release {} becomes the deployed revision in the journal", input.target)];
+        if let Some(keep) = input.manifest.backup.keep_last {
+            details.push(format!("prune backups: keep the last {keep}"));
+        }
+        let nothing = failure(UndoDepth::Nothing, "the release is in place; only its record is retried");
+        self.push(StepKind::Record, "record the release".to_owned(), details, nothing);
+    }
+}

@@ -1,0 +1,80 @@
+//! `upshift plan --to V`: every step of the upgrade, with what a failure at each undoes.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use upshift_core::journal;
+use upshift_core::plan::{Plan, PlanInput, UndoDepth};
+use upshift_migrate::{DatabaseUrl, Migrator};
+
+use crate::cli::{DatabaseArgs, GlobalArgs};
+use crate::exit::UsageError;
+use crate::printer::Printer;
+use crate::settings::{database_url, required_manifest};
+
+#[derive(Serialize)]
+struct PlanJson<'a> {
+    app: Option<&'a str>,
+    #[serde(flatten)]
+    plan: &'a Plan,
+}
+
+fn depth(undo: UndoDepth) -> &'static str {
+    match undo {
+        UndoDepth::Nothing => "nothing to undo",
+        UndoDepth::Code => "undo: code only",
+        UndoDepth::CodeAndDown => "undo: code + down of the expand revisions",
+        UndoDepth::Restore => "undo: restore the backup",
+        UndoDepth::Impossible => "cannot be undone (exit 4)",
+    }
+}
+
+pub(crate) fn run(
+    global: &GlobalArgs,
+    to: &str,
+    no_backup: bool,
+    database: &DatabaseArgs,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    let manifest = required_manifest(global)?;
+    let target: semver::Version =
+        to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
+    let deployed = journal::deployed_version(&manifest.state_dir).map_err(anyhow::Error::msg)?;
+    let url = database_url(database, Some(&manifest)).map(|text| DatabaseUrl::parse(&text)).transpose()?;
+    let (migrator, applied, described) = match &url {
+        Some(url) => {
+            let migrator = Migrator::load(&manifest.migrations_dir)?;
+            let mut engine = upshift_migrate::connect(url, false)?;
+            let version = engine.server_version().with_context(|| format!("the database {url} is not reachable"))?;
+            let applied = engine.applied()?;
+            (Some(migrator), applied, Some(format!("{url} ({version})")))
+        }
+        None => (None, Vec::new(), None),
+    };
+    let plan = upshift_core::plan(&PlanInput {
+        manifest: &manifest,
+        target: &target,
+        deployed: deployed.as_ref(),
+        migrations: migrator.as_ref().map(|m| (m, applied.as_slice())),
+        database: described,
+        no_backup,
+    })?;
+    let app = manifest.app_name.as_deref();
+    printer.result(&PlanJson { app, plan: &plan }, || {
+        let mut out = format!(
+            "Plan: {} {} -> {}\n\n",
+            app.unwrap_or("the application"),
+            plan.from.as_ref().map_or_else(|| "(nothing deployed)".to_owned(), ToString::to_string),
+            plan.to
+        );
+        for step in &plan.steps {
+            let _ = writeln!(out, "{:>2}. {}", step.number, step.title);
+            for detail in &step.details {
+                let _ = writeln!(out, "      - {detail}");
+            }
+            let _ = writeln!(out, "      if it fails: {} ({})", depth(step.on_failure.undo), step.on_failure.why);
+        }
+        out
+    })
+}

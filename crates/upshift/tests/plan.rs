@@ -1,0 +1,220 @@
+//! `upshift init` and `upshift plan` through the real binary.
+
+mod common;
+
+use common::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanJson {
+    app: Option<String>,
+    from: Option<String>,
+    to: String,
+    expand: Vec<String>,
+    contract: Vec<String>,
+    steps: Vec<Step>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    number: usize,
+    kind: String,
+    title: String,
+    details: Vec<String>,
+    on_failure: OnFailure,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnFailure {
+    undo: String,
+    why: String,
+}
+
+fn plan(ctx: &Context, args: &[&str]) -> PlanJson {
+    let mut all = vec!["plan", "--output", "json"];
+    all.extend_from_slice(args);
+    ctx.run(&all).success().json()
+}
+
+fn kinds(plan: &PlanJson) -> Vec<&str> {
+    plan.steps.iter().map(|s| s.kind.as_str()).collect()
+}
+
+fn undo_of<'a>(plan: &'a PlanJson, kind: &str) -> &'a str {
+    &plan.steps.iter().find(|s| s.kind == kind).unwrap_or_else(|| panic!("no {kind} step")).on_failure.undo
+}
+
+const MANIFEST: &str = r#"
+[app]
+name = "notes"
+
+[database]
+url = "sqlite:notes.db"
+
+[backup]
+keep_last = 3
+
+[[components]]
+name = "api"
+driver = "process"
+run = ["releases/{version}/notes", "--listen", "{addr}"]
+serve = "127.0.0.1:18080"
+strategy = "blue-green"
+health = { http = "/health" }
+
+[[components]]
+name = "worker"
+driver = "process"
+run = ["releases/{version}/notes", "--worker"]
+
+[verify]
+smoke = [["curl", "-fsS", "http://127.0.0.1:18080/api/notes"]]
+
+[[releases]]
+version = "1.0.0"
+migrate_to = "1"
+
+[[releases]]
+version = "2.0.0"
+upgrade_from = ">=1.0.0"
+"#;
+
+fn revisions(ctx: &Context, second_has_down: bool) {
+    ctx.write(
+        "migrations/1_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id integer, body text);\n-- upshift:down\nDROP TABLE notes;\n",
+    );
+    let down = if second_has_down { "-- upshift:down\nDROP TABLE tags;\n" } else { "" };
+    ctx.write(
+        "migrations/2_tags.sql",
+        &format!("-- upshift:up\nCREATE TABLE tags (note_id integer, name text);\n{down}"),
+    );
+    ctx.write(
+        "migrations/3_drop_body.sql",
+        "-- upshift:phase contract\n-- upshift:up\nALTER TABLE notes DROP COLUMN body;\n",
+    );
+    // An expand revision after a contract one waits for the contract step.
+    ctx.write(
+        "migrations/4_index.sql",
+        "-- upshift:up\nCREATE INDEX tags_name ON tags (name);\n-- upshift:down\nDROP INDEX tags_name;\n",
+    );
+}
+
+#[test]
+fn init_writes_a_manifest_that_plans() {
+    let ctx = Context::new();
+    ctx.run(&["init", "--name", "shop"]).success().stdout_has("wrote upshift.toml");
+    assert!(ctx.join("migrations").is_dir());
+    assert!(ctx.read("upshift.toml").contains("name = \"shop\""));
+    let plan = plan(&ctx, &["--to", "1.0.0"]);
+    assert_eq!(plan.app.as_deref(), Some("shop"));
+    assert_eq!(kinds(&plan), ["preflight", "backup", "verify", "record"]);
+    let before = ctx.read("upshift.toml");
+    ctx.run(&["init"]).code(2).stderr_has("never overwrites");
+    assert_eq!(ctx.read("upshift.toml"), before);
+}
+
+#[test]
+fn plan_lists_every_step_in_order_with_its_undo() {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", MANIFEST);
+    revisions(&ctx, true);
+    let first = plan(&ctx, &["--to", "1.0.0"]);
+    assert_eq!((first.from.as_deref(), first.to.as_str()), (None, "1.0.0"));
+    assert_eq!(first.expand, ["1"], "migrate_to stops the schema at revision 1");
+    assert!(first.contract.is_empty());
+
+    let plan = plan(&ctx, &["--to", "2.0.0"]);
+    assert_eq!(kinds(&plan), ["preflight", "backup", "expand", "deploy", "deploy", "verify", "contract", "record"]);
+    assert_eq!(plan.steps.iter().map(|s| s.number).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(plan.expand, ["1", "2"]);
+    assert_eq!(plan.contract, ["3", "4"]);
+    assert_eq!(plan.steps[3].title, "deploy api (process, blue-green)");
+    assert_eq!(plan.steps[4].title, "deploy worker (process, recreate)");
+    assert!(plan.steps[2].details.iter().any(|d| d.contains("migrations/2_tags.sql")));
+    assert!(plan.steps[5].details.iter().any(|d| d.starts_with("smoke: curl")));
+    assert!(plan.steps[7].details.iter().any(|d| d.contains("keep the last 3")));
+    assert_eq!(undo_of(&plan, "preflight"), "nothing");
+    assert_eq!(undo_of(&plan, "deploy"), "code-and-down");
+    assert_eq!(undo_of(&plan, "verify"), "code-and-down");
+    assert_eq!(undo_of(&plan, "contract"), "restore");
+    assert!(plan.steps.iter().all(|s| !s.on_failure.why.is_empty()));
+
+    // Human output says the same.
+    let human = ctx.run(&["plan", "--to", "2.0.0"]).success().stdout.clone();
+    assert!(human.contains(" 3. migrate expand: 1, 2") && human.contains("undo: restore the backup"), "{human}");
+}
+
+#[test]
+fn irreversible_expand_means_restore_and_no_backup_means_exit_4() {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", MANIFEST);
+    revisions(&ctx, false);
+    let plan_with_backup = plan(&ctx, &["--to", "2.0.0"]);
+    assert_eq!(undo_of(&plan_with_backup, "deploy"), "restore");
+    let without = plan(&ctx, &["--to", "2.0.0", "--no-backup"]);
+    assert_eq!(undo_of(&without, "deploy"), "impossible");
+    assert!(without.steps[1].title.contains("--no-backup"));
+}
+
+#[test]
+fn code_only_when_no_migration_runs() {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", MANIFEST);
+    ctx.write("migrations/1_notes.sql", "CREATE TABLE notes (id integer);\n");
+    ctx.migrate("sqlite:notes.db", &["up"]).success();
+    let plan = plan(&ctx, &["--to", "2.0.0"]);
+    assert!(plan.expand.is_empty() && plan.contract.is_empty());
+    assert_eq!(undo_of(&plan, "deploy"), "code");
+}
+
+#[test]
+fn refused_plans_exit_2() {
+    let ctx = Context::new();
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("no upshift.toml here").stderr_has("upshift init");
+    ctx.write("upshift.toml", MANIFEST);
+    revisions(&ctx, true);
+    ctx.run(&["plan", "--to", "9.0.0"]).code(2).stderr_has("known releases: 1.0.0, 2.0.0");
+    ctx.run(&["plan", "--to", "two"]).code(2).stderr_has("is not a version");
+
+    // Deployed 2.0.0: going down is refused with a pointer to rollback; an unmet
+    // upgrade_from is refused too.
+    std::fs::create_dir_all(ctx.join(".upshift")).unwrap();
+    let journal = rusqlite::Connection::open(ctx.join(".upshift/journal.db")).unwrap();
+    journal.execute_batch(upshift_core::journal::RELEASES_TABLE).unwrap();
+    journal
+        .execute(
+            "INSERT INTO releases (revision, version, status, started_at) VALUES (1, '0.9.0', 'deployed', 'x')",
+            [],
+        )
+        .unwrap();
+    ctx.run(&["plan", "--to", "2.0.0"]).code(2).stderr_has("upgrades from >=1.0.0, but 0.9.0 is deployed");
+    journal
+        .execute(
+            "INSERT INTO releases (revision, version, status, started_at) VALUES (2, '2.0.0', 'deployed', 'x')",
+            [],
+        )
+        .unwrap();
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("use `upshift rollback`");
+
+    // Two heads stop the plan like they stop `migrate up`.
+    ctx.write("migrations/5_left.sql", "-- upshift:parents 4\nSELECT 1;\n");
+    ctx.write("migrations/6_right.sql", "-- upshift:parents 4\nSELECT 1;\n");
+    std::fs::remove_file(ctx.join(".upshift/journal.db")).unwrap();
+    ctx.run(&["plan", "--to", "2.0.0"]).code(2).stderr_has("upshift migrate merge");
+
+    ctx.write("upshift.toml", &MANIFEST.replace("{addr}", "{adr}"));
+    ctx.run(&["plan", "--to", "2.0.0"])
+        .code(2)
+        .stderr_has("upshift.toml:14:48:")
+        .stderr_has("unknown placeholder {adr}");
+    ctx.write(
+        "upshift.toml",
+        &MANIFEST
+            .replace("driver = \"process\"\nrun = [\"releases/{version}/notes\", \"--worker\"]", "driver = \"helm\""),
+    );
+    ctx.run(&["plan", "--to", "2.0.0"]).code(2).stderr_has("helm driver");
+}
