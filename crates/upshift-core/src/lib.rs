@@ -1,8 +1,11 @@
 //! The manifest (`upshift.toml`), the journal, and the plan of an upgrade.
 
+pub mod command;
+pub mod driver;
 pub mod journal;
 pub mod manifest;
 pub mod plan;
+pub mod runner;
 
 pub use manifest::{Manifest, ManifestError};
 pub use plan::{Plan, PlanError, PlanInput, plan};

@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use semver::Version;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use upshift_migrate::{AppliedRevision, Migrator, Phase, UpTarget};
 
 use crate::manifest::{DriverKind, Manifest, Probe};
@@ -39,7 +39,7 @@ pub enum PlanError {
 }
 
 /// How deep an undo goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UndoDepth {
     /// Nothing was changed.
@@ -56,7 +56,7 @@ pub enum UndoDepth {
 }
 
 /// What undoing a failure at one point would do, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OnFailure {
     /// The depth.
     pub undo: UndoDepth,
@@ -65,7 +65,7 @@ pub struct OnFailure {
 }
 
 /// The kinds of steps, in the order they run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StepKind {
     /// Checks before anything is touched.
@@ -85,7 +85,7 @@ pub enum StepKind {
 }
 
 /// One step of the plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanStep {
     /// 1-based position.
     pub number: usize,
@@ -97,10 +97,13 @@ pub struct PlanStep {
     pub details: Vec<String>,
     /// What a failure here would undo.
     pub on_failure: OnFailure,
+    /// The component a deploy step rolls out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
 }
 
 /// An upgrade plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The deployed version (none on a first deploy).
     pub from: Option<Version>,
@@ -239,7 +242,7 @@ fn build(
 
 impl Builder<'_> {
     fn push(&mut self, kind: StepKind, title: String, details: Vec<String>, on_failure: OnFailure) {
-        self.steps.push(PlanStep { number: self.steps.len() + 1, kind, title, details, on_failure });
+        self.steps.push(PlanStep { number: self.steps.len() + 1, kind, title, details, on_failure, component: None });
     }
 
     fn restore_or_impossible(&self, why: &str) -> OnFailure {
@@ -351,6 +354,7 @@ impl Builder<'_> {
             let title = format!("deploy {} (process, {})", component.name, component.strategy.as_str());
             let on_failure = self.after_code();
             self.push(StepKind::Deploy, title, details, on_failure);
+            self.steps.last_mut().expect("just pushed").component = Some(component.name.clone());
         }
     }
 

@@ -51,6 +51,53 @@ pub(crate) enum Command {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Upgrade to a release: check, back up, migrate, roll out, verify; undo on failure
+    Upgrade {
+        /// The release to upgrade to
+        #[arg(long, value_name = "VERSION")]
+        to: String,
+        /// Skip the backup (recorded; a failure that needs a restore then exits 4)
+        #[arg(long)]
+        no_backup: bool,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// The deployed version, its health, and any run in flight
+    Status {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// The release revisions, like `helm history`
+    History,
+    /// Back to the previous release (or a given revision)
+    Rollback {
+        /// The revision to go back to [default: the one before the deployed one]
+        #[arg(long, value_name = "N")]
+        to_revision: Option<i64>,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Finish the run a crash left in the journal
+    Resume {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Undo the run a crash (or a failed undo) left in the journal
+    Abort {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// The local supervisor of the process driver (started detached by the commands that need it)
+    Agent {
+        /// The state dir [else the manifest's, else .upshift]
+        #[arg(long, global = true, value_name = "PATH")]
+        state_dir: Option<PathBuf>,
+        /// Start it in the background and return once it answers
+        #[arg(long)]
+        detach: bool,
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
+    },
     /// Dry run: every step an upgrade would take, and what a failure at each would undo
     Plan {
         /// The release to upgrade to
@@ -62,6 +109,12 @@ pub(crate) enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Stop the agent and every process it supervises
+    Stop,
 }
 
 #[derive(Debug, Args)]

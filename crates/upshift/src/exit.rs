@@ -8,8 +8,27 @@ use upshift_core::ManifestError;
 #[error("{0}")]
 pub(crate) struct UsageError(pub(crate) String);
 
+/// A run failed and was undone cleanly (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct RolledBack(pub(crate) String);
+
+/// A run failed and could not be undone: it stays in the journal (exit 4).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Stuck(pub(crate) String);
+
 pub(crate) fn code(error: &anyhow::Error) -> u8 {
     for cause in error.chain() {
+        if cause.is::<RolledBack>() {
+            return 3;
+        }
+        if cause.is::<Stuck>() {
+            return 4;
+        }
+        if let Some(upshift_core::runner::RunError::Plan(_)) = cause.downcast_ref() {
+            return 2;
+        }
         if let Some(e) = cause.downcast_ref::<upshift_migrate::Error>() {
             return if e.is_input() { 2 } else { 1 };
         }

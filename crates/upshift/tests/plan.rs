@@ -24,6 +24,8 @@ struct Step {
     title: String,
     details: Vec<String>,
     on_failure: OnFailure,
+    #[serde(default)]
+    component: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,8 @@ fn plan_lists_every_step_in_order_with_its_undo() {
     assert_eq!(plan.contract, ["3", "4"]);
     assert_eq!(plan.steps[3].title, "deploy api (process, blue-green)");
     assert_eq!(plan.steps[4].title, "deploy worker (process, recreate)");
+    assert_eq!(plan.steps[3].component.as_deref(), Some("api"));
+    assert!(plan.steps[2].component.is_none());
     assert!(plan.steps[2].details.iter().any(|d| d.contains("migrations/2_tags.sql")));
     assert!(plan.steps[5].details.iter().any(|d| d.starts_with("smoke: curl")));
     assert!(plan.steps[7].details.iter().any(|d| d.contains("keep the last 3")));

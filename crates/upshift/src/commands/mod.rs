@@ -1,11 +1,13 @@
 //! One module per command; each resolves its settings, calls the libraries, and prints
 //! through the [`Printer`].
 
+mod agent;
 mod backup;
 mod graph_lines;
 mod init;
 mod migrate;
 mod plan;
+mod run;
 
 use crate::cli::{Cli, Command};
 use crate::printer::Printer;
@@ -16,5 +18,14 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
         Command::Backup(args) => backup::run(&cli.global, args, printer),
         Command::Init { name } => init::run(&cli.global, name.as_deref(), printer),
         Command::Plan { to, no_backup, database } => plan::run(&cli.global, to, *no_backup, database, printer),
+        Command::Upgrade { to, no_backup, database } => run::upgrade(&cli.global, to, *no_backup, database, printer),
+        Command::Status { database } => run::status(&cli.global, database, printer),
+        Command::History => run::history(&cli.global, printer),
+        Command::Rollback { to_revision, database } => run::rollback(&cli.global, *to_revision, database, printer),
+        Command::Resume { database } => run::resume(&cli.global, database, printer),
+        Command::Abort { database } => run::abort(&cli.global, database, printer),
+        Command::Agent { state_dir, detach, command } => {
+            agent::run(&cli.global, state_dir.as_deref(), *detach, command.as_ref(), printer)
+        }
     }
 }

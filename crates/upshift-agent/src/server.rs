@@ -1,0 +1,112 @@
+//! The agent's main loop: a unix socket (mode 0600) taking one JSON request per line.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::protocol::{Request, Response};
+use crate::supervisor::Supervisor;
+
+/// The socket's name in the state dir.
+pub const SOCKET: &str = "agent.sock";
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Another agent holds this state dir.
+    #[error("another agent already runs for {0}")]
+    AlreadyRunning(String),
+    /// The socket or state dir could not be set up.
+    #[error("could not {0}")]
+    Io(String, #[source] std::io::Error),
+}
+
+fn handle(stream: UnixStream, supervisor: &Supervisor, stop: &AtomicBool) {
+    let Ok(reader_stream) = stream.try_clone() else { return };
+    let mut writer = stream;
+    for line in BufReader::new(reader_stream).lines() {
+        let Ok(line) = line else { return };
+        let response = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error { message: format!("bad request: {e}") },
+            Ok(Request::Start { spec }) => match supervisor.start(spec) {
+                Ok(pid) => Response::Started { pid },
+                Err(message) => Response::Error { message },
+            },
+            Ok(Request::Stop { component, slot, grace_ms }) => {
+                match supervisor.stop(&component, &slot, Duration::from_millis(grace_ms)) {
+                    Ok(()) => Response::Ok,
+                    Err(message) => Response::Error { message },
+                }
+            }
+            Ok(Request::Status) => Response::Status { pid: std::process::id(), instances: supervisor.status() },
+            Ok(Request::Shutdown) => {
+                stop.store(true, Ordering::SeqCst);
+                Response::Ok
+            }
+        };
+        let mut text = serde_json::to_string(&response).expect("a response serializes");
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs the agent for `state_dir` until a `shutdown` request: one agent per state dir,
+/// guarded by a lock on `agent.lock`.
+pub fn run(state_dir: &Path) -> Result<(), AgentError> {
+    let io = |what: &str| {
+        let what = what.to_owned();
+        move |e| AgentError::Io(what, e)
+    };
+    fs::create_dir_all(state_dir).map_err(io("create the state dir"))?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(state_dir.join("agent.lock"))
+        .map_err(io("open agent.lock"))?;
+    if lock.try_lock().is_err() {
+        return Err(AgentError::AlreadyRunning(state_dir.display().to_string()));
+    }
+    let socket = state_dir.join(SOCKET);
+    // The lock is ours, so a socket file left here belongs to a dead agent.
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(io("bind agent.sock"))?;
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o600)).map_err(io("restrict agent.sock"))?;
+    listener.set_nonblocking(true).map_err(io("configure agent.sock"))?;
+
+    let supervisor = Supervisor::new(state_dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let supervisor = Arc::clone(&supervisor);
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                supervisor.tick();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+    while !stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nonblocking(false);
+                let supervisor = Arc::clone(&supervisor);
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || handle(stream, &supervisor, &stop));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(AgentError::Io("accept on agent.sock".into(), e)),
+        }
+    }
+    supervisor.shutdown(Duration::from_secs(10));
+    let _ = fs::remove_file(&socket);
+    drop::<File>(lock);
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! Drivers that roll components out, and health checks. The process driver runs them as
+//! local processes under the agent (`upshift-agent`); Compose, Kubernetes and Helm drivers
+//! will implement the same `upshift_core::driver::Driver` trait.
+
+pub mod health;
+mod process;
+
+pub use process::ProcessDriver;

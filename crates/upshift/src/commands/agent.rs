@@ -1,0 +1,56 @@
+//! `upshift agent`: the supervisor of the process driver, in the foreground or detached;
+//! `upshift agent stop` ends it and every process it supervises.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use upshift_agent::{Client, ClientError, Request};
+
+use crate::cli::{AgentCommand, GlobalArgs};
+use crate::printer::Printer;
+use crate::settings::manifest;
+
+#[derive(Serialize)]
+struct AgentJson<'a> {
+    state_dir: &'a Path,
+    running: bool,
+}
+
+pub(crate) fn run(
+    global: &GlobalArgs,
+    state_dir: Option<&Path>,
+    detach: bool,
+    command: Option<&AgentCommand>,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    let state_dir = match state_dir {
+        Some(dir) => dir.to_path_buf(),
+        None => manifest(global)?.map_or_else(|| PathBuf::from(".upshift"), |m| m.state_dir),
+    };
+    match command {
+        Some(AgentCommand::Stop) => {
+            match Client::connect(&state_dir) {
+                Ok(mut client) => {
+                    client.request(&Request::Shutdown).context("stopping the agent")?;
+                    // Wait for it to let go of its socket, so a new agent can start at once.
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                    while Client::connect(&state_dir).is_ok() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                }
+                Err(ClientError::NotRunning(_)) => printer.progress("the agent was not running"),
+                Err(e) => return Err(e.into()),
+            }
+            printer.result(&AgentJson { state_dir: &state_dir, running: false }, || "agent stopped\n".to_owned())
+        }
+        None if detach => {
+            let program = std::env::current_exe().context("finding the upshift binary")?;
+            Client::connect_or_start(&state_dir, &program)?;
+            printer.result(&AgentJson { state_dir: &state_dir, running: true }, || {
+                format!("agent running for {}\n", state_dir.display())
+            })
+        }
+        None => Ok(upshift_agent::run(&state_dir)?),
+    }
+}

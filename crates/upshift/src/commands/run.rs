@@ -1,0 +1,334 @@
+//! `upshift upgrade`, `rollback`, `resume`, `abort`, `status` and `history`: the runner and
+//! the journal, seen from the command line.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, IsTerminal, Write as _};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context as _;
+use serde::Serialize;
+use upshift_core::Manifest;
+use upshift_core::journal::Journal;
+use upshift_core::plan::PlanInput;
+use upshift_core::runner::{self, Context, Outcome};
+use upshift_deploy::ProcessDriver;
+use upshift_migrate::{DatabaseUrl, Migrator};
+
+use crate::cli::{DatabaseArgs, GlobalArgs};
+use crate::exit::{RolledBack, Stuck, UsageError};
+use crate::printer::Printer;
+use crate::settings::{database_url, required_manifest};
+
+/// Test-only fault switch: the runner aborts the process (like kill -9) right after step K.
+const CRASH_AFTER_STEP: &str = "UPSHIFT_TEST_CRASH_AFTER_STEP";
+
+fn database(database: &DatabaseArgs, manifest: &Manifest) -> anyhow::Result<Option<DatabaseUrl>> {
+    Ok(database_url(database, Some(manifest)).map(|text| DatabaseUrl::parse(&text)).transpose()?)
+}
+
+fn driver(manifest: &Manifest) -> anyhow::Result<ProcessDriver> {
+    let program = std::env::current_exe().context("finding the upshift binary")?;
+    Ok(ProcessDriver::new(&manifest.state_dir, &program, &manifest.base_dir)?)
+}
+
+/// SIGINT and SIGTERM set the flag; the runner stops at the next step boundary and undoes.
+fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&flag)).context("installing the signal handler")?;
+    }
+    Ok(flag)
+}
+
+fn crash_after() -> Option<usize> {
+    std::env::var(CRASH_AFTER_STEP).ok().and_then(|v| v.parse().ok())
+}
+
+#[derive(Serialize)]
+struct RunJson<'a> {
+    outcome: &'a str,
+    revision: Option<i64>,
+    undo: Option<&'a str>,
+    why: Option<&'a str>,
+    failure: Option<&'a str>,
+}
+
+/// Runs `work` with a runner context and turns its outcome into output and an exit code.
+fn with_runner(
+    global: &GlobalArgs,
+    database_args: &DatabaseArgs,
+    printer: &Printer,
+    undone_is_success: bool,
+    work: impl FnOnce(&mut Context<'_>, &mut Journal, &Manifest) -> Result<Outcome, runner::RunError>,
+) -> anyhow::Result<()> {
+    let manifest = required_manifest(global)?;
+    let url = database(database_args, &manifest)?;
+    let mut driver = driver(&manifest)?;
+    let mut journal = Journal::open(&manifest.state_dir)?;
+    let interrupted = interrupt_flag()?;
+    let crash = crash_after();
+    let say = |line: &str| printer.progress(&manifest.redact(line));
+    let after_step = |step: usize| {
+        if crash == Some(step) {
+            std::process::abort();
+        }
+    };
+    let mut context = Context {
+        manifest: &manifest,
+        database: url.as_ref(),
+        driver: &mut driver,
+        say: &say,
+        interrupted: &interrupted,
+        after_step: &after_step,
+        lock_timeout: std::time::Duration::from_mins(1),
+    };
+    let outcome = work(&mut context, &mut journal, &manifest)?;
+    match outcome {
+        Outcome::Succeeded { revision } => printer.result(
+            &RunJson { outcome: "succeeded", revision: Some(revision), undo: None, why: None, failure: None },
+            || format!("done: revision {revision}\n"),
+        ),
+        Outcome::RolledBack { depth, why, failure } => {
+            let depth =
+                serde_json::to_value(depth).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            printer.result(
+                &RunJson {
+                    outcome: "rolled-back",
+                    revision: None,
+                    undo: Some(&depth),
+                    why: Some(&why),
+                    failure: Some(&failure),
+                },
+                || format!("undone ({depth}): {why}\n"),
+            )?;
+            if undone_is_success {
+                Ok(())
+            } else if depth == "nothing" {
+                // Failed before changing anything: exit 1, like any failure that changed nothing.
+                Err(anyhow::anyhow!("{failure}; nothing was changed"))
+            } else {
+                Err(RolledBack(format!("{failure}; everything was undone ({depth})")).into())
+            }
+        }
+        Outcome::Stuck { failure, undo_failure } => {
+            printer.result(
+                &RunJson {
+                    outcome: "stuck",
+                    revision: None,
+                    undo: None,
+                    why: Some(&undo_failure),
+                    failure: Some(&failure),
+                },
+                String::new,
+            )?;
+            Err(Stuck(format!(
+                "{failure}; the undo failed too: {undo_failure}\nthe run stays in the journal: `upshift status` shows it, `upshift resume` or `upshift abort` continue"
+            ))
+            .into())
+        }
+    }
+}
+
+fn confirm(global: &GlobalArgs, question: &str) -> anyhow::Result<()> {
+    if global.yes || !std::io::stdin().is_terminal() {
+        return Ok(());
+    }
+    let mut stderr = std::io::stderr();
+    write!(stderr, "{question} [y/N] ")?;
+    stderr.flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(UsageError("cancelled; nothing was done".into()).into())
+    }
+}
+
+pub(crate) fn upgrade(
+    global: &GlobalArgs,
+    to: &str,
+    no_backup: bool,
+    database_args: &DatabaseArgs,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    let target: semver::Version =
+        to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
+    confirm(global, &format!("Upgrade to {target}?"))?;
+    with_runner(global, database_args, printer, false, |context, journal, manifest| {
+        let deployed = journal.deployed()?.and_then(|r| r.version.parse().ok());
+        let applied;
+        let migrator;
+        let migrations = match context.database {
+            Some(url) => {
+                migrator =
+                    Migrator::load(&manifest.migrations_dir).map_err(|e| runner::RunError::Preflight(e.to_string()))?;
+                applied = upshift_migrate::connect(url, false)
+                    .and_then(|mut e| e.applied())
+                    .map_err(|e| runner::RunError::Preflight(format!("the database {url}: {e}")))?;
+                Some((&migrator, applied.as_slice()))
+            }
+            None => None,
+        };
+        let plan = upshift_core::plan(&PlanInput {
+            manifest,
+            target: &target,
+            deployed: deployed.as_ref(),
+            migrations,
+            database: context.database.map(ToString::to_string),
+            no_backup,
+        })?;
+        runner::upgrade(context, journal, &plan, no_backup)
+    })
+}
+
+pub(crate) fn rollback(
+    global: &GlobalArgs,
+    to_revision: Option<i64>,
+    database_args: &DatabaseArgs,
+    printer: &Printer,
+) -> anyhow::Result<()> {
+    confirm(global, "Roll back?")?;
+    with_runner(global, database_args, printer, false, |context, journal, _| {
+        runner::rollback(context, journal, to_revision)
+    })
+}
+
+pub(crate) fn resume(global: &GlobalArgs, database_args: &DatabaseArgs, printer: &Printer) -> anyhow::Result<()> {
+    with_runner(global, database_args, printer, false, |context, journal, _| runner::resume(context, journal))
+}
+
+pub(crate) fn abort(global: &GlobalArgs, database_args: &DatabaseArgs, printer: &Printer) -> anyhow::Result<()> {
+    with_runner(global, database_args, printer, true, |context, journal, _| runner::abort(context, journal))
+}
+
+#[derive(Serialize)]
+struct StatusRun<'a> {
+    id: &'a str,
+    target: &'a str,
+    state: &'a str,
+    step: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct StatusComponent<'a> {
+    name: &'a str,
+    healthy: bool,
+    version: Option<String>,
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    version: Option<&'a str>,
+    revision: Option<i64>,
+    run: Option<StatusRun<'a>>,
+    components: Vec<StatusComponent<'a>>,
+}
+
+pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Printer) -> anyhow::Result<()> {
+    let manifest = required_manifest(global)?;
+    let journal = Journal::open_existing(&manifest.state_dir)?;
+    let deployed = journal.as_ref().map(Journal::deployed).transpose()?.flatten();
+    let running = journal.as_ref().map(Journal::running).transpose()?.flatten();
+    let step = match (&journal, &running) {
+        (Some(journal), Some(run)) => journal
+            .steps(&run.id)?
+            .iter()
+            .rev()
+            .find(|s| s.state != "done")
+            .or(journal.steps(&run.id)?.last())
+            .map(|s| s.seq),
+        _ => None,
+    };
+    let instances = upshift_agent::Client::connect(&manifest.state_dir)
+        .ok()
+        .and_then(|mut client| match client.request(&upshift_agent::Request::Status) {
+            Ok(upshift_agent::Response::Status { instances, .. }) => Some(instances),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let components: Vec<StatusComponent<'_>> = manifest
+        .components
+        .iter()
+        .map(|component| {
+            let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
+            let healthy = live.is_some_and(|instance| match &component.health {
+                Some(health) => {
+                    let probe = match &health.probe {
+                        upshift_core::manifest::Probe::Command(argv) => upshift_core::manifest::Probe::Command(
+                            argv.iter().map(|a| a.replace("{version}", &instance.spec.version)).collect(),
+                        ),
+                        other => other.clone(),
+                    };
+                    upshift_deploy::health::once(&probe, instance.spec.addr.as_deref(), health.timeout).is_ok()
+                }
+                None => true,
+            });
+            StatusComponent { name: &component.name, healthy, version: live.map(|i| i.spec.version.clone()) }
+        })
+        .collect();
+    let json = StatusJson {
+        version: deployed.as_ref().map(|r| r.version.as_str()),
+        revision: deployed.as_ref().map(|r| r.revision),
+        run: running.as_ref().map(|r| StatusRun { id: &r.id, target: &r.target, state: &r.state, step }),
+        components,
+    };
+    printer.result(&json, || {
+        let mut out = match &deployed {
+            Some(r) => format!("deployed  {} (revision {})\n", r.version, r.revision),
+            None => "deployed  nothing yet\n".to_owned(),
+        };
+        if let Some(run) = &running {
+            let _ = writeln!(
+                out,
+                "in flight {} to {} ({}, step {}): `upshift resume` finishes it, `upshift abort` undoes it",
+                run.kind,
+                run.target,
+                run.state,
+                step.map_or_else(|| "?".to_owned(), |s| s.to_string())
+            );
+        }
+        for c in &json.components {
+            let _ = writeln!(
+                out,
+                "{:<10}{} {}",
+                c.name,
+                c.version.as_deref().unwrap_or("-"),
+                if c.healthy { "healthy" } else { "NOT healthy" }
+            );
+        }
+        out
+    })
+}
+
+#[derive(Serialize)]
+struct HistoryEntry<'a> {
+    revision: i64,
+    version: &'a str,
+    status: &'a str,
+    started_at: &'a str,
+    finished_at: Option<&'a str>,
+}
+
+pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<()> {
+    let manifest = required_manifest(global)?;
+    let releases = Journal::open_existing(&manifest.state_dir)?.map(|j| j.releases()).transpose()?.unwrap_or_default();
+    let entries: Vec<HistoryEntry<'_>> = releases
+        .iter()
+        .map(|r| HistoryEntry {
+            revision: r.revision,
+            version: &r.version,
+            status: &r.status,
+            started_at: &r.started_at,
+            finished_at: r.finished_at.as_deref(),
+        })
+        .collect();
+    printer.result(&entries, || {
+        let mut out = format!("{:<9} {:<10} {:<12} {}\n", "REVISION", "VERSION", "STATUS", "STARTED");
+        for e in &entries {
+            let _ = writeln!(out, "{:<9} {:<10} {:<12} {}", e.revision, e.version, e.status, e.started_at);
+        }
+        out
+    })
+}

@@ -1,0 +1,517 @@
+//! `upshift upgrade`, `status`, `history`, `rollback`, `resume` and `abort` through the real
+//! binary: the agent supervises the real notes service (a link to this binary named
+//! `notes`), against real SQLite files and the real throwaway PostgreSQL.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Context, Run};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Status {
+    version: Option<String>,
+    revision: Option<i64>,
+    run: Option<StatusRun>,
+    components: Vec<Component>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusRun {
+    id: String,
+    target: String,
+    state: String,
+    step: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Component {
+    name: String,
+    healthy: bool,
+    version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Release {
+    revision: i64,
+    version: String,
+    status: String,
+    started_at: String,
+    finished_at: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunResult {
+    outcome: String,
+    revision: Option<i64>,
+    undo: Option<String>,
+    why: Option<String>,
+    failure: Option<String>,
+}
+
+/// The notes application deployed from a temp folder; its agent is stopped on drop.
+struct App {
+    ctx: Context,
+    postgres: Option<String>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // The state dir is named, so a test that broke the manifest still stops its agent.
+        let _ = self.ctx.run(&["agent", "stop", "--state-dir", ".upshift"]);
+    }
+}
+
+impl App {
+    fn sqlite() -> App {
+        App::new("sqlite:notes.db", None)
+    }
+
+    fn postgres() -> App {
+        let url = upshift_testing::fresh_database();
+        let name = upshift_testing::database_name(&url).to_owned();
+        App::new(&url, Some(name))
+    }
+
+    fn new(url: &str, postgres: Option<String>) -> App {
+        let ctx = Context::new();
+        for version in ["1.0.0", "2.0.0", "3.0.0"] {
+            let folder = ctx.join(&format!("releases/{version}"));
+            std::fs::create_dir_all(&folder).unwrap();
+            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_upshift"), folder.join("notes")).unwrap();
+        }
+        for (name, text) in notes::MIGRATIONS {
+            ctx.write(&format!("migrations/{name}"), text);
+        }
+        ctx.write(
+            "upshift.toml",
+            &format!(
+                r#"[app]
+name = "notes"
+
+[database]
+url = "{url}"
+
+[backup]
+keep_last = 10
+
+[[components]]
+name = "api"
+driver = "process"
+run = ["releases/{{version}}/notes", "--release", "{{version}}", "--listen", "{{addr}}", "--database-url", "{url}"]
+health = {{ http = "/health", interval = "100ms", healthy_after = 2, deadline = "10s" }}
+drain = "2s"
+
+[verify]
+smoke = [["sh", "-c", "test ! -e fail-smoke-{{version}} && sleep $(cat slow-smoke 2>/dev/null || echo 0)"]]
+
+[[releases]]
+version = "1.0.0"
+migrate_to = "20260101000000"
+
+[[releases]]
+version = "2.0.0"
+upgrade_from = ">=1.0.0"
+migrate_to = "20260202000000"
+
+[[releases]]
+version = "3.0.0"
+upgrade_from = ">=2.0.0"
+migrate_to = "20260202000000"
+"#
+            ),
+        );
+        App { ctx, postgres }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        self.ctx.run(args)
+    }
+
+    fn upgrade(&self, version: &str) -> Run {
+        self.run(&["upgrade", "--to", version, "--output", "json"])
+    }
+
+    fn status(&self) -> Status {
+        self.run(&["status", "--output", "json"]).success().json()
+    }
+
+    fn history(&self) -> Vec<(i64, String, String)> {
+        let releases: Vec<Release> = self.run(&["history", "--output", "json"]).success().json();
+        releases.into_iter().map(|r| (r.revision, r.version, r.status)).collect()
+    }
+
+    /// The address the agent gave the api.
+    fn address(&self) -> String {
+        let saved: serde_json::Value = serde_json::from_str(&self.ctx.read(".upshift/agent.json")).unwrap();
+        saved.as_array().unwrap().iter().find(|s| s["component"] == "api").unwrap()["addr"].as_str().unwrap().to_owned()
+    }
+
+    /// One HTTP request to the running api: (status, body).
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.address()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        match &self.postgres {
+            Some(name) => upshift_testing::postgres().connect(name).query_one(sql, &[]).unwrap().get(0),
+            None => {
+                rusqlite::Connection::open(self.ctx.join("notes.db")).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+        }
+    }
+
+    fn has_table(&self, table: &str) -> bool {
+        let sql = if self.postgres.is_some() {
+            format!("SELECT count(*) FROM information_schema.tables WHERE table_name = '{table}'")
+        } else {
+            format!("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'")
+        };
+        self.count(&sql) == 1
+    }
+
+    fn has_title(&self) -> bool {
+        let sql = if self.postgres.is_some() {
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' AND column_name = 'title'"
+        } else {
+            "SELECT count(*) FROM pragma_table_info('notes') WHERE name = 'title'"
+        };
+        self.count(sql) == 1
+    }
+
+    /// 1.0.0 deployed, with one note written through it.
+    fn at_one(&self) {
+        let outcome: RunResult = self.upgrade("1.0.0").success().json();
+        assert_eq!(outcome.outcome, "succeeded");
+        let (status, _) = self.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+        assert_eq!(status, 201);
+    }
+
+    /// The state of 1.0.0: its schema, its note, its code serving and healthy.
+    fn assert_at_one(&self) {
+        assert!(self.has_title() && !self.has_table("tags"), "the schema is not 1.0.0's");
+        assert_eq!(self.count("SELECT count(*) FROM notes"), 1);
+        let status = self.status();
+        assert_eq!(status.version.as_deref(), Some("1.0.0"));
+        assert!(status.run.is_none(), "{status:?}");
+        assert_eq!(status.components[0].version.as_deref(), Some("1.0.0"));
+        assert!(status.components[0].healthy);
+        let (code, body) = self.http("GET", "/api/notes", "");
+        assert_eq!(code, 200);
+        assert!(body.contains("kept across everything"), "{body}");
+    }
+
+    /// The state of 2.0.0: expand and contract ran, the note is there, 2.0.0 serves it.
+    fn assert_at_two(&self) {
+        assert!(!self.has_title() && self.has_table("tags"), "the schema is not 2.0.0's");
+        assert_eq!(self.count("SELECT count(*) FROM notes"), 1);
+        let status = self.status();
+        assert_eq!(status.version.as_deref(), Some("2.0.0"));
+        assert!(status.run.is_none(), "{status:?}");
+        assert_eq!(status.components[0].version.as_deref(), Some("2.0.0"));
+        assert!(status.components[0].healthy);
+        let (code, body) = self.http("GET", "/api/notes", "");
+        assert_eq!(code, 200);
+        assert!(body.contains("\"tags\""), "{body}");
+    }
+}
+
+fn upgrade_path(app: &App) {
+    app.at_one();
+    let status = app.status();
+    assert_eq!((status.revision, status.components[0].name.as_str()), (Some(1), "api"));
+
+    let outcome: RunResult = app.upgrade("2.0.0").success().json();
+    assert_eq!((outcome.outcome.as_str(), outcome.revision), ("succeeded", Some(2)));
+    app.assert_at_two();
+
+    // 3.0.0's health check fails after start: code only, 2.0.0 serves again.
+    let run = app.upgrade("3.0.0");
+    let outcome: RunResult = run.code(3).json();
+    assert_eq!(outcome.undo.as_deref(), Some("code"));
+    assert!(outcome.failure.unwrap().contains("not healthy"));
+    assert!(outcome.why.is_some());
+    app.assert_at_two();
+    assert_eq!(
+        app.history(),
+        [
+            (1, "1.0.0".into(), "superseded".into()),
+            (2, "2.0.0".into(), "deployed".into()),
+            (3, "3.0.0".into(), "failed".into())
+        ]
+    );
+    let releases: Vec<Release> = app.run(&["history", "--output", "json"]).success().json();
+    assert!(releases.iter().all(|r| !r.started_at.is_empty() && r.finished_at.is_some()));
+}
+
+#[test]
+fn sqlite_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
+    upgrade_path(&App::sqlite());
+}
+
+#[test]
+fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
+    upgrade_path(&App::postgres());
+}
+
+#[test]
+fn failed_verify_after_reversible_expand_is_undone_with_down() {
+    let app = App::sqlite();
+    app.at_one();
+    app.ctx.write("fail-smoke-2.0.0", "");
+    let outcome: RunResult = app.upgrade("2.0.0").code(3).json();
+    assert_eq!(outcome.undo.as_deref(), Some("code-and-down"));
+    assert!(outcome.failure.unwrap().contains("smoke"));
+    app.assert_at_one();
+    assert_eq!(app.history(), [(1, "1.0.0".into(), "deployed".into()), (2, "2.0.0".into(), "failed".into())]);
+}
+
+fn irreversible_expand_is_undone_by_restore(app: &App) {
+    app.at_one();
+    // The expand revision of 2.0.0 without its down section: only the backup can undo it.
+    let (_, add_tags) = notes::MIGRATIONS.iter().find(|(name, _)| name.contains("add_tags")).unwrap();
+    let up_only = add_tags.split("-- upshift:down").next().unwrap();
+    app.ctx.write("migrations/20260201000000_add_tags.sql", up_only);
+    app.ctx.write("fail-smoke-2.0.0", "");
+    let outcome: RunResult = app.upgrade("2.0.0").code(3).json();
+    assert_eq!(outcome.undo.as_deref(), Some("restore"));
+    app.assert_at_one();
+    // The restored database no longer records the expand revision.
+    assert_eq!(app.count("SELECT count(*) FROM upshift_migrations"), 1);
+}
+
+#[test]
+fn sqlite_irreversible_expand_is_undone_by_restore() {
+    irreversible_expand_is_undone_by_restore(&App::sqlite());
+}
+
+#[test]
+fn postgres_irreversible_expand_is_undone_by_restore() {
+    irreversible_expand_is_undone_by_restore(&App::postgres());
+}
+
+#[test]
+fn rollback_to_the_previous_release_and_to_a_revision() {
+    let app = App::sqlite();
+    app.at_one();
+    app.upgrade("2.0.0").success();
+    // 2.0.0 ran a contract revision: its rollback restores the backup taken before it.
+    let outcome: RunResult = app.run(&["rollback", "--output", "json"]).success().json();
+    assert_eq!(outcome.revision, Some(3));
+    app.assert_at_one();
+    assert_eq!(
+        app.history(),
+        [
+            (1, "1.0.0".into(), "superseded".into()),
+            (2, "2.0.0".into(), "rolled-back".into()),
+            (3, "1.0.0".into(), "deployed".into())
+        ]
+    );
+    app.run(&["rollback", "--to-revision", "7"]).code(1).stderr_has("not an earlier deployed release");
+    app.upgrade("2.0.0").success();
+    app.run(&["rollback", "--to-revision", "3"]).success();
+    app.assert_at_one();
+}
+
+#[test]
+fn a_second_run_is_refused_while_one_holds_the_lock() {
+    let app = App::sqlite();
+    app.at_one();
+    let lock = std::fs::OpenOptions::new().write(true).open(app.ctx.join(".upshift/run.lock")).unwrap();
+    lock.lock().unwrap();
+    app.upgrade("2.0.0").code(1).stderr_has("another upshift run is in progress");
+    drop(lock);
+    app.assert_at_one();
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_runs() {
+    let app = App::sqlite();
+    app.run(&["upgrade", "--to", "9.9.9"])
+        .code(2)
+        .stderr_has("9.9.9 is not a release")
+        .stderr_has("known releases: 1.0.0, 2.0.0, 3.0.0");
+    app.at_one();
+    app.run(&["upgrade", "--to", "3.0.0"]).code(2).stderr_has("upgrades from >=2.0.0");
+    app.run(&["upgrade", "--to", "1.0.0"]).code(2).stderr_has("use `upshift rollback`");
+    let manifest = app.ctx.read("upshift.toml");
+    app.ctx.write("upshift.toml", &manifest.replace("{addr}", "{adress}"));
+    app.run(&["upgrade", "--to", "2.0.0"]).code(2).stderr_has("unknown placeholder {adress}");
+    app.ctx.write("upshift.toml", &manifest);
+    assert_eq!(app.history().len(), 1, "a refused upgrade was recorded");
+    app.assert_at_one();
+}
+
+/// Crash right after step `step` (the test fault switch aborts the process, like kill -9).
+fn crash_after(app: &App, step: usize) {
+    let output = app
+        .ctx
+        .command()
+        .args(["upgrade", "--to", "2.0.0"])
+        .env("UPSHIFT_TEST_CRASH_AFTER_STEP", step.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.code().is_none(),
+        "the run did not die at step {step}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status = app.status();
+    let run = status.run.expect("the crashed run is in the journal");
+    assert_eq!((run.target.as_str(), run.state.as_str()), ("2.0.0", "running"));
+    assert!(!run.id.is_empty() && run.step.is_some());
+}
+
+#[test]
+fn crashes_at_each_step_are_resumed() {
+    // Steps: 1 preflight, 2 backup, 3 expand, 4 deploy, 5 verify, 6 contract, 7 record.
+    for step in [2, 3, 4, 6] {
+        let app = App::sqlite();
+        app.at_one();
+        crash_after(&app, step);
+        let outcome: RunResult = app.run(&["resume", "--output", "json"]).success().json();
+        assert_eq!(outcome.outcome, "succeeded", "step {step}");
+        app.assert_at_two();
+    }
+}
+
+#[test]
+fn crashes_at_each_step_are_aborted() {
+    for step in [2, 3, 4, 5] {
+        let app = App::sqlite();
+        app.at_one();
+        crash_after(&app, step);
+        app.run(&["upgrade", "--to", "2.0.0"]).code(1).stderr_has("did not finish");
+        app.run(&["abort"]).success();
+        app.assert_at_one();
+        app.run(&["abort"]).code(1).stderr_has("nothing is in flight");
+    }
+}
+
+#[test]
+fn a_contract_crash_is_aborted_by_restore() {
+    let app = App::sqlite();
+    app.at_one();
+    crash_after(&app, 6);
+    let outcome: RunResult = app.run(&["abort", "--output", "json"]).success().json();
+    assert_eq!(outcome.undo.as_deref(), Some("restore"));
+    app.assert_at_one();
+}
+
+/// A real kill -9 of the whole CLI (its process group) in the middle of a run.
+#[test]
+fn kill_9_mid_run_then_abort() {
+    let app = App::sqlite();
+    app.at_one();
+    app.ctx.write("slow-smoke", "30");
+    let mut child = app
+        .ctx
+        .command()
+        .args(["upgrade", "--to", "2.0.0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    // Wait until the run reaches its verify step (5), then kill it dead.
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    loop {
+        let status = app.status();
+        if status.run.as_ref().and_then(|r| r.step) == Some(5) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the run never reached verify: {status:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let group = i32::try_from(child.id()).unwrap();
+    assert!(std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status().unwrap().success());
+    assert_eq!(child.wait().unwrap().signal(), Some(9));
+    std::fs::remove_file(app.ctx.join("slow-smoke")).unwrap();
+    let outcome: RunResult = app.run(&["abort", "--output", "json"]).success().json();
+    assert_eq!(outcome.undo.as_deref(), Some("code-and-down"));
+    app.assert_at_one();
+}
+
+/// SIGTERM stops the run at the next step boundary and undoes it.
+#[test]
+fn sigterm_mid_run_undoes() {
+    let app = App::sqlite();
+    app.at_one();
+    app.ctx.write("slow-smoke", "1");
+    let child = app
+        .ctx
+        .command()
+        .args(["upgrade", "--to", "2.0.0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while app.status().run.as_ref().and_then(|r| r.step) != Some(5) {
+        assert!(std::time::Instant::now() < deadline, "the run never reached verify");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("interrupted"));
+    app.assert_at_one();
+}
+
+#[test]
+fn the_agent_restarts_a_crashed_process_and_writes_logs() {
+    let app = App::sqlite();
+    app.at_one();
+    let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
+    assert_eq!(saved[0]["version"], "1.0.0");
+    let status = app.run(&["agent", "--output", "json", "--detach"]).success().stdout.clone();
+    assert!(status.contains("\"running\": true"));
+    // Kill the service itself: the agent starts it again.
+    let mut agent = upshift_agent::Client::connect(&app.ctx.join(".upshift")).unwrap();
+    let upshift_agent::Response::Status { instances, .. } = agent.request(&upshift_agent::Request::Status).unwrap()
+    else {
+        panic!()
+    };
+    let pid = instances[0].pid.expect("the service runs");
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if std::net::TcpStream::connect(app.address()).is_ok() && app.status().components[0].healthy {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent did not restart the service");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = app.ctx.read(".upshift/logs/api-1.0.0.log");
+    assert!(log.contains("listening on"), "{log}");
+    assert!(log.contains("[upshift agent] api 1.0.0 exited"), "{log}");
+    let upshift_agent::Response::Status { instances, .. } = agent.request(&upshift_agent::Request::Status).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(instances[0].restarts, 1);
+    assert_ne!(instances[0].pid, Some(pid));
+    app.run(&["agent", "stop"]).success();
+    assert!(!app.status().components[0].healthy);
+}
