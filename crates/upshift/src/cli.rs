@@ -98,6 +98,21 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: Option<AgentCommand>,
     },
+    /// Write the notes example deployment and run its whole story under load
+    Demo {
+        /// Where to write it
+        #[arg(long, value_name = "D", default_value = "upshift-demo")]
+        dir: PathBuf,
+        /// The port the service is served on
+        #[arg(long, value_name = "P", default_value_t = 18080)]
+        port: u16,
+        /// A PostgreSQL database to use instead of a SQLite file
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+        /// Write the deployment and stop, to drive it by hand
+        #[arg(long)]
+        prepare_only: bool,
+    },
     /// Dry run: every step an upgrade would take, and what a failure at each would undo
     Plan {
         /// The release to upgrade to

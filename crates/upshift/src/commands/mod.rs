@@ -3,6 +3,7 @@
 
 mod agent;
 mod backup;
+mod demo;
 mod graph_lines;
 mod init;
 mod migrate;
@@ -17,6 +18,10 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(&cli.global, args, printer),
         Command::Backup(args) => backup::run(&cli.global, args, printer),
         Command::Init { name } => init::run(&cli.global, name.as_deref(), printer),
+        Command::Demo { dir, port, database_url, prepare_only } => demo::run(
+            &demo::DemoArgs { dir, port: *port, database_url: database_url.as_deref(), prepare_only: *prepare_only },
+            printer,
+        ),
         Command::Plan { to, no_backup, database } => plan::run(&cli.global, to, *no_backup, database, printer),
         Command::Upgrade { to, no_backup, database } => run::upgrade(&cli.global, to, *no_backup, database, printer),
         Command::Status { database } => run::status(&cli.global, database, printer),
