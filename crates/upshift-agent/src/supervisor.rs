@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -148,9 +149,18 @@ impl Supervisor {
     /// Writes what should run, atomically (temp file + rename).
     fn save(&self, instances: &BTreeMap<Key, Instance>) {
         let specs: Vec<&Spec> = instances.values().map(|i| &i.spec).collect();
+        // The specs hold each process's environment (secrets included): owner-only.
         let temp = self.state_dir.join("agent.json.tmp");
-        let written = fs::write(&temp, serde_json::to_vec_pretty(&specs).expect("specs serialize"))
-            .and_then(|()| File::open(&temp)?.sync_all())
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .and_then(|mut file| {
+                file.write_all(&serde_json::to_vec_pretty(&specs).expect("specs serialize"))?;
+                file.sync_all()
+            })
             .and_then(|()| fs::rename(&temp, self.saved_path()));
         if let Err(e) = written {
             let _ = writeln!(std::io::stderr(), "could not save agent.json: {e}");

@@ -107,9 +107,11 @@ impl ProcessDriver {
 
 impl Driver for ProcessDriver {
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
+        // Only the version and the address: the command and its environment (which may hold
+        // secrets from ${VAR}) are rebuilt from the manifest, and never reach the journal.
         Ok(self.live(component)?.map(|(spec, _)| Deployed {
             version: spec.version.clone(),
-            detail: serde_json::to_value(&spec).expect("a spec serializes"),
+            detail: serde_json::json!({ "addr": spec.addr }),
         }))
     }
 
@@ -138,8 +140,8 @@ impl Driver for ProcessDriver {
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         self.stop(component)?;
         if let Some(previous) = previous {
-            let spec: Spec = serde_json::from_value(previous.detail.clone())
-                .map_err(|e| error(format!("the journal's record of {} cannot be read: {e}", component.name)))?;
+            let addr = previous.detail["addr"].as_str();
+            let spec = self.spec(component, &previous.version, addr);
             self.start(spec.clone())?;
             Self::wait_healthy(component, &spec)?;
         }

@@ -63,12 +63,15 @@ struct RunResult {
 struct App {
     ctx: Context,
     postgres: Option<String>,
+    /// The database URL, given to every command as `NOTES_DB` (the manifest says
+    /// `${NOTES_DB}`, so it counts as a secret).
+    url: String,
 }
 
 impl Drop for App {
     fn drop(&mut self) {
         // The state dir is named, so a test that broke the manifest still stops its agent.
-        let _ = self.ctx.run(&["agent", "stop", "--state-dir", ".upshift"]);
+        let _ = self.command().args(["agent", "stop", "--state-dir", ".upshift"]).output();
     }
 }
 
@@ -78,7 +81,8 @@ impl App {
     }
 
     fn postgres() -> App {
-        let url = upshift_testing::fresh_database();
+        // A password the test cluster ignores (it trusts every login) but nothing may print.
+        let url = upshift_testing::fresh_database().replace("postgres@", "postgres:n0t-in-the-journal@");
         let name = upshift_testing::database_name(&url).to_owned();
         App::new(&url, Some(name))
     }
@@ -95,12 +99,11 @@ impl App {
         }
         ctx.write(
             "upshift.toml",
-            &format!(
-                r#"[app]
+            r#"[app]
 name = "notes"
 
 [database]
-url = "{url}"
+url = "${NOTES_DB}"
 
 [backup]
 keep_last = 10
@@ -108,12 +111,12 @@ keep_last = 10
 [[components]]
 name = "api"
 driver = "process"
-run = ["releases/{{version}}/notes", "--release", "{{version}}", "--listen", "{{addr}}", "--database-url", "{url}"]
-health = {{ http = "/health", interval = "100ms", healthy_after = 2, deadline = "10s" }}
+run = ["releases/{version}/notes", "--release", "{version}", "--listen", "{addr}", "--database-url", "${NOTES_DB}"]
+health = { http = "/health", interval = "100ms", healthy_after = 2, deadline = "10s" }
 drain = "2s"
 
 [verify]
-smoke = [["sh", "-c", "test ! -e fail-smoke-{{version}} && sleep $(cat slow-smoke 2>/dev/null || echo 0)"]]
+smoke = [["sh", "-c", "test ! -e fail-smoke-{version} && sleep $(cat slow-smoke 2>/dev/null || echo 0)"]]
 
 [[releases]]
 version = "1.0.0"
@@ -128,14 +131,19 @@ migrate_to = "20260202000000"
 version = "3.0.0"
 upgrade_from = ">=2.0.0"
 migrate_to = "20260202000000"
-"#
-            ),
+"#,
         );
-        App { ctx, postgres }
+        App { ctx, postgres, url: url.to_owned() }
+    }
+
+    fn command(&self) -> std::process::Command {
+        let mut command = self.ctx.command();
+        command.env("NOTES_DB", &self.url);
+        command
     }
 
     fn run(&self, args: &[&str]) -> Run {
-        self.ctx.run(args)
+        Run::from(&self.command().args(args).output().unwrap())
     }
 
     fn upgrade(&self, version: &str) -> Run {
@@ -272,7 +280,18 @@ fn sqlite_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
 
 #[test]
 fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
-    upgrade_path(&App::postgres());
+    let app = App::postgres();
+    upgrade_path(&app);
+    // The password came from ${NOTES_DB}: it is in no output and not in the journal; the
+    // agent's saved state, which must hold it to restart the service, is owner-only.
+    let journal = std::fs::read(app.ctx.join(".upshift/journal.db")).unwrap();
+    assert!(!String::from_utf8_lossy(&journal).contains("n0t-in-the-journal"), "the journal holds the password");
+    let plan = app.run(&["plan", "--to", "3.0.0"]);
+    assert!(!plan.stdout.contains("n0t-in-the-journal") && !plan.stderr.contains("n0t-in-the-journal"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(app.ctx.join(".upshift/agent.json")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[test]
@@ -366,7 +385,6 @@ fn bad_input_is_refused_before_anything_runs() {
 /// Crash right after step `step` (the test fault switch aborts the process, like kill -9).
 fn crash_after(app: &App, step: usize) {
     let output = app
-        .ctx
         .command()
         .args(["upgrade", "--to", "2.0.0"])
         .env("UPSHIFT_TEST_CRASH_AFTER_STEP", step.to_string())
@@ -426,7 +444,6 @@ fn kill_9_mid_run_then_abort() {
     app.at_one();
     app.ctx.write("slow-smoke", "30");
     let mut child = app
-        .ctx
         .command()
         .args(["upgrade", "--to", "2.0.0"])
         .stdout(Stdio::null())
@@ -444,6 +461,8 @@ fn kill_9_mid_run_then_abort() {
         assert!(std::time::Instant::now() < deadline, "the run never reached verify: {status:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A second run meanwhile is refused, naming the holder.
+    app.upgrade("2.0.0").code(1).stderr_has(&format!("another upshift run is in progress (pid {}", child.id()));
     let group = i32::try_from(child.id()).unwrap();
     assert!(std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status().unwrap().success());
     assert_eq!(child.wait().unwrap().signal(), Some(9));
@@ -459,14 +478,8 @@ fn sigterm_mid_run_undoes() {
     let app = App::sqlite();
     app.at_one();
     app.ctx.write("slow-smoke", "1");
-    let child = app
-        .ctx
-        .command()
-        .args(["upgrade", "--to", "2.0.0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child =
+        app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_mins(1);
     while app.status().run.as_ref().and_then(|r| r.step) != Some(5) {
         assert!(std::time::Instant::now() < deadline, "the run never reached verify");
