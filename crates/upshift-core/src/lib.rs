@@ -1,7 +1,9 @@
 //! The manifest (`upshift.toml`), the journal, and the plan of an upgrade.
 
 pub mod command;
+pub mod config;
 pub mod driver;
+pub mod guide;
 pub mod journal;
 pub mod manifest;
 pub mod plan;

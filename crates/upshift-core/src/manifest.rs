@@ -331,8 +331,6 @@ struct RawBackup {
 struct RawDatabase {
     url: Option<Spanned<String>>,
     migrations: Option<String>,
-    /// Read by `upshift guide` (a later issue); accepted so manifests may declare it.
-    #[allow(dead_code)]
     min_server: Option<String>,
 }
 
@@ -349,6 +347,8 @@ pub struct Manifest {
     pub database_url: Option<String>,
     /// `[database] migrations`, relative to the manifest's folder (default `migrations`).
     pub migrations_dir: PathBuf,
+    /// `[database] min_server`: the oldest database server version the application supports.
+    pub min_server: Option<String>,
     /// The manifest's folder: where relative paths start.
     pub base_dir: PathBuf,
     /// `[backup]`.
@@ -409,9 +409,9 @@ impl Manifest {
         let mut loader = Loader { path, text, env: &env, secrets: Vec::new() };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let (database_url_raw, migrations) = match raw.database {
-            Some(database) => (database.url, database.migrations),
-            None => (None, None),
+        let (database_url_raw, migrations, min_server) = match raw.database {
+            Some(database) => (database.url, database.migrations, database.min_server),
+            None => (None, None, None),
         };
         let database_url = database_url_raw.as_ref().map(|url| loader.expand(url)).transpose()?;
         let backup = loader.backup(raw.backup, base)?;
@@ -428,6 +428,7 @@ impl Manifest {
             app_name: app.as_ref().map(|a| a.name.clone()),
             state_dir: base.join(app.and_then(|a| a.state_dir).unwrap_or_else(|| ".upshift".into())),
             database_url,
+            min_server,
             migrations_dir: base.join(migrations.unwrap_or_else(|| "migrations".into())),
             base_dir: base.to_path_buf(),
             backup,

@@ -28,6 +28,9 @@ pub enum PlanError {
         "release {target} upgrades from {requirement}, but {deployed} is deployed; upgrade to an intermediate release first"
     )]
     UpgradeFrom { target: Version, requirement: String, deployed: Version },
+    /// Required options of the target release are not set.
+    #[error("release {target} needs options that are not set: {}; set them (see `upshift config check --to {target}`)", missing.join(", "))]
+    Config { target: Version, missing: Vec<String> },
     /// A component uses a driver this build cannot run yet.
     #[error(
         "component `{component}` uses the {driver} driver, which this build of upshift cannot run yet; use driver = \"process\""
@@ -131,10 +134,31 @@ pub struct PlanInput<'a> {
     pub database: Option<String>,
     /// `--no-backup`.
     pub no_backup: bool,
+    /// The configuration options that are set (see [`crate::config::options_set`]).
+    pub options: &'a std::collections::BTreeSet<String>,
 }
 
 fn failure(undo: UndoDepth, why: impl Into<String>) -> OnFailure {
     OnFailure { undo, why: why.into() }
+}
+
+/// Splits pending revisions (in graph order) into the expand step's and the contract
+/// step's: an `expand` revision waits for the contract step when a pending ancestor of it
+/// is a `contract` one.
+pub fn split_phases(migrator: &Migrator, pending: &[usize]) -> (Vec<usize>, Vec<usize>) {
+    let graph = migrator.graph();
+    let (mut expand, mut contract) = (Vec::new(), Vec::new());
+    let mut deferred: BTreeSet<usize> = BTreeSet::new();
+    for &index in pending {
+        let after_contract = graph.parents(index).iter().any(|p| deferred.contains(p));
+        if graph.revision(index).phase == Phase::Expand && !after_contract {
+            expand.push(index);
+        } else {
+            deferred.insert(index);
+            contract.push(index);
+        }
+    }
+    (expand, contract)
 }
 
 /// Plans an upgrade to `input.target`.
@@ -159,6 +183,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
+    let config = crate::config::check(manifest, input.target, input.options, false);
+    if !config.ok() {
+        return Err(PlanError::Config {
+            target: input.target.clone(),
+            missing: config.missing.into_iter().map(|m| m.name).collect(),
+        });
+    }
     if let Some(component) = manifest.components.iter().find(|c| c.driver != DriverKind::Process) {
         return Err(PlanError::Driver {
             component: component.name.clone(),
@@ -167,8 +198,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
 
     // Split the pending revisions into expand and contract.
-    let (mut expand, mut contract) = (Vec::new(), Vec::new());
-    let mut expand_reversible = true;
     if let Some((migrator, applied)) = input.migrations {
         migrator.check_applied(applied)?;
         let target = match &release.migrate_to {
@@ -176,18 +205,8 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             None => UpTarget::Heads,
         };
         let graph = migrator.graph();
-        let mut deferred: BTreeSet<usize> = BTreeSet::new();
-        for index in migrator.plan_up(applied, &target)? {
-            let revision = graph.revision(index);
-            let after_contract = graph.parents(index).iter().any(|p| deferred.contains(p));
-            if revision.phase == Phase::Expand && !after_contract {
-                expand_reversible &= revision.down.is_some();
-                expand.push(index);
-            } else {
-                deferred.insert(index);
-                contract.push(index);
-            }
-        }
+        let (expand, contract) = split_phases(migrator, &migrator.plan_up(applied, &target)?);
+        let expand_reversible = expand.iter().all(|&i| graph.revision(i).down.is_some());
         let describe = |index: &usize| {
             let revision = graph.revision(*index);
             format!(
@@ -293,6 +312,11 @@ impl Builder<'_> {
         }
         for component in &manifest.components {
             checks.push(format!("component {} is healthy now (when deployed)", component.name));
+        }
+        let config = crate::config::check(manifest, input.target, input.options, false);
+        checks.push("configuration: every required option is set".to_owned());
+        for name in &config.removed {
+            checks.push(format!("warning: {name} is set but was removed; it does nothing any more"));
         }
         checks.push("no other run is in flight".to_owned());
         self.push(

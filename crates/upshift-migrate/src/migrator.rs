@@ -369,7 +369,13 @@ impl Migrator {
                 self.plan_down(&all, &target.unwrap_or("base").parse()?)?
             }
         };
-        let steps = self.steps(&plan, direction, dialect)?;
+        self.render_sql(&plan, direction, dialect)
+    }
+
+    /// The SQL script of `plan` (revision indexes, in the order they would run), with the
+    /// bookkeeping table and rows, as `sql` prints it.
+    pub fn render_sql(&self, plan: &[usize], direction: Direction, dialect: Dialect) -> Result<String, Error> {
+        let steps = self.steps(plan, direction, dialect)?;
         let mut script = format!("{};\n", table_ddl(dialect));
         for step in &steps {
             let revision = step.revision;

@@ -113,6 +113,20 @@ pub(crate) enum Command {
         #[arg(long)]
         prepare_only: bool,
     },
+    /// The upgrade guide for a range of releases, in Markdown
+    Guide {
+        /// The deployed version the guide starts from
+        #[arg(long, value_name = "VERSION")]
+        from: String,
+        /// The release it goes to
+        #[arg(long, value_name = "VERSION")]
+        to: String,
+    },
+    /// Configuration checks against the releases' declared options
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Dry run: every step an upgrade would take, and what a failure at each would undo
     Plan {
         /// The release to upgrade to
@@ -123,6 +137,19 @@ pub(crate) enum Command {
         no_backup: bool,
         #[command(flatten)]
         database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Required options missing, removed options still set, unknown options
+    Check {
+        /// The release to check against
+        #[arg(long, value_name = "VERSION")]
+        to: String,
+        /// A KEY=VALUE file with the application's configuration [default: the environment and the components' env]
+        #[arg(long, value_name = "FILE")]
+        env_file: Option<PathBuf>,
     },
 }
 

@@ -35,7 +35,12 @@ pub(crate) fn code(error: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<upshift_backup::Error>() {
             return if e.is_input() { 2 } else { 1 };
         }
-        if cause.is::<ManifestError>() || cause.is::<UsageError>() || cause.is::<upshift_core::PlanError>() {
+        if cause.is::<ManifestError>()
+            || cause.is::<UsageError>()
+            || cause.is::<upshift_core::PlanError>()
+            || cause.is::<upshift_core::guide::GuideError>()
+            || cause.is::<upshift_core::config::EnvFileError>()
+        {
             return 2;
         }
     }

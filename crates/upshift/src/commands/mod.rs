@@ -5,6 +5,7 @@ mod agent;
 mod backup;
 mod demo;
 mod graph_lines;
+mod guide;
 mod init;
 mod migrate;
 mod plan;
@@ -18,6 +19,10 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
         Command::Migrate(args) => migrate::run(&cli.global, args, printer),
         Command::Backup(args) => backup::run(&cli.global, args, printer),
         Command::Init { name } => init::run(&cli.global, name.as_deref(), printer),
+        Command::Guide { from, to } => guide::guide(&cli.global, from, to, printer),
+        Command::Config { command: crate::cli::ConfigCommand::Check { to, env_file } } => {
+            guide::config_check(&cli.global, to, env_file.as_deref(), printer)
+        }
         Command::Demo { dir, port, database_url, prepare_only } => demo::run(
             &demo::DemoArgs { dir, port: *port, database_url: database_url.as_deref(), prepare_only: *prepare_only },
             printer,

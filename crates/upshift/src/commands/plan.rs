@@ -59,6 +59,7 @@ pub(crate) fn run(
         migrations: migrator.as_ref().map(|m| (m, applied.as_slice())),
         database: described,
         no_backup,
+        options: &upshift_core::config::options_set(&manifest),
     })?;
     let app = manifest.app_name.as_deref();
     printer.result(&PlanJson { app, plan: &plan }, || {

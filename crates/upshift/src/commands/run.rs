@@ -178,6 +178,7 @@ pub(crate) fn upgrade(
             migrations,
             database: context.database.map(ToString::to_string),
             no_backup,
+            options: &upshift_core::config::options_set(manifest),
         })?;
         runner::upgrade(context, journal, &plan, no_backup)
     })
