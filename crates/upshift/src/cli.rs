@@ -52,16 +52,7 @@ pub(crate) enum Command {
         name: Option<String>,
     },
     /// Upgrade to a release: check, back up, migrate, roll out, verify; undo on failure
-    Upgrade {
-        /// The release to upgrade to
-        #[arg(long, value_name = "VERSION")]
-        to: String,
-        /// Skip the backup (recorded; a failure that needs a restore then exits 4)
-        #[arg(long)]
-        no_backup: bool,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
+    Upgrade(TargetArgs),
     /// The deployed version, its health, and any run in flight
     Status {
         #[command(flatten)]
@@ -128,16 +119,20 @@ pub(crate) enum Command {
         command: ConfigCommand,
     },
     /// Dry run: every step an upgrade would take, and what a failure at each would undo
-    Plan {
-        /// The release to upgrade to
-        #[arg(long, value_name = "VERSION")]
-        to: String,
-        /// Plan without a backup (a failure that needs a restore then cannot be undone)
-        #[arg(long)]
-        no_backup: bool,
-        #[command(flatten)]
-        database: DatabaseArgs,
-    },
+    Plan(TargetArgs),
+}
+
+/// Where an upgrade goes: `upgrade` and `plan` take the same arguments.
+#[derive(Debug, Args)]
+pub(crate) struct TargetArgs {
+    /// The release to upgrade to
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) to: String,
+    /// Skip the backup (recorded; a failure that needs a restore then cannot be undone: exit 4)
+    #[arg(long)]
+    pub(crate) no_backup: bool,
+    #[command(flatten)]
+    pub(crate) database: DatabaseArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@ use upshift_core::journal;
 use upshift_core::plan::{Plan, PlanInput, UndoDepth};
 use upshift_migrate::{DatabaseUrl, Migrator};
 
-use crate::cli::{DatabaseArgs, GlobalArgs};
+use crate::cli::{GlobalArgs, TargetArgs};
 use crate::exit::UsageError;
 use crate::printer::Printer;
 use crate::settings::{database_url, required_manifest};
@@ -30,13 +30,9 @@ fn depth(undo: UndoDepth) -> &'static str {
     }
 }
 
-pub(crate) fn run(
-    global: &GlobalArgs,
-    to: &str,
-    no_backup: bool,
-    database: &DatabaseArgs,
-    printer: &Printer,
-) -> anyhow::Result<()> {
+pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Printer) -> anyhow::Result<()> {
+    let TargetArgs { to, no_backup, database } = target_args;
+    let no_backup = *no_backup;
     let manifest = required_manifest(global)?;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;

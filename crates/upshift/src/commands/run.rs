@@ -15,7 +15,7 @@ use upshift_core::runner::{self, Context, Outcome};
 use upshift_deploy::ProcessDriver;
 use upshift_migrate::{DatabaseUrl, Migrator};
 
-use crate::cli::{DatabaseArgs, GlobalArgs};
+use crate::cli::{DatabaseArgs, GlobalArgs, TargetArgs};
 use crate::exit::{RolledBack, Stuck, UsageError};
 use crate::printer::Printer;
 use crate::settings::{database_url, required_manifest};
@@ -146,13 +146,9 @@ fn confirm(global: &GlobalArgs, question: &str) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) fn upgrade(
-    global: &GlobalArgs,
-    to: &str,
-    no_backup: bool,
-    database_args: &DatabaseArgs,
-    printer: &Printer,
-) -> anyhow::Result<()> {
+pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &Printer) -> anyhow::Result<()> {
+    let TargetArgs { to, no_backup, database: database_args } = target_args;
+    let no_backup = *no_backup;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
     confirm(global, &format!("Upgrade to {target}?"))?;
