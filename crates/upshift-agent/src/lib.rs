@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod protocol;
+mod proxy;
 pub mod server;
 mod supervisor;
 

@@ -33,6 +33,9 @@ pub enum Request {
     Start { spec: Spec },
     /// Stop an instance: SIGTERM, then SIGKILL after `grace_ms`.
     Stop { component: String, slot: String, grace_ms: u64 },
+    /// Points the proxy's `listen` address for `component` at `upstreams` (atomically),
+    /// then waits up to `drain_ms` for the upstreams it left to finish their requests.
+    Route { component: String, listen: String, upstreams: Vec<String>, drain_ms: u64 },
     /// Every instance.
     Status,
     /// Stop every instance and exit.
@@ -62,8 +65,15 @@ pub enum Response {
     Ok,
     /// Started, with the pid.
     Started { pid: u32 },
-    /// Every instance.
-    Status { pid: u32, instances: Vec<InstanceStatus> },
+    /// Every instance, and the proxy's upstreams per component.
+    Status {
+        pid: u32,
+        instances: Vec<InstanceStatus>,
+        #[serde(default)]
+        routes: BTreeMap<String, Vec<String>>,
+    },
+    /// Routed; `drained` says whether the old upstreams finished within the drain.
+    Routed { drained: bool },
     /// The request failed.
     Error { message: String },
 }

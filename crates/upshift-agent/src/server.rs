@@ -5,11 +5,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::protocol::{Request, Response};
+use crate::proxy::Proxy;
 use crate::supervisor::Supervisor;
 
 /// The socket's name in the state dir.
@@ -26,7 +27,18 @@ pub enum AgentError {
     Io(String, #[source] std::io::Error),
 }
 
-fn handle(stream: UnixStream, supervisor: &Supervisor, stop: &AtomicBool) {
+/// The proxy, started by the first `route` request.
+type SharedProxy = Mutex<Option<Arc<Proxy>>>;
+
+fn proxy(shared: &SharedProxy) -> Result<Arc<Proxy>, String> {
+    let mut slot = shared.lock().expect("proxy lock");
+    if slot.is_none() {
+        *slot = Some(Arc::new(Proxy::new().map_err(|e| format!("could not start the proxy: {e}"))?));
+    }
+    Ok(Arc::clone(slot.as_ref().expect("just set")))
+}
+
+fn handle(stream: UnixStream, supervisor: &Supervisor, shared: &SharedProxy, stop: &AtomicBool) {
     let Ok(reader_stream) = stream.try_clone() else { return };
     let mut writer = stream;
     for line in BufReader::new(reader_stream).lines() {
@@ -43,7 +55,19 @@ fn handle(stream: UnixStream, supervisor: &Supervisor, stop: &AtomicBool) {
                     Err(message) => Response::Error { message },
                 }
             }
-            Ok(Request::Status) => Response::Status { pid: std::process::id(), instances: supervisor.status() },
+            Ok(Request::Route { component, listen, upstreams, drain_ms }) => {
+                match proxy(shared)
+                    .and_then(|p| p.route(&component, &listen, &upstreams, Duration::from_millis(drain_ms)))
+                {
+                    Ok(drained) => Response::Routed { drained },
+                    Err(message) => Response::Error { message },
+                }
+            }
+            Ok(Request::Status) => Response::Status {
+                pid: std::process::id(),
+                instances: supervisor.status(),
+                routes: shared.lock().expect("proxy lock").as_ref().map(|p| p.routes()).unwrap_or_default(),
+            },
             Ok(Request::Shutdown) => {
                 stop.store(true, Ordering::SeqCst);
                 Response::Ok
@@ -82,6 +106,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
     listener.set_nonblocking(true).map_err(io("configure agent.sock"))?;
 
     let supervisor = Supervisor::new(state_dir);
+    let shared: Arc<SharedProxy> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
     {
         let supervisor = Arc::clone(&supervisor);
@@ -98,8 +123,9 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
             Ok((stream, _)) => {
                 let _ = stream.set_nonblocking(false);
                 let supervisor = Arc::clone(&supervisor);
+                let shared = Arc::clone(&shared);
                 let stop = Arc::clone(&stop);
-                std::thread::spawn(move || handle(stream, &supervisor, &stop));
+                std::thread::spawn(move || handle(stream, &supervisor, &shared, &stop));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(AgentError::Io("accept on agent.sock".into(), e)),

@@ -461,9 +461,9 @@ fn drive(
 fn preflight(ctx: &mut Context<'_>, journal: &Journal) -> Result<(), RunError> {
     journal.refuse_in_flight()?;
     for component in &ctx.manifest.components {
-        if component.strategy != crate::manifest::Strategy::Recreate {
+        if matches!(component.strategy, crate::manifest::Strategy::Rolling | crate::manifest::Strategy::Canary) {
             return Err(RunError::Preflight(format!(
-                "component {}: strategy {} needs the agent's proxy, which this build does not have yet; use recreate",
+                "component {}: strategy {} is not built yet; use recreate or blue-green",
                 component.name,
                 component.strategy.as_str()
             )));

@@ -1,9 +1,11 @@
 //! The process driver: components run as local processes under the agent.
 //!
 //! `recreate` stops the old instance (SIGTERM, `drain` to finish, then SIGKILL) and starts
-//! the new one on the same address, then waits for its health check. The other strategies
-//! need the agent's proxy, which comes with a later issue; until then they are refused
-//! before anything runs.
+//! the new one on the same address, then waits for its health check. `blue-green` starts the
+//! new version beside the old one on a free port (the other of the `blue` and `green`
+//! slots), waits for its health check, switches the agent's proxy on the component's `serve`
+//! address to it in one step, waits for the old one's requests to finish (up to `drain`),
+//! and stops it. `rolling` and `canary` are refused before anything runs (not built yet).
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -14,6 +16,9 @@ use upshift_core::driver::{Deployed, Driver, DriverError};
 use upshift_core::manifest::{Component, Strategy};
 
 use crate::health;
+
+/// A component's instances (spec, running) and the proxy's upstreams for it.
+type ComponentState = (Vec<(Spec, bool)>, Vec<String>);
 
 /// The slot of the instance that serves.
 const LIVE: &str = "live";
@@ -54,37 +59,115 @@ impl ProcessDriver {
         Ok(ProcessDriver { client, cwd })
     }
 
-    fn live(&mut self, component: &Component) -> Result<Option<(Spec, bool)>, DriverError> {
+    /// The component's instances (spec, running) and the proxy's upstreams for it.
+    fn state(&mut self, component: &Component) -> Result<ComponentState, DriverError> {
         match self.client.request(&Request::Status).map_err(|e| error(e.to_string()))? {
-            Response::Status { instances, .. } => Ok(instances
-                .into_iter()
-                .find(|i| i.spec.component == component.name && i.spec.slot == LIVE)
-                .map(|i| (i.spec, i.running))),
+            Response::Status { instances, mut routes, .. } => Ok((
+                instances
+                    .into_iter()
+                    .filter(|i| i.spec.component == component.name)
+                    .map(|i| (i.spec, i.running))
+                    .collect(),
+                routes.remove(&component.name).unwrap_or_default(),
+            )),
             other => Err(error(format!("unexpected answer from the agent: {other:?}"))),
         }
     }
 
-    fn stop(&mut self, component: &Component) -> Result<(), DriverError> {
+    /// The instance that serves: the one the proxy routes to (blue-green), else the `live` one.
+    fn live(&mut self, component: &Component) -> Result<Option<(Spec, bool)>, DriverError> {
+        let (instances, routed) = self.state(component)?;
+        Ok(instances.into_iter().find(|(spec, _)| {
+            if component.strategy == Strategy::BlueGreen {
+                spec.addr.as_ref().is_some_and(|a| routed.contains(a))
+            } else {
+                spec.slot == LIVE
+            }
+        }))
+    }
+
+    fn stop_slot(&mut self, component: &Component, slot: &str) -> Result<(), DriverError> {
         let grace_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
-        match self.client.request(&Request::Stop { component: component.name.clone(), slot: LIVE.into(), grace_ms }) {
+        match self.client.request(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
             Ok(_) | Err(upshift_agent::ClientError::Refused(_)) => Ok(()),
             Err(e) => Err(error(e.to_string())),
         }
+    }
+
+    /// Points the proxy at `upstreams`, waiting for the ones it leaves to drain.
+    fn route(&mut self, component: &Component, upstreams: Vec<String>) -> Result<(), DriverError> {
+        let listen = component
+            .serve
+            .clone()
+            .ok_or_else(|| error(format!("component {} has no `serve` address", component.name)))?;
+        let drain_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
+        self.client
+            .request(&Request::Route { component: component.name.clone(), listen, upstreams, drain_ms })
+            .map(drop)
+            .map_err(|e| error(e.to_string()))
+    }
+
+    /// Starts `version` in a free slot on a free port, health-gated, switches the proxy to
+    /// it, and stops every other instance of the component.
+    fn switch_to(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+        let (instances, _) = self.state(component)?;
+        let slot = if instances.iter().any(|(s, running)| s.slot == "blue" && *running) { "green" } else { "blue" };
+        // A leftover in that slot (an attempt that failed before its undo) goes first.
+        self.stop_slot(component, slot)?;
+        let addr = free_address()?;
+        let spec = self.spec(component, version, Some(&addr), slot);
+        self.start(spec.clone())?;
+        Self::wait_healthy(component, &spec)?;
+        self.route(component, vec![addr])?;
+        for (old, _) in instances.iter().filter(|(s, _)| s.slot != slot) {
+            self.stop_slot(component, &old.slot)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self, component: &Component) -> Result<(), DriverError> {
+        self.stop_slot(component, LIVE)
     }
 
     fn start(&mut self, spec: Spec) -> Result<(), DriverError> {
         self.client.request(&Request::Start { spec }).map(drop).map_err(|e| error(e.to_string()))
     }
 
-    fn spec(&self, component: &Component, version: &str, addr: Option<&str>) -> Spec {
+    fn spec(&self, component: &Component, version: &str, addr: Option<&str>, slot: &str) -> Spec {
         Spec {
             component: component.name.clone(),
-            slot: LIVE.into(),
+            slot: slot.into(),
             version: version.to_owned(),
             command: component.run.iter().map(|a| fill(a, version, addr)).collect(),
             env: component.env.iter().map(|(k, v)| (k.clone(), fill(v, version, addr))).collect::<BTreeMap<_, _>>(),
             cwd: self.cwd.clone(),
             addr: addr.map(str::to_owned),
+        }
+    }
+
+    fn put_back_blue_green(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
+        let (instances, routed) = self.state(component)?;
+        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
+        match previous {
+            // The previous version still serves (the new one never got traffic): stop the rest.
+            Some(previous)
+                if instances.iter().any(|(s, running)| *running && s.version == previous.version && serving(s)) =>
+            {
+                for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
+                    self.stop_slot(component, &spec.slot)?;
+                }
+                Ok(())
+            }
+            Some(previous) => self.switch_to(component, &previous.version),
+            None => {
+                if !routed.is_empty() {
+                    self.route(component, Vec::new())?;
+                }
+                for (spec, _) in &instances {
+                    self.stop_slot(component, &spec.slot)?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -116,12 +199,16 @@ impl Driver for ProcessDriver {
     }
 
     fn deploy(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
-        if component.strategy != Strategy::Recreate {
-            return Err(error(format!(
-                "component {}: strategy {} needs the agent's proxy, which this build does not have yet; use recreate",
-                component.name,
-                component.strategy.as_str()
-            )));
+        match component.strategy {
+            Strategy::Recreate => {}
+            Strategy::BlueGreen => return self.switch_to(component, version),
+            other => {
+                return Err(error(format!(
+                    "component {}: strategy {} is not built yet; use recreate or blue-green",
+                    component.name,
+                    other.as_str()
+                )));
+            }
         }
         let previous = self.live(component)?.map(|(spec, _)| spec);
         // Recreate reuses the address: the stable one, or the one the old instance had.
@@ -132,16 +219,19 @@ impl Driver for ProcessDriver {
             (None, None) => None,
         };
         self.stop(component)?;
-        let spec = self.spec(component, version, addr.as_deref());
+        let spec = self.spec(component, version, addr.as_deref(), LIVE);
         self.start(spec.clone())?;
         Self::wait_healthy(component, &spec)
     }
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
+        if component.strategy == Strategy::BlueGreen {
+            return self.put_back_blue_green(component, previous);
+        }
         self.stop(component)?;
         if let Some(previous) = previous {
             let addr = previous.detail["addr"].as_str();
-            let spec = self.spec(component, &previous.version, addr);
+            let spec = self.spec(component, &previous.version, addr, LIVE);
             self.start(spec.clone())?;
             Self::wait_healthy(component, &spec)?;
         }

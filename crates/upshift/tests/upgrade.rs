@@ -136,6 +136,20 @@ migrate_to = "20260202000000"
         App { ctx, postgres, url: url.to_owned() }
     }
 
+    /// The notes application with the blue-green strategy behind the agent's proxy on a
+    /// free port; returns the app and the proxy's address.
+    fn blue_green() -> (App, String) {
+        let app = App::sqlite();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let serve = format!("127.0.0.1:{port}");
+        let manifest = app
+            .ctx
+            .read("upshift.toml")
+            .replace("drain = \"2s\"", &format!("drain = \"5s\"\nserve = \"{serve}\"\nstrategy = \"blue-green\""));
+        app.ctx.write("upshift.toml", &manifest);
+        (app, serve)
+    }
+
     fn command(&self) -> std::process::Command {
         let mut command = self.ctx.command();
         command.env("NOTES_DB", &self.url);
@@ -527,4 +541,89 @@ fn the_agent_restarts_a_crashed_process_and_writes_logs() {
     assert_ne!(instances[0].pid, Some(pid));
     app.run(&["agent", "stop"]).success();
     assert!(!app.status().components[0].healthy);
+}
+
+/// Steady load through the proxy while releases switch: not one request fails.
+#[test]
+fn blue_green_switches_lose_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let (app, serve) = App::blue_green();
+    let outcome: RunResult = app.upgrade("1.0.0").success().json();
+    assert_eq!(outcome.outcome, "succeeded");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let load: Vec<_> = (0..4)
+        .map(|client| {
+            let (serve, stop, sent, failed, failures) = (serve.clone(), stop.clone(), sent.clone(), failed.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let (method, path, body) = if n.is_multiple_of(7) {
+                        ("POST", "/api/notes", format!(r#"{{"title": "t", "body": "load {client} {n}", "tags": ["x"]}}"#))
+                    } else {
+                        ("GET", "/api/notes", String::new())
+                    };
+                    let result = (|| -> std::io::Result<String> {
+                        let mut stream = TcpStream::connect(&serve)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                        write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+                        let mut response = String::new();
+                        stream.read_to_string(&mut response)?;
+                        Ok(response)
+                    })();
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    match result {
+                        Ok(response) if response.starts_with("HTTP/1.1 2") => {}
+                        other => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            failures.lock().unwrap().push(format!("{method}: {:?}", other.map(|r| r.lines().next().unwrap_or("").to_owned())));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    // A long request in flight across the 1.0.0 -> 2.0.0 switch completes.
+    let slow = {
+        let serve = serve.clone();
+        std::thread::spawn(move || {
+            let mut stream = TcpStream::connect(&serve).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            stream.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            response
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    app.upgrade("2.0.0").success();
+    let upgraded = sent.load(Ordering::SeqCst);
+    // 3.0.0 never becomes healthy: it never gets a request, and 2.0.0 keeps serving.
+    app.upgrade("3.0.0").code(3);
+    stop.store(true, Ordering::SeqCst);
+    for thread in load {
+        thread.join().unwrap();
+    }
+    let slow = slow.join().unwrap();
+    assert!(slow.starts_with("HTTP/1.1 200") && slow.contains("slept_ms"), "{slow}");
+    let (sent, failed) = (sent.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert!(upgraded > 0 && sent > upgraded, "the load did not run across the switches ({upgraded}, {sent})");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {sent} requests failed: {:?}",
+        failures.lock().unwrap().iter().take(5).collect::<Vec<_>>()
+    );
+    // 2.0.0 serves, alone, with the schema after its contract; the writes under load are kept.
+    let status = app.status();
+    assert_eq!((status.version.as_deref(), status.components[0].version.as_deref()), (Some("2.0.0"), Some("2.0.0")));
+    assert!(status.components[0].healthy);
+    assert!(!app.has_title() && app.has_table("tags"));
+    assert!(app.count("SELECT count(*) FROM notes") > 1);
+    let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
+    assert_eq!(saved.as_array().unwrap().len(), 1, "the old instance still runs: {saved}");
 }

@@ -48,7 +48,7 @@ name = "api"
 driver = "process"
 run = ["releases/{{version}}/notes", "--release", "{{version}}", "--listen", "{{addr}}", "--database-url", "{url}"]
 serve = "127.0.0.1:{port}"
-strategy = "recreate"              # blue-green, rolling and canary come with the agent's proxy
+strategy = "blue-green"            # new beside old, health-gated, proxy switched, old drained
 health = {{ http = "/health", interval = "100ms", healthy_after = 2, deadline = "3s" }}
 drain = "5s"
 
@@ -286,9 +286,11 @@ pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> 
         }
         let _ = writeln!(
             out,
-            "\nThe requests that failed did so while `recreate` restarted the service: the agent's\n\
-             zero-downtime proxy (blue-green, rolling, canary) is the next piece of work.\n\
-             The deployment is in {}; `upshift history` there shows the releases.",
+            "\nUpgrades switch blue-green behind the agent's proxy: the new version starts beside the\n\
+             old one and gets traffic only once healthy, so 3.0.0 never serves a request. The\n\
+             rollback restores the backup taken before 2.0.0 (its contract migration dropped a\n\
+             column): the service is down while the database is restored, and the requests of\n\
+             that window fail. The deployment is in {}; `upshift history` there shows it all.",
             dir.display()
         );
         out
