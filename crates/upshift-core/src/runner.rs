@@ -461,9 +461,9 @@ fn drive(
 fn preflight(ctx: &mut Context<'_>, journal: &Journal) -> Result<(), RunError> {
     journal.refuse_in_flight()?;
     for component in &ctx.manifest.components {
-        if matches!(component.strategy, crate::manifest::Strategy::Rolling | crate::manifest::Strategy::Canary) {
+        if component.strategy == crate::manifest::Strategy::Canary {
             return Err(RunError::Preflight(format!(
-                "component {}: strategy {} is not built yet; use recreate or blue-green",
+                "component {}: strategy {} is not built yet; use recreate, blue-green or rolling",
                 component.name,
                 component.strategy.as_str()
             )));

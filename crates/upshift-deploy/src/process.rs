@@ -5,7 +5,9 @@
 //! new version beside the old one on a free port (the other of the `blue` and `green`
 //! slots), waits for its health check, switches the agent's proxy on the component's `serve`
 //! address to it in one step, waits for the old one's requests to finish (up to `drain`),
-//! and stops it. `rolling` and `canary` are refused before anything runs (not built yet).
+//! and stops it. `rolling` runs `instances` copies behind the proxy and replaces them one at
+//! a time: start a new one, health-gate it, route to it and away from one old one (which
+//! drains), stop that old one. `canary` is refused before anything runs (not built yet).
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -16,6 +18,11 @@ use upshift_core::driver::{Deployed, Driver, DriverError};
 use upshift_core::manifest::{Component, Strategy};
 
 use crate::health;
+
+/// Whether the component is served through the agent's proxy.
+fn behind_proxy(component: &Component) -> bool {
+    matches!(component.strategy, Strategy::BlueGreen | Strategy::Rolling)
+}
 
 /// A component's instances (spec, running) and the proxy's upstreams for it.
 type ComponentState = (Vec<(Spec, bool)>, Vec<String>);
@@ -74,16 +81,53 @@ impl ProcessDriver {
         }
     }
 
-    /// The instance that serves: the one the proxy routes to (blue-green), else the `live` one.
+    /// The instance that serves: one the proxy routes to (blue-green, rolling), else the
+    /// `live` one.
     fn live(&mut self, component: &Component) -> Result<Option<(Spec, bool)>, DriverError> {
         let (instances, routed) = self.state(component)?;
         Ok(instances.into_iter().find(|(spec, _)| {
-            if component.strategy == Strategy::BlueGreen {
+            if behind_proxy(component) {
                 spec.addr.as_ref().is_some_and(|a| routed.contains(a))
             } else {
                 spec.slot == LIVE
             }
         }))
+    }
+
+    /// Replaces the serving instances with `instances` new ones of `version`, one at a time.
+    fn roll_to(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+        let (instances, routed) = self.state(component)?;
+        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
+        let olds: Vec<Spec> =
+            instances.iter().filter(|(s, running)| *running && serving(s)).map(|(s, _)| s.clone()).collect();
+        // Leftovers of an attempt that failed before its undo go first.
+        for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
+            self.stop_slot(component, &spec.slot)?;
+        }
+        let count = usize::try_from(component.instances).unwrap_or(1);
+        let mut news: Vec<String> = Vec::new();
+        for i in 0..count {
+            let slot = format!("{version}#{i}");
+            self.stop_slot(component, &slot)?;
+            let addr = free_address()?;
+            let spec = self.spec(component, version, Some(&addr), &slot);
+            self.start(spec.clone())?;
+            Self::wait_healthy(component, &spec)?;
+            news.push(addr);
+            // Route to the new ones and the olds not yet retired; the retired one drains.
+            let keep: Vec<String> =
+                olds.iter().skip(i + 1).filter_map(|s| s.addr.clone()).chain(news.iter().cloned()).collect();
+            self.route(component, keep)?;
+            if let Some(old) = olds.get(i) {
+                self.stop_slot(component, &old.slot)?;
+            }
+        }
+        // Fewer instances than before: the olds left over.
+        self.route(component, news)?;
+        for old in olds.iter().skip(count) {
+            self.stop_slot(component, &old.slot)?;
+        }
+        Ok(())
     }
 
     fn stop_slot(&mut self, component: &Component, slot: &str) -> Result<(), DriverError> {
@@ -145,19 +189,21 @@ impl ProcessDriver {
         }
     }
 
-    fn put_back_blue_green(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
+    fn put_back_behind_proxy(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         let (instances, routed) = self.state(component)?;
         let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
         match previous {
-            // The previous version still serves (the new one never got traffic): stop the rest.
+            // Only the previous version serves (the new one never got traffic): stop the rest.
             Some(previous)
-                if instances.iter().any(|(s, running)| *running && s.version == previous.version && serving(s)) =>
+                if instances.iter().any(|(s, running)| *running && serving(s))
+                    && instances.iter().filter(|(s, _)| serving(s)).all(|(s, _)| s.version == previous.version) =>
             {
                 for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
                     self.stop_slot(component, &spec.slot)?;
                 }
                 Ok(())
             }
+            Some(previous) if component.strategy == Strategy::Rolling => self.roll_to(component, &previous.version),
             Some(previous) => self.switch_to(component, &previous.version),
             None => {
                 if !routed.is_empty() {
@@ -202,11 +248,12 @@ impl Driver for ProcessDriver {
         match component.strategy {
             Strategy::Recreate => {}
             Strategy::BlueGreen => return self.switch_to(component, version),
-            other => {
+            Strategy::Rolling => return self.roll_to(component, version),
+            Strategy::Canary => {
                 return Err(error(format!(
-                    "component {}: strategy {} is not built yet; use recreate or blue-green",
+                    "component {}: strategy {} is not built yet; use recreate, blue-green or rolling",
                     component.name,
-                    other.as_str()
+                    Strategy::Canary.as_str()
                 )));
             }
         }
@@ -225,8 +272,8 @@ impl Driver for ProcessDriver {
     }
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
-        if component.strategy == Strategy::BlueGreen {
-            return self.put_back_blue_green(component, previous);
+        if behind_proxy(component) {
+            return self.put_back_behind_proxy(component, previous);
         }
         self.stop(component)?;
         if let Some(previous) = previous {
@@ -239,6 +286,19 @@ impl Driver for ProcessDriver {
     }
 
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
+        if behind_proxy(component) {
+            // Every instance that serves, not only one.
+            let (instances, routed) = self.state(component)?;
+            let serving: Vec<Spec> = instances
+                .into_iter()
+                .filter(|(s, _)| s.addr.as_ref().is_some_and(|a| routed.contains(a)))
+                .map(|(s, _)| s)
+                .collect();
+            if serving.is_empty() {
+                return Err(error(format!("{} is not deployed", component.name)));
+            }
+            return serving.iter().try_for_each(|spec| Self::wait_healthy(component, spec));
+        }
         match self.live(component)? {
             Some((spec, true)) => Self::wait_healthy(component, &spec),
             Some((spec, false)) => Err(error(format!("{} {} is not running", component.name, spec.version))),

@@ -136,16 +136,15 @@ migrate_to = "20260202000000"
         App { ctx, postgres, url: url.to_owned() }
     }
 
-    /// The notes application with the blue-green strategy behind the agent's proxy on a
-    /// free port; returns the app and the proxy's address.
-    fn blue_green() -> (App, String) {
+    /// The notes application behind the agent's proxy on a free port, with `strategy` and
+    /// `instances`; returns the app and the proxy's address.
+    fn behind_proxy(strategy: &str, instances: usize) -> (App, String) {
         let app = App::sqlite();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let serve = format!("127.0.0.1:{port}");
-        let manifest = app
-            .ctx
-            .read("upshift.toml")
-            .replace("drain = \"2s\"", &format!("drain = \"5s\"\nserve = \"{serve}\"\nstrategy = \"blue-green\""));
+        let settings =
+            format!("drain = \"5s\"\nserve = \"{serve}\"\nstrategy = \"{strategy}\"\ninstances = {instances}");
+        let manifest = app.ctx.read("upshift.toml").replace("drain = \"2s\"", &settings);
         app.ctx.write("upshift.toml", &manifest);
         (app, serve)
     }
@@ -543,81 +542,76 @@ fn the_agent_restarts_a_crashed_process_and_writes_logs() {
     assert!(!app.status().components[0].healthy);
 }
 
-/// Steady load through the proxy while releases switch: not one request fails.
-#[test]
-fn blue_green_switches_lose_no_request() {
-    use std::sync::Arc;
+/// Four clients through the proxy at `serve` while `work` runs, counting every response,
+/// plus one 1.5 s request in flight from the start. Returns (sent, failed, first failures,
+/// the slow request's response).
+fn under_load(serve: &str, work: impl FnOnce()) -> (u64, u64, Vec<String>, String) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
 
-    let (app, serve) = App::blue_green();
-    let outcome: RunResult = app.upgrade("1.0.0").success().json();
-    assert_eq!(outcome.outcome, "succeeded");
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let exchange = |serve: &str, request: &str| -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(serve)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    };
     let load: Vec<_> = (0..4)
         .map(|client| {
-            let (serve, stop, sent, failed, failures) = (serve.clone(), stop.clone(), sent.clone(), failed.clone(), failures.clone());
+            let (serve, stop, sent, failed, failures) = (serve.to_owned(), stop.clone(), sent.clone(), failed.clone(), failures.clone());
             std::thread::spawn(move || {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
-                    let (method, path, body) = if n.is_multiple_of(7) {
-                        ("POST", "/api/notes", format!(r#"{{"title": "t", "body": "load {client} {n}", "tags": ["x"]}}"#))
+                    let request = if n.is_multiple_of(7) {
+                        let body = format!(r#"{{"title": "t", "body": "load {client} {n}", "tags": ["x"]}}"#);
+                        format!("POST /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                     } else {
-                        ("GET", "/api/notes", String::new())
+                        "GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()
                     };
-                    let result = (|| -> std::io::Result<String> {
-                        let mut stream = TcpStream::connect(&serve)?;
-                        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-                        write!(stream, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
-                        let mut response = String::new();
-                        stream.read_to_string(&mut response)?;
-                        Ok(response)
-                    })();
+                    let result = exchange(&serve, &request);
                     sent.fetch_add(1, Ordering::SeqCst);
-                    match result {
-                        Ok(response) if response.starts_with("HTTP/1.1 2") => {}
-                        other => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            failures.lock().unwrap().push(format!("{method}: {:?}", other.map(|r| r.lines().next().unwrap_or("").to_owned())));
-                        }
+                    if !result.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 2")) {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        failures.lock().unwrap().push(format!("{:?}", result.map(|r| r.lines().next().unwrap_or("").to_owned())));
                     }
                 }
             })
         })
         .collect();
-    // A long request in flight across the 1.0.0 -> 2.0.0 switch completes.
     let slow = {
-        let serve = serve.clone();
+        let serve = serve.to_owned();
         std::thread::spawn(move || {
-            let mut stream = TcpStream::connect(&serve).unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            stream.write_all(b"GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-            let mut response = String::new();
-            stream.read_to_string(&mut response).unwrap();
-            response
+            exchange(&serve, "GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap()
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    app.upgrade("2.0.0").success();
-    let upgraded = sent.load(Ordering::SeqCst);
-    // 3.0.0 never becomes healthy: it never gets a request, and 2.0.0 keeps serving.
-    app.upgrade("3.0.0").code(3);
+    work();
     stop.store(true, Ordering::SeqCst);
     for thread in load {
         thread.join().unwrap();
     }
     let slow = slow.join().unwrap();
+    let first: Vec<String> = failures.lock().unwrap().iter().take(5).cloned().collect();
+    (sent.load(Ordering::SeqCst), failed.load(Ordering::SeqCst), first, slow)
+}
+
+/// Steady load through the proxy while releases switch: not one request fails, and a long
+/// request in flight across the switch completes.
+fn switches_lose_no_request(app: &App, serve: &str, instances: usize) {
+    app.upgrade("1.0.0").success();
+    let (sent, failed, failures, slow) = under_load(serve, || {
+        app.upgrade("2.0.0").success();
+        // 3.0.0 never becomes healthy: it gets no request, and 2.0.0 keeps serving.
+        app.upgrade("3.0.0").code(3);
+    });
     assert!(slow.starts_with("HTTP/1.1 200") && slow.contains("slept_ms"), "{slow}");
-    let (sent, failed) = (sent.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    assert!(upgraded > 0 && sent > upgraded, "the load did not run across the switches ({upgraded}, {sent})");
-    assert_eq!(
-        failed,
-        0,
-        "{failed} of {sent} requests failed: {:?}",
-        failures.lock().unwrap().iter().take(5).collect::<Vec<_>>()
-    );
+    assert!(sent > 100, "the load hardly ran: {sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed: {failures:?}");
     // 2.0.0 serves, alone, with the schema after its contract; the writes under load are kept.
     let status = app.status();
     assert_eq!((status.version.as_deref(), status.components[0].version.as_deref()), (Some("2.0.0"), Some("2.0.0")));
@@ -625,5 +619,19 @@ fn blue_green_switches_lose_no_request() {
     assert!(!app.has_title() && app.has_table("tags"));
     assert!(app.count("SELECT count(*) FROM notes") > 1);
     let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
-    assert_eq!(saved.as_array().unwrap().len(), 1, "the old instance still runs: {saved}");
+    let running: Vec<&serde_json::Value> = saved.as_array().unwrap().iter().collect();
+    assert_eq!(running.len(), instances, "old instances still run: {saved}");
+    assert!(running.iter().all(|s| s["version"] == "2.0.0"), "{saved}");
+}
+
+#[test]
+fn blue_green_switches_lose_no_request() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    switches_lose_no_request(&app, &serve, 1);
+}
+
+#[test]
+fn rolling_switches_lose_no_request() {
+    let (app, serve) = App::behind_proxy("rolling", 2);
+    switches_lose_no_request(&app, &serve, 2);
 }
