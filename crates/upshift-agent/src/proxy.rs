@@ -36,8 +36,17 @@ struct Upstream {
 }
 
 struct Route {
+    listen: String,
     upstreams: RwLock<Arc<Vec<Arc<Upstream>>>>,
     next: AtomicUsize,
+}
+
+/// A route as saved to the state dir, so a restarted agent serves it again.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SavedRoute {
+    pub(crate) component: String,
+    pub(crate) listen: String,
+    pub(crate) upstreams: Vec<String>,
 }
 
 impl Route {
@@ -184,7 +193,11 @@ impl Proxy {
                     .runtime
                     .block_on(tokio::net::TcpListener::bind(listen))
                     .map_err(|e| format!("the proxy cannot listen on {listen}: {e}"))?;
-                let route = Arc::new(Route { upstreams: RwLock::new(Arc::new(Vec::new())), next: AtomicUsize::new(0) });
+                let route = Arc::new(Route {
+                    listen: listen.to_owned(),
+                    upstreams: RwLock::new(Arc::new(Vec::new())),
+                    next: AtomicUsize::new(0),
+                });
                 let accepting = Arc::clone(&route);
                 let client = self.client.clone();
                 self.runtime.spawn(async move {
@@ -227,6 +240,23 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(10));
         }
         Ok(true)
+    }
+
+    /// Every route, to save.
+    pub(crate) fn saved(&self) -> Vec<SavedRoute> {
+        let mut saved: Vec<SavedRoute> = self
+            .routes
+            .lock()
+            .expect("routes lock")
+            .iter()
+            .map(|(component, route)| SavedRoute {
+                component: component.clone(),
+                listen: route.listen.clone(),
+                upstreams: route.current().iter().map(|u| u.addr.clone()).collect(),
+            })
+            .collect();
+        saved.sort_by(|a, b| a.component.cmp(&b.component));
+        saved
     }
 
     /// Every component's upstreams.

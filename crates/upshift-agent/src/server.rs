@@ -15,6 +15,20 @@ use crate::supervisor::Supervisor;
 
 /// The socket's name in the state dir.
 pub const SOCKET: &str = "agent.sock";
+/// The proxy's routes, saved so a restarted agent serves them again.
+const ROUTES: &str = "routes.json";
+
+/// Writes the routes atomically (temp file + rename).
+fn save_routes(state_dir: &Path, proxy: &Proxy) {
+    let temp = state_dir.join("routes.json.tmp");
+    let text = serde_json::to_vec_pretty(&proxy.saved()).expect("routes serialize");
+    let written = fs::write(&temp, text)
+        .and_then(|()| File::open(&temp)?.sync_all())
+        .and_then(|()| fs::rename(&temp, state_dir.join(ROUTES)));
+    if let Err(e) = written {
+        let _ = writeln!(std::io::stderr(), "could not save {ROUTES}: {e}");
+    }
+}
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +52,7 @@ fn proxy(shared: &SharedProxy) -> Result<Arc<Proxy>, String> {
     Ok(Arc::clone(slot.as_ref().expect("just set")))
 }
 
-fn handle(stream: UnixStream, supervisor: &Supervisor, shared: &SharedProxy, stop: &AtomicBool) {
+fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Supervisor, shared: &SharedProxy, stop: &AtomicBool) {
     let Ok(reader_stream) = stream.try_clone() else { return };
     let mut writer = stream;
     for line in BufReader::new(reader_stream).lines() {
@@ -56,9 +70,12 @@ fn handle(stream: UnixStream, supervisor: &Supervisor, shared: &SharedProxy, sto
                 }
             }
             Ok(Request::Route { component, listen, upstreams, drain_ms }) => {
-                match proxy(shared)
-                    .and_then(|p| p.route(&component, &listen, &upstreams, Duration::from_millis(drain_ms)))
-                {
+                let routed = proxy(shared).and_then(|p| {
+                    let drained = p.route(&component, &listen, &upstreams, Duration::from_millis(drain_ms))?;
+                    save_routes(state_dir, &p);
+                    Ok(drained)
+                });
+                match routed {
                     Ok(drained) => Response::Routed { drained },
                     Err(message) => Response::Error { message },
                 }
@@ -107,6 +124,18 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
 
     let supervisor = Supervisor::new(state_dir);
     let shared: Arc<SharedProxy> = Arc::new(Mutex::new(None));
+    // Serve the routes of the agent before this one (it died, or the machine restarted).
+    let saved: Vec<crate::proxy::SavedRoute> = fs::read_to_string(state_dir.join(ROUTES))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    for route in saved {
+        let restored =
+            proxy(&shared).and_then(|p| p.route(&route.component, &route.listen, &route.upstreams, Duration::ZERO));
+        if let Err(e) = restored {
+            let _ = writeln!(std::io::stderr(), "could not restore the route of {}: {e}", route.component);
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let supervisor = Arc::clone(&supervisor);
@@ -125,13 +154,15 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
                 let supervisor = Arc::clone(&supervisor);
                 let shared = Arc::clone(&shared);
                 let stop = Arc::clone(&stop);
-                std::thread::spawn(move || handle(stream, &supervisor, &shared, &stop));
+                let state_dir = state_dir.to_path_buf();
+                std::thread::spawn(move || handle(stream, &state_dir, &supervisor, &shared, &stop));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(AgentError::Io("accept on agent.sock".into(), e)),
         }
     }
     supervisor.shutdown(Duration::from_secs(10));
+    let _ = fs::remove_file(state_dir.join(ROUTES));
     let _ = fs::remove_file(&socket);
     drop::<File>(lock);
     Ok(())

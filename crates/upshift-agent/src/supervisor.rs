@@ -24,6 +24,24 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 type Key = (String, String);
 
+/// An instance as `agent.json` keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    #[serde(flatten)]
+    spec: Spec,
+    pid: Option<u32>,
+}
+
+/// Whether `pid` is alive and runs `spec`'s program (so a reused pid is left alone).
+fn runs(pid: u32, spec: &Spec) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // A zombie (state Z) has exited already.
+    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+    let program = spec.command.first().map(String::as_bytes).unwrap_or_default();
+    state != Some('Z') && !program.is_empty() && cmdline.split(|b| *b == 0).next() == Some(program)
+}
+
 struct Instance {
     spec: Spec,
     child: Option<Child>,
@@ -131,13 +149,27 @@ impl Supervisor {
     pub(crate) fn new(state_dir: &Path) -> Arc<Supervisor> {
         let supervisor =
             Arc::new(Supervisor { state_dir: state_dir.to_path_buf(), instances: Mutex::new(BTreeMap::new()) });
-        let saved: Vec<Spec> = fs::read_to_string(supervisor.saved_path())
+        let saved: Vec<Saved> = fs::read_to_string(supervisor.saved_path())
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
-        for spec in saved {
+        for saved in saved {
+            // A process the dead agent left running would hold its address: it is stopped
+            // and started again under this agent (adopting it instead is future work).
+            if let Some(pid) = saved.pid
+                && runs(pid, &saved.spec)
+            {
+                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while runs(pid, &saved.spec) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if runs(pid, &saved.spec) {
+                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+                }
+            }
             // Best effort: what cannot start is retried by the restart loop.
-            let _ = supervisor.start(spec);
+            let _ = supervisor.start(saved.spec);
         }
         supervisor
     }
@@ -146,9 +178,10 @@ impl Supervisor {
         self.state_dir.join("agent.json")
     }
 
-    /// Writes what should run, atomically (temp file + rename).
+    /// Writes what should run, with each pid, atomically (temp file + rename).
     fn save(&self, instances: &BTreeMap<Key, Instance>) {
-        let specs: Vec<&Spec> = instances.values().map(|i| &i.spec).collect();
+        let specs: Vec<Saved> =
+            instances.values().map(|i| Saved { spec: i.spec.clone(), pid: i.child.as_ref().map(Child::id) }).collect();
         // The specs hold each process's environment (secrets included): owner-only.
         let temp = self.state_dir.join("agent.json.tmp");
         let written = OpenOptions::new()

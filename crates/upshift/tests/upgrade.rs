@@ -635,3 +635,47 @@ fn rolling_switches_lose_no_request() {
     let (app, serve) = App::behind_proxy("rolling", 2);
     switches_lose_no_request(&app, &serve, 2);
 }
+
+/// kill -9 of the agent: the next agent stops what the dead one left running, starts it
+/// again, and serves the saved routes on the same address.
+#[test]
+fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    app.upgrade("1.0.0").success();
+    let state = app.ctx.join(".upshift");
+    let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
+    let orphan = saved[0]["pid"].as_u64().expect("agent.json records the pid");
+    let routes: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/routes.json")).unwrap();
+    assert_eq!(routes[0]["listen"], serve.as_str());
+    let mut agent = upshift_agent::Client::connect(&state).unwrap();
+    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
+        panic!()
+    };
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+
+    app.run(&["agent", "--detach"]).success();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = TcpStream::connect(&serve).and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        });
+        if answer.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new agent does not serve {serve}: {answer:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The dead agent's process was stopped, not left beside the new one.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{orphan}")).exists() || {
+            let stat = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
+        }
+    );
+    assert_eq!(app.status().version.as_deref(), Some("1.0.0"));
+}
