@@ -6,10 +6,11 @@
 
 pub mod client;
 pub mod protocol;
-mod proxy;
+pub mod proxy;
 pub mod server;
 mod supervisor;
 
 pub use client::{Client, ClientError};
 pub use protocol::{InstanceStatus, Request, Response, Spec};
+pub use proxy::UpstreamMetrics;
 pub use server::{AgentError, run};

@@ -58,7 +58,7 @@ pub struct InstanceStatus {
 }
 
 /// The agent's answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "kebab-case")]
 pub enum Response {
     /// Done.
@@ -71,6 +71,9 @@ pub enum Response {
         instances: Vec<InstanceStatus>,
         #[serde(default)]
         routes: BTreeMap<String, Vec<String>>,
+        /// What the proxy measured per component and upstream.
+        #[serde(default)]
+        metrics: BTreeMap<String, Vec<crate::proxy::UpstreamMetrics>>,
     },
     /// Routed; `drained` says whether the old upstreams finished within the drain.
     Routed { drained: bool },

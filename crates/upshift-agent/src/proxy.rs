@@ -33,6 +33,60 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
 struct Upstream {
     addr: String,
     in_flight: AtomicUsize,
+    stats: Mutex<Stats>,
+}
+
+/// Latencies kept per upstream for its p99.
+const LATENCY_WINDOW: usize = 4096;
+
+/// What the proxy measured of one upstream.
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    errors: u64,
+    /// The last [`LATENCY_WINDOW`] answered requests' latencies, in a ring.
+    latencies: Vec<Duration>,
+    next: usize,
+}
+
+impl Stats {
+    fn record(&mut self, latency: Duration, error: bool) {
+        self.requests += 1;
+        if error {
+            self.errors += 1;
+        }
+        if self.latencies.len() < LATENCY_WINDOW {
+            self.latencies.push(latency);
+        } else {
+            self.latencies[self.next] = latency;
+            self.next = (self.next + 1) % LATENCY_WINDOW;
+        }
+    }
+
+    fn p99_ms(&self) -> Option<f64> {
+        if self.latencies.is_empty() {
+            return None;
+        }
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let index = (sorted.len() * 99).div_ceil(100).saturating_sub(1);
+        Some(sorted[index].as_secs_f64() * 1000.0)
+    }
+}
+
+/// An upstream's figures, for the admin API.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamMetrics {
+    /// The upstream's address.
+    pub addr: String,
+    /// Requests sent to it.
+    pub requests: u64,
+    /// Of which failed: no answer, or a 5xx answer.
+    pub errors: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// p99 latency of its last answered requests.
+    pub p99_ms: Option<f64>,
 }
 
 struct Route {
@@ -103,6 +157,7 @@ async fn forward(
     }
     let request = request.body(Full::new(body.clone())).map_err(|e| (false, e.to_string()))?;
     upstream.in_flight.fetch_add(1, Ordering::SeqCst);
+    let started = Instant::now();
     let result = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
         let response = client.request(request).await.map_err(|e| (e.is_connect(), e.to_string()))?;
         let (parts, body) = response.into_parts();
@@ -111,7 +166,10 @@ async fn forward(
     })
     .await;
     upstream.in_flight.fetch_sub(1, Ordering::SeqCst);
-    result.unwrap_or_else(|_| Err((false, "the upstream timed out".to_owned())))
+    let result = result.unwrap_or_else(|_| Err((false, "the upstream timed out".to_owned())));
+    let error = result.as_ref().map_or(true, |r| r.status().is_server_error());
+    upstream.stats.lock().expect("stats lock").record(started.elapsed(), error);
+    result
 }
 
 async fn handle(
@@ -225,7 +283,13 @@ impl Proxy {
             .iter()
             .map(|addr| {
                 old.iter().find(|u| &u.addr == addr).map_or_else(
-                    || Arc::new(Upstream { addr: addr.clone(), in_flight: AtomicUsize::new(0) }),
+                    || {
+                        Arc::new(Upstream {
+                            addr: addr.clone(),
+                            in_flight: AtomicUsize::new(0),
+                            stats: Mutex::new(Stats::default()),
+                        })
+                    },
                     Arc::clone,
                 )
             })
@@ -257,6 +321,32 @@ impl Proxy {
             .collect();
         saved.sort_by(|a, b| a.component.cmp(&b.component));
         saved
+    }
+
+    /// What the proxy measured, per component and upstream it routes to.
+    pub(crate) fn metrics(&self) -> BTreeMap<String, Vec<UpstreamMetrics>> {
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .iter()
+            .map(|(component, route)| {
+                let upstreams = route
+                    .current()
+                    .iter()
+                    .map(|u| {
+                        let stats = u.stats.lock().expect("stats lock");
+                        UpstreamMetrics {
+                            addr: u.addr.clone(),
+                            requests: stats.requests,
+                            errors: stats.errors,
+                            in_flight: u.in_flight.load(Ordering::SeqCst) as u64,
+                            p99_ms: stats.p99_ms(),
+                        }
+                    })
+                    .collect();
+                (component.clone(), upstreams)
+            })
+            .collect()
     }
 
     /// Every component's upstreams.

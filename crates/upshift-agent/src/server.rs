@@ -80,11 +80,16 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Supervisor, shared:
                     Err(message) => Response::Error { message },
                 }
             }
-            Ok(Request::Status) => Response::Status {
-                pid: std::process::id(),
-                instances: supervisor.status(),
-                routes: shared.lock().expect("proxy lock").as_ref().map(|p| p.routes()).unwrap_or_default(),
-            },
+            Ok(Request::Status) => {
+                // One lock for both: a second lock() in the same expression would deadlock.
+                let proxy = shared.lock().expect("proxy lock").clone();
+                Response::Status {
+                    pid: std::process::id(),
+                    instances: supervisor.status(),
+                    routes: proxy.as_ref().map(|p| p.routes()).unwrap_or_default(),
+                    metrics: proxy.as_ref().map(|p| p.metrics()).unwrap_or_default(),
+                }
+            }
             Ok(Request::Shutdown) => {
                 stop.store(true, Ordering::SeqCst);
                 Response::Ok

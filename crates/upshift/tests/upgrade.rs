@@ -37,6 +37,22 @@ struct Component {
     name: String,
     healthy: bool,
     version: Option<String>,
+    instances: Vec<Instance>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Instance {
+    version: String,
+    slot: String,
+    addr: Option<String>,
+    pid: Option<u32>,
+    running: bool,
+    restarts: u32,
+    serving: bool,
+    requests: Option<u64>,
+    errors: Option<u64>,
+    p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -612,8 +628,21 @@ fn switches_lose_no_request(app: &App, serve: &str, instances: usize) {
     assert!(slow.starts_with("HTTP/1.1 200") && slow.contains("slept_ms"), "{slow}");
     assert!(sent > 100, "the load hardly ran: {sent}");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed: {failures:?}");
-    // 2.0.0 serves, alone, with the schema after its contract; the writes under load are kept.
+    // 2.0.0 serves, alone, with the schema after its contract; the writes under load are kept,
+    // and the proxy counted what it sent to each instance.
     let status = app.status();
+    let serving: Vec<&Instance> = status.components[0].instances.iter().filter(|i| i.serving).collect();
+    assert_eq!(serving.len(), instances, "{status:?}");
+    assert!(serving.iter().all(|i| i.version == "2.0.0"
+        && i.running
+        && i.pid.is_some()
+        && i.addr.is_some()
+        && i.restarts == 0));
+    assert!(
+        serving.iter().all(|i| i.requests.unwrap_or(0) > 0 && i.errors == Some(0) && i.p99_ms.is_some()),
+        "{serving:?}"
+    );
+    assert!(serving.iter().all(|i| !i.slot.is_empty()));
     assert_eq!((status.version.as_deref(), status.components[0].version.as_deref()), (Some("2.0.0"), Some("2.0.0")));
     assert!(status.components[0].healthy);
     assert!(!app.has_title() && app.has_table("tags"));

@@ -213,6 +213,23 @@ struct StatusComponent<'a> {
     name: &'a str,
     healthy: bool,
     version: Option<String>,
+    instances: Vec<StatusInstance>,
+}
+
+/// One process of a component, with what the proxy measured of it (when it serves
+/// through the proxy).
+#[derive(Serialize)]
+struct StatusInstance {
+    version: String,
+    slot: String,
+    addr: Option<String>,
+    pid: Option<u32>,
+    running: bool,
+    restarts: u32,
+    serving: bool,
+    requests: Option<u64>,
+    errors: Option<u64>,
+    p99_ms: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -238,65 +255,25 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
             .map(|s| s.seq),
         _ => None,
     };
-    let instances = upshift_agent::Client::connect(&manifest.state_dir)
+    let (instances, routes, metrics) = upshift_agent::Client::connect(&manifest.state_dir)
         .ok()
         .and_then(|mut client| match client.request(&upshift_agent::Request::Status) {
-            Ok(upshift_agent::Response::Status { instances, .. }) => Some(instances),
+            Ok(upshift_agent::Response::Status { instances, routes, metrics, .. }) => {
+                Some((instances, routes, metrics))
+            }
             _ => None,
         })
         .unwrap_or_default();
-    let components: Vec<StatusComponent<'_>> = manifest
-        .components
-        .iter()
-        .map(|component| {
-            let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
-            let healthy = live.is_some_and(|instance| match &component.health {
-                Some(health) => {
-                    let probe = match &health.probe {
-                        upshift_core::manifest::Probe::Command(argv) => upshift_core::manifest::Probe::Command(
-                            argv.iter().map(|a| a.replace("{version}", &instance.spec.version)).collect(),
-                        ),
-                        other => other.clone(),
-                    };
-                    upshift_deploy::health::once(&probe, instance.spec.addr.as_deref(), health.timeout).is_ok()
-                }
-                None => true,
-            });
-            StatusComponent { name: &component.name, healthy, version: live.map(|i| i.spec.version.clone()) }
-        })
-        .collect();
+    let agent = AgentView { instances: &instances, routes: &routes, metrics: &metrics };
+    let components: Vec<StatusComponent<'_>> =
+        manifest.components.iter().map(|component| component_status(component, &agent)).collect();
     let json = StatusJson {
         version: deployed.as_ref().map(|r| r.version.as_str()),
         revision: deployed.as_ref().map(|r| r.revision),
         run: running.as_ref().map(|r| StatusRun { id: &r.id, target: &r.target, state: &r.state, step }),
         components,
     };
-    printer.result(&json, || {
-        let mut out = match &deployed {
-            Some(r) => format!("deployed  {} (revision {})\n", r.version, r.revision),
-            None => "deployed  nothing yet\n".to_owned(),
-        };
-        if let Some(run) = &running {
-            let _ = writeln!(
-                out,
-                "in flight {} to {} ({}, step {}): `upshift resume` finishes it, `upshift abort` undoes it",
-                run.kind,
-                run.target,
-                run.state,
-                step.map_or_else(|| "?".to_owned(), |s| s.to_string())
-            );
-        }
-        for c in &json.components {
-            let _ = writeln!(
-                out,
-                "{:<10}{} {}",
-                c.name,
-                c.version.as_deref().unwrap_or("-"),
-                if c.healthy { "healthy" } else { "NOT healthy" }
-            );
-        }
-        out
-    })
+    printer.result(&json, || render_status(&json, deployed.as_ref(), running.as_ref(), step))
 }
 
 #[derive(Serialize)]
@@ -328,4 +305,113 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
         }
         out
     })
+}
+
+/// What the agent reported, for `status`.
+struct AgentView<'a> {
+    instances: &'a [upshift_agent::InstanceStatus],
+    routes: &'a std::collections::BTreeMap<String, Vec<String>>,
+    metrics: &'a std::collections::BTreeMap<String, Vec<upshift_agent::UpstreamMetrics>>,
+}
+
+/// One component's health, version and processes, with the proxy's figures.
+fn component_status<'a>(
+    component: &'a upshift_core::manifest::Component,
+    agent: &AgentView<'_>,
+) -> StatusComponent<'a> {
+    let instances = agent.instances;
+    let metrics = agent.metrics;
+
+    let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
+    let healthy = live.is_some_and(|instance| match &component.health {
+        Some(health) => {
+            let probe = match &health.probe {
+                upshift_core::manifest::Probe::Command(argv) => upshift_core::manifest::Probe::Command(
+                    argv.iter().map(|a| a.replace("{version}", &instance.spec.version)).collect(),
+                ),
+                other => other.clone(),
+            };
+            upshift_deploy::health::once(&probe, instance.spec.addr.as_deref(), health.timeout).is_ok()
+        }
+        None => true,
+    });
+    let proxied = agent.routes.get(&component.name);
+    let measured = metrics.get(&component.name);
+    let processes = instances
+        .iter()
+        .filter(|i| i.spec.component == component.name)
+        .map(|i| {
+            let figures = measured.and_then(|m| m.iter().find(|u| Some(&u.addr) == i.spec.addr.as_ref()));
+            StatusInstance {
+                version: i.spec.version.clone(),
+                slot: i.spec.slot.clone(),
+                addr: i.spec.addr.clone(),
+                pid: i.pid,
+                running: i.running,
+                restarts: i.restarts,
+                serving: proxied.map_or(i.running, |r| i.spec.addr.as_ref().is_some_and(|a| r.contains(a))),
+                requests: figures.map(|f| f.requests),
+                errors: figures.map(|f| f.errors),
+                p99_ms: figures.and_then(|f| f.p99_ms),
+            }
+        })
+        .collect();
+    StatusComponent {
+        name: &component.name,
+        healthy,
+        version: live.map(|i| i.spec.version.clone()),
+        instances: processes,
+    }
+}
+
+/// `status` for people.
+fn render_status(
+    json: &StatusJson<'_>,
+    deployed: Option<&upshift_core::journal::ReleaseRow>,
+    running: Option<&upshift_core::journal::RunRow>,
+    step: Option<i64>,
+) -> String {
+    let mut out = match deployed {
+        Some(r) => format!("deployed  {} (revision {})\n", r.version, r.revision),
+        None => "deployed  nothing yet\n".to_owned(),
+    };
+    if let Some(run) = running {
+        let _ = writeln!(
+            out,
+            "in flight {} to {} ({}, step {}): `upshift resume` finishes it, `upshift abort` undoes it",
+            run.kind,
+            run.target,
+            run.state,
+            step.map_or_else(|| "?".to_owned(), |s| s.to_string())
+        );
+    }
+    for c in &json.components {
+        let _ = writeln!(
+            out,
+            "{:<10}{} {}",
+            c.name,
+            c.version.as_deref().unwrap_or("-"),
+            if c.healthy { "healthy" } else { "NOT healthy" }
+        );
+        for i in &c.instances {
+            let figures = match (i.requests, i.errors) {
+                (Some(requests), Some(errors)) => format!(
+                    ", {requests} requests, {errors} errors, p99 {}",
+                    i.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1} ms"))
+                ),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  {} {} at {}: {}{}{}",
+                i.slot,
+                i.version,
+                i.addr.as_deref().unwrap_or("-"),
+                if i.running { "running" } else { "stopped" },
+                if i.serving { ", serving" } else { "" },
+                figures
+            );
+        }
+    }
+    out
 }
