@@ -200,21 +200,16 @@ async fn handle(
     };
     match forward(&client, &first, &parts.method, &path, &headers, &body).await {
         Ok(response) => Ok(response),
-        // An idempotent request is safe to send again: once more, elsewhere when possible.
-        Err(_) if idempotent => {
-            let second = route.pick(Some(&first.addr)).unwrap_or(first);
-            Ok(forward(&client, &second, &parts.method, &path, &headers, &body)
-                .await
-                .unwrap_or_else(|(_, message)| respond(StatusCode::BAD_GATEWAY, &message)))
-        }
-        Err((true, message)) => {
-            // Connect errors are safe to retry whatever the method: nothing was sent.
+        // Safe to send once more, elsewhere when possible: an idempotent request, or any
+        // request that never reached its upstream (a connect error).
+        Err((not_sent, message)) if idempotent || not_sent => {
             let second = route.pick(Some(&first.addr)).unwrap_or(first);
             Ok(forward(&client, &second, &parts.method, &path, &headers, &body)
                 .await
                 .unwrap_or_else(|(_, again)| respond(StatusCode::BAD_GATEWAY, &format!("{message}; then {again}"))))
         }
-        Err((false, message)) => Ok(respond(StatusCode::BAD_GATEWAY, &message)),
+        // Sent, and not safe to send again.
+        Err((_, message)) => Ok(respond(StatusCode::BAD_GATEWAY, &message)),
     }
 }
 

@@ -222,13 +222,7 @@ impl Journal {
     /// Refuses to start while a run did not finish.
     pub fn refuse_in_flight(&self) -> Result<(), JournalError> {
         if let Some(run) = self.running()? {
-            let (step, state) = self
-                .steps(&run.id)?
-                .iter()
-                .rev()
-                .find(|s| s.state != "done")
-                .or(self.steps(&run.id)?.last())
-                .map_or((0, run.state.clone()), |s| (s.seq, s.state.clone()));
+            let (step, state) = self.current_step(&run.id)?.map_or((0, run.state.clone()), |s| (s.seq, s.state));
             return Err(JournalError::InFlight { id: run.id, kind: run.kind, target: run.target, step, state });
         }
         Ok(())
@@ -334,6 +328,15 @@ impl Journal {
                 .collect()
         };
         read().map_err(|e| self.storage(e))
+    }
+
+    /// Where a run stands: its last step that is not done, else its last step.
+    pub fn current_step(&self, run: &str) -> Result<Option<StepRow>, JournalError> {
+        let mut steps = self.steps(run)?;
+        Ok(match steps.iter().rposition(|s| s.state != "done") {
+            Some(index) => Some(steps.swap_remove(index)),
+            None => steps.pop(),
+        })
     }
 
     /// Sets the run's backup.

@@ -42,7 +42,7 @@ fn error(message: impl Into<String>) -> DriverError {
 }
 
 /// Fills `{version}`, `{addr}` and `{port}`.
-fn fill(text: &str, version: &str, addr: Option<&str>) -> String {
+pub(crate) fn fill(text: &str, version: &str, addr: Option<&str>) -> String {
     let port = addr.and_then(|a| a.rsplit_once(':').map(|(_, p)| p)).unwrap_or("");
     text.replace("{version}", version).replace("{addr}", addr.unwrap_or("")).replace("{port}", port)
 }
@@ -220,12 +220,7 @@ impl ProcessDriver {
     fn wait_healthy(component: &Component, spec: &Spec) -> Result<(), DriverError> {
         match &component.health {
             Some(health) => {
-                let probe = match &health.probe {
-                    upshift_core::manifest::Probe::Command(argv) => upshift_core::manifest::Probe::Command(
-                        argv.iter().map(|a| fill(a, &spec.version, spec.addr.as_deref())).collect(),
-                    ),
-                    other => other.clone(),
-                };
+                let probe = health::filled(&health.probe, &spec.version, spec.addr.as_deref());
                 health::wait(health, &probe, spec.addr.as_deref())
                     .map_err(|m| error(format!("{} {}: {m}", component.name, spec.version)))
             }

@@ -246,13 +246,7 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
     let deployed = journal.as_ref().map(Journal::deployed).transpose()?.flatten();
     let running = journal.as_ref().map(Journal::running).transpose()?.flatten();
     let step = match (&journal, &running) {
-        (Some(journal), Some(run)) => journal
-            .steps(&run.id)?
-            .iter()
-            .rev()
-            .find(|s| s.state != "done")
-            .or(journal.steps(&run.id)?.last())
-            .map(|s| s.seq),
+        (Some(journal), Some(run)) => journal.current_step(&run.id)?.map(|s| s.seq),
         _ => None,
     };
     let (instances, routes, metrics) = upshift_agent::Client::connect(&manifest.state_dir)
@@ -325,12 +319,8 @@ fn component_status<'a>(
     let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
     let healthy = live.is_some_and(|instance| match &component.health {
         Some(health) => {
-            let probe = match &health.probe {
-                upshift_core::manifest::Probe::Command(argv) => upshift_core::manifest::Probe::Command(
-                    argv.iter().map(|a| a.replace("{version}", &instance.spec.version)).collect(),
-                ),
-                other => other.clone(),
-            };
+            let probe =
+                upshift_deploy::health::filled(&health.probe, &instance.spec.version, instance.spec.addr.as_deref());
             upshift_deploy::health::once(&probe, instance.spec.addr.as_deref(), health.timeout).is_ok()
         }
         None => true,
