@@ -1,8 +1,8 @@
 //! The agent of the process driver: a supervisor that keeps each component's processes
 //! running between upshift commands, restarts them when they exit on their own, and writes
-//! their output to `<state_dir>/logs/<component>-<version>.log`. It is run by `upshift
-//! agent` and answers on a unix socket in the state dir. (The zero-downtime proxy joins it
-//! in a later issue.)
+//! their output to `<state_dir>/logs/<component>-<version>.log`, and runs the reverse proxy
+//! that holds each component's stable address. It is run by `upshift agent` and answers on a
+//! unix socket in the state dir.
 
 pub mod client;
 pub mod protocol;
@@ -11,6 +11,7 @@ pub mod server;
 mod supervisor;
 
 pub use client::{Client, ClientError};
-pub use protocol::{InstanceStatus, Request, Response, Spec};
-pub use proxy::UpstreamMetrics;
+pub use protocol::{
+    InstanceStatus, Request, Response, RouteStatus, Spec, Upstream, UpstreamStatus, VersionStatus, Window,
+};
 pub use server::{AgentError, run};

@@ -35,11 +35,91 @@ pub enum Request {
     Stop { component: String, slot: String, grace_ms: u64 },
     /// Points the proxy's `listen` address for `component` at `upstreams` (atomically),
     /// then waits up to `drain_ms` for the upstreams it left to finish their requests.
-    Route { component: String, listen: String, upstreams: Vec<String>, drain_ms: u64 },
+    /// Starts a new measuring window for every upstream of the component.
+    Route { component: String, listen: String, upstreams: Vec<Upstream>, drain_ms: u64 },
     /// Every instance.
     Status,
     /// Stop every instance and exit.
     Shutdown,
+}
+
+/// Where the proxy sends a share of a component's requests.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upstream {
+    /// The instance's address.
+    pub addr: String,
+    /// The version it runs, so the proxy can measure per version.
+    pub version: String,
+    /// Its share relative to the others' (0: no new requests).
+    pub weight: u32,
+}
+
+/// Requests, errors and latency measured over a window of time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// How long the window has been open.
+    pub seconds: f64,
+    /// Requests answered or failed in it.
+    pub requests: u64,
+    /// Of which failed: no answer, or a 5xx answer.
+    pub errors: u64,
+    /// p99 latency of its last answered requests (up to 4096 per upstream).
+    pub p99_ms: Option<f64>,
+}
+
+impl Window {
+    /// `errors / requests`, when there were requests.
+    #[must_use]
+    pub fn error_rate(&self) -> Option<f64> {
+        #[allow(clippy::cast_precision_loss)]
+        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
+    }
+}
+
+/// One upstream as the proxy sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamStatus {
+    /// Where it is, what it runs, and its weight.
+    #[serde(flatten)]
+    pub upstream: Upstream,
+    /// Requests sent to it since it joined the route.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Since the last change of the route.
+    pub window: Window,
+}
+
+/// What one version of a component got, over all its upstreams.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionStatus {
+    /// The version.
+    pub version: String,
+    /// Its share of new requests, in percent.
+    pub share: f64,
+    /// Since the last change of the route.
+    pub window: Window,
+}
+
+/// A component's route in the proxy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteStatus {
+    /// The stable address the proxy listens on.
+    pub listen: String,
+    /// Where requests go.
+    pub upstreams: Vec<UpstreamStatus>,
+    /// The same, per version.
+    pub versions: Vec<VersionStatus>,
+}
+
+impl RouteStatus {
+    /// Whether requests may go to `addr`.
+    #[must_use]
+    pub fn serves(&self, addr: &str) -> bool {
+        self.upstreams.iter().any(|u| u.upstream.addr == addr)
+    }
 }
 
 /// One instance as the agent sees it.
@@ -65,15 +145,12 @@ pub enum Response {
     Ok,
     /// Started, with the pid.
     Started { pid: u32 },
-    /// Every instance, and the proxy's upstreams per component.
+    /// Every instance, and the proxy's routes (with what it measured) per component.
     Status {
         pid: u32,
         instances: Vec<InstanceStatus>,
         #[serde(default)]
-        routes: BTreeMap<String, Vec<String>>,
-        /// What the proxy measured per component and upstream.
-        #[serde(default)]
-        metrics: BTreeMap<String, Vec<crate::proxy::UpstreamMetrics>>,
+        routes: BTreeMap<String, RouteStatus>,
     },
     /// Routed; `drained` says whether the old upstreams finished within the drain.
     Routed { drained: bool },

@@ -4,52 +4,71 @@
 //! Runs on its own tokio runtime inside the agent. Upstream connections are pooled and
 //! kept alive. A switch publishes the new set in one step (readers take an `Arc` of the
 //! set); requests already sent to an old upstream complete, and the switch waits (up to the
-//! component's `drain`) until the old upstreams have no request in flight. A request that
-//! cannot reach its upstream is retried once on another one when that is safe: an
-//! idempotent method, and nothing was sent. This first version buffers request and response
-//! bodies (no streaming or WebSocket pass-through yet).
+//! component's `drain`) until the old upstreams have no request in flight. Upstreams carry
+//! weights (a canary gets a share of new requests) and the version they run, and the proxy
+//! measures requests, errors and p99 latency per upstream and per version, over a window
+//! that each change of the route opens anew.
+//!
+//! A request that cannot reach its upstream is retried once on another one when that is
+//! safe: an idempotent method, or nothing was sent. Request bodies are buffered (up to
+//! 16 MiB) so they can be sent again; response bodies stream through, and an upgrade
+//! (WebSocket) is passed through as a byte stream once the upstream answers 101.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::protocol::{RouteStatus, Upstream, UpstreamStatus, VersionStatus, Window};
+
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type ProxyBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
-/// Requests larger than this are refused (bodies are buffered).
+/// Requests larger than this are refused (request bodies are buffered).
 const MAX_BODY: usize = 16 * 1024 * 1024;
-/// How long one upstream exchange may take.
+/// How long an upstream may take to answer (its headers).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
-
-struct Upstream {
-    addr: String,
-    in_flight: AtomicUsize,
-    stats: Mutex<Stats>,
-}
-
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Latencies kept per upstream for its p99.
 const LATENCY_WINDOW: usize = 4096;
 
-/// What the proxy measured of one upstream.
-#[derive(Default)]
-struct Stats {
+/// An upstream and what the proxy measured of it.
+struct Backend {
+    addr: String,
+    version: String,
+    weight: AtomicU32,
+    in_flight: AtomicUsize,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    window: Mutex<Measured>,
+}
+
+/// Requests, errors and the last [`LATENCY_WINDOW`] latencies (a ring) since `since`.
+struct Measured {
+    since: Instant,
     requests: u64,
     errors: u64,
-    /// The last [`LATENCY_WINDOW`] answered requests' latencies, in a ring.
     latencies: Vec<Duration>,
     next: usize,
 }
 
-impl Stats {
+impl Measured {
+    fn new() -> Measured {
+        Measured { since: Instant::now(), requests: 0, errors: 0, latencies: Vec::new(), next: 0 }
+    }
+
     fn record(&mut self, latency: Duration, error: bool) {
         self.requests += 1;
         if error {
@@ -62,37 +81,77 @@ impl Stats {
             self.next = (self.next + 1) % LATENCY_WINDOW;
         }
     }
-
-    fn p99_ms(&self) -> Option<f64> {
-        if self.latencies.is_empty() {
-            return None;
-        }
-        let mut sorted = self.latencies.clone();
-        sorted.sort();
-        let index = (sorted.len() * 99).div_ceil(100).saturating_sub(1);
-        Some(sorted[index].as_secs_f64() * 1000.0)
-    }
 }
 
-/// An upstream's figures, for the admin API.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct UpstreamMetrics {
-    /// The upstream's address.
-    pub addr: String,
-    /// Requests sent to it.
-    pub requests: u64,
-    /// Of which failed: no answer, or a 5xx answer.
-    pub errors: u64,
-    /// Requests in flight now.
-    pub in_flight: u64,
-    /// p99 latency of its last answered requests.
-    pub p99_ms: Option<f64>,
+/// The p99 of `latencies`, in milliseconds.
+fn p99_ms(mut latencies: Vec<Duration>) -> Option<f64> {
+    if latencies.is_empty() {
+        return None;
+    }
+    latencies.sort_unstable();
+    let index = (latencies.len() * 99).div_ceil(100).saturating_sub(1);
+    Some(latencies[index].as_secs_f64() * 1000.0)
+}
+
+/// The window figures of several upstreams together.
+fn window_of<'a>(backends: impl Iterator<Item = &'a Backend>) -> Window {
+    let mut window = Window::default();
+    let mut latencies = Vec::new();
+    for backend in backends {
+        let measured = backend.window.lock().expect("window lock");
+        window.seconds = window.seconds.max(measured.since.elapsed().as_secs_f64());
+        window.requests += measured.requests;
+        window.errors += measured.errors;
+        latencies.extend_from_slice(&measured.latencies);
+    }
+    window.p99_ms = p99_ms(latencies);
+    window
+}
+
+impl Backend {
+    fn new(upstream: &Upstream) -> Backend {
+        Backend {
+            addr: upstream.addr.clone(),
+            version: upstream.version.clone(),
+            weight: AtomicU32::new(upstream.weight),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            window: Mutex::new(Measured::new()),
+        }
+    }
+
+    fn record(&self, latency: Duration, error: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.window.lock().expect("window lock").record(latency, error);
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    fn upstream(&self) -> Upstream {
+        Upstream { addr: self.addr.clone(), version: self.version.clone(), weight: self.weight() }
+    }
+
+    fn status(&self) -> UpstreamStatus {
+        UpstreamStatus {
+            upstream: self.upstream(),
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::SeqCst) as u64,
+            window: window_of(std::iter::once(self)),
+        }
+    }
 }
 
 struct Route {
     listen: String,
-    upstreams: RwLock<Arc<Vec<Arc<Upstream>>>>,
-    next: AtomicUsize,
+    backends: RwLock<Arc<Vec<Arc<Backend>>>>,
+    next: AtomicU64,
 }
 
 /// A route as saved to the state dir, so a restarted agent serves it again.
@@ -100,23 +159,55 @@ struct Route {
 pub(crate) struct SavedRoute {
     pub(crate) component: String,
     pub(crate) listen: String,
-    pub(crate) upstreams: Vec<String>,
+    pub(crate) upstreams: Vec<Upstream>,
 }
 
 impl Route {
-    fn current(&self) -> Arc<Vec<Arc<Upstream>>> {
-        Arc::clone(&self.upstreams.read().expect("route lock"))
+    fn current(&self) -> Arc<Vec<Arc<Backend>>> {
+        Arc::clone(&self.backends.read().expect("route lock"))
     }
 
-    /// Round robin over the current set, skipping `avoid`.
-    fn pick(&self, avoid: Option<&str>) -> Option<Arc<Upstream>> {
+    /// Weighted round robin over the current set, skipping `avoid`: of every `total`
+    /// consecutive requests, each upstream gets its weight.
+    fn pick(&self, avoid: Option<&str>) -> Option<Arc<Backend>> {
         let set = self.current();
-        let candidates: Vec<&Arc<Upstream>> = set.iter().filter(|u| Some(u.addr.as_str()) != avoid).collect();
-        if candidates.is_empty() {
+        let candidates: Vec<&Arc<Backend>> =
+            set.iter().filter(|b| b.weight() > 0 && Some(b.addr.as_str()) != avoid).collect();
+        let total: u64 = candidates.iter().map(|b| u64::from(b.weight())).sum();
+        if total == 0 {
             return None;
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        Some(Arc::clone(candidates[n % candidates.len()]))
+        let mut point = self.next.fetch_add(1, Ordering::Relaxed) % total;
+        for backend in candidates {
+            let weight = u64::from(backend.weight());
+            if point < weight {
+                return Some(Arc::clone(backend));
+            }
+            point -= weight;
+        }
+        None
+    }
+
+    fn status(&self) -> RouteStatus {
+        let set = self.current();
+        let total: u64 = set.iter().map(|b| u64::from(b.weight())).sum();
+        let mut versions: Vec<&str> = Vec::new();
+        for backend in set.iter() {
+            if !versions.contains(&backend.version.as_str()) {
+                versions.push(&backend.version);
+            }
+        }
+        let versions = versions
+            .into_iter()
+            .map(|version| {
+                let of_version = || set.iter().filter(move |b| b.version == version).map(AsRef::as_ref);
+                let weight: u64 = of_version().map(|b| u64::from(b.weight())).sum();
+                #[allow(clippy::cast_precision_loss)]
+                let share = if total == 0 { 0.0 } else { weight as f64 * 100.0 / total as f64 };
+                VersionStatus { version: version.to_owned(), share, window: window_of(of_version()) }
+            })
+            .collect();
+        RouteStatus { listen: self.listen.clone(), upstreams: set.iter().map(|b| b.status()).collect(), versions }
     }
 }
 
@@ -127,49 +218,123 @@ pub(crate) struct Proxy {
     client: HttpClient,
 }
 
-fn respond(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
-/// Hop-by-hop headers, which are not forwarded.
+/// Hop-by-hop headers, which are not forwarded (an upgrade keeps `connection` and `upgrade`).
 const HOP_BY_HOP: &[&str] =
     &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
 
+/// A response body that holds its upstream's in-flight count until it is done or dropped,
+/// so a drain waits for bodies still streaming.
+struct Tracked {
+    inner: Incoming,
+    backend: Arc<Backend>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a failed exchange tells the retry: whether nothing reached the upstream.
+struct Failed {
+    not_sent: bool,
+    message: String,
+}
+
+/// One request as the proxy forwards it.
+struct Outgoing<'a> {
+    method: &'a Method,
+    path: &'a str,
+    headers: &'a hyper::HeaderMap,
+    body: &'a Bytes,
+    upgrade: bool,
+}
+
 async fn forward(
     client: &HttpClient,
-    upstream: &Upstream,
-    method: &Method,
-    uri_path: &str,
-    headers: &hyper::HeaderMap,
-    body: &Bytes,
-) -> Result<Response<Full<Bytes>>, (bool, String)> {
+    backend: &Arc<Backend>,
+    out: &Outgoing<'_>,
+) -> Result<Response<Incoming>, Failed> {
+    let failed = |message: String| Failed { not_sent: false, message };
     let uri: hyper::Uri =
-        format!("http://{}{uri_path}", upstream.addr).parse().map_err(|e| (false, format!("bad upstream uri: {e}")))?;
-    let mut request = Request::builder().method(method.clone()).uri(uri);
-    for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        format!("http://{}{}", backend.addr, out.path).parse().map_err(|e| failed(format!("bad upstream uri: {e}")))?;
+    let mut request = Request::builder().method(out.method.clone()).uri(uri);
+    for (name, value) in out.headers {
+        let upgrading = out.upgrade && matches!(name.as_str(), "connection" | "upgrade");
+        if upgrading || !HOP_BY_HOP.contains(&name.as_str()) {
             request = request.header(name, value);
         }
     }
-    let request = request.body(Full::new(body.clone())).map_err(|e| (false, e.to_string()))?;
-    upstream.in_flight.fetch_add(1, Ordering::SeqCst);
+    let request = request.body(Full::new(out.body.clone())).map_err(|e| failed(e.to_string()))?;
+    backend.in_flight.fetch_add(1, Ordering::SeqCst);
     let started = Instant::now();
-    let result = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-        let response = client.request(request).await.map_err(|e| (e.is_connect(), e.to_string()))?;
-        let (parts, body) = response.into_parts();
-        let bytes = body.collect().await.map_err(|e| (false, e.to_string()))?.to_bytes();
-        Ok(Response::from_parts(parts, Full::new(bytes)))
-    })
-    .await;
-    upstream.in_flight.fetch_sub(1, Ordering::SeqCst);
-    let result = result.unwrap_or_else(|_| Err((false, "the upstream timed out".to_owned())));
+    let result = match tokio::time::timeout(UPSTREAM_TIMEOUT, client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(Failed { not_sent: e.is_connect(), message: e.to_string() }),
+        Err(_) => Err(failed("the upstream timed out".to_owned())),
+    };
     let error = result.as_ref().map_or(true, |r| r.status().is_server_error());
-    upstream.stats.lock().expect("stats lock").record(started.elapsed(), error);
+    backend.record(started.elapsed(), error);
+    if result.is_err() {
+        backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
     result
+}
+
+/// Passes an upgraded connection (WebSocket) through, byte for byte, once both sides agreed.
+fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, backend: Arc<Backend>) {
+    tokio::spawn(async move {
+        if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+        }
+        backend.in_flight.fetch_sub(1, Ordering::SeqCst);
+    });
+}
+
+/// Hands the upstream's response to the client: an upgrade is spliced, a body streams.
+fn relay(
+    mut response: Response<Incoming>,
+    backend: Arc<Backend>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        splice(client_upgrade, upstream_upgrade, backend);
+        let (parts, _) = response.into_parts();
+        return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    }
+    let (mut parts, body) = response.into_parts();
+    for name in HOP_BY_HOP {
+        parts.headers.remove(*name);
+    }
+    Response::from_parts(parts, Tracked { inner: body, backend }.boxed())
 }
 
 async fn handle(
@@ -177,13 +342,15 @@ async fn handle(
     peer: SocketAddr,
     route: Arc<Route>,
     client: HttpClient,
-) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let (parts, body) = request.into_parts();
+) -> Result<Response<ProxyBody>, std::convert::Infallible> {
+    let (mut parts, body) = request.into_parts();
+    let upgrade = parts.headers.contains_key(hyper::header::UPGRADE);
+    let client_upgrade = upgrade.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
     let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken")),
     };
-    let mut headers = parts.headers.clone();
+    let mut headers = parts.headers;
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {}", peer.ip()),
         None => peer.ip().to_string(),
@@ -193,24 +360,29 @@ async fn handle(
     }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    let out = Outgoing { method: &parts.method, path: &path, headers: &headers, body: &body, upgrade };
     let idempotent =
         matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
     let Some(first) = route.pick(None) else {
         return Ok(respond(StatusCode::SERVICE_UNAVAILABLE, "no upstream is live"));
     };
-    match forward(&client, &first, &parts.method, &path, &headers, &body).await {
-        Ok(response) => Ok(response),
+    let (backend, result) = match forward(&client, &first, &out).await {
         // Safe to send once more, elsewhere when possible: an idempotent request, or any
         // request that never reached its upstream (a connect error).
-        Err((not_sent, message)) if idempotent || not_sent => {
+        Err(Failed { not_sent, message }) if idempotent || not_sent => {
             let second = route.pick(Some(&first.addr)).unwrap_or(first);
-            Ok(forward(&client, &second, &parts.method, &path, &headers, &body)
-                .await
-                .unwrap_or_else(|(_, again)| respond(StatusCode::BAD_GATEWAY, &format!("{message}; then {again}"))))
+            let result = forward(&client, &second, &out).await.map_err(|again| Failed {
+                not_sent: again.not_sent,
+                message: format!("{message}; then {}", again.message),
+            });
+            (second, result)
         }
-        // Sent, and not safe to send again.
-        Err((_, message)) => Ok(respond(StatusCode::BAD_GATEWAY, &message)),
-    }
+        result => (first, result),
+    };
+    Ok(match result {
+        Ok(response) => relay(response, backend, client_upgrade),
+        Err(failed) => respond(StatusCode::BAD_GATEWAY, &failed.message),
+    })
 }
 
 impl Proxy {
@@ -227,14 +399,50 @@ impl Proxy {
         Ok(Proxy { runtime, routes: Mutex::new(HashMap::new()), client })
     }
 
-    /// Points `component`'s address `listen` at `upstreams`, atomically, then waits up to
-    /// `drain` for the upstreams it no longer uses to finish their requests. Returns whether
-    /// they did.
+    /// Starts serving `listen` for a new route.
+    fn listen(&self, listen: &str) -> Result<Arc<Route>, String> {
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .map_err(|e| format!("the proxy cannot listen on {listen}: {e}"))?;
+        let route = Arc::new(Route {
+            listen: listen.to_owned(),
+            backends: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicU64::new(0),
+        });
+        let accepting = Arc::clone(&route);
+        let client = self.client.clone();
+        self.runtime.spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
+                let route = Arc::clone(&accepting);
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        handle(request, peer, Arc::clone(&route), client.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Ok(route)
+    }
+
+    /// Points `component`'s address `listen` at `upstreams`, atomically, and opens a new
+    /// measuring window for each; then waits up to `drain` for the upstreams it no longer
+    /// uses to finish their requests. Returns whether they did.
     pub(crate) fn route(
         &self,
         component: &str,
         listen: &str,
-        upstreams: &[String],
+        upstreams: &[Upstream],
         drain: Duration,
     ) -> Result<bool, String> {
         let route = {
@@ -242,57 +450,29 @@ impl Proxy {
             if let Some(route) = routes.get(component) {
                 Arc::clone(route)
             } else {
-                let listener = self
-                    .runtime
-                    .block_on(tokio::net::TcpListener::bind(listen))
-                    .map_err(|e| format!("the proxy cannot listen on {listen}: {e}"))?;
-                let route = Arc::new(Route {
-                    listen: listen.to_owned(),
-                    upstreams: RwLock::new(Arc::new(Vec::new())),
-                    next: AtomicUsize::new(0),
-                });
-                let accepting = Arc::clone(&route);
-                let client = self.client.clone();
-                self.runtime.spawn(async move {
-                    loop {
-                        let Ok((stream, peer)) = listener.accept().await else { continue };
-                        let route = Arc::clone(&accepting);
-                        let client = client.clone();
-                        tokio::spawn(async move {
-                            let service = hyper::service::service_fn(move |request| {
-                                handle(request, peer, Arc::clone(&route), client.clone())
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .keep_alive(true)
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                });
+                let route = self.listen(listen)?;
                 routes.insert(component.to_owned(), Arc::clone(&route));
                 route
             }
         };
         let old = route.current();
-        let new: Vec<Arc<Upstream>> = upstreams
+        let new: Vec<Arc<Backend>> = upstreams
             .iter()
-            .map(|addr| {
-                old.iter().find(|u| &u.addr == addr).map_or_else(
-                    || {
-                        Arc::new(Upstream {
-                            addr: addr.clone(),
-                            in_flight: AtomicUsize::new(0),
-                            stats: Mutex::new(Stats::default()),
-                        })
-                    },
-                    Arc::clone,
-                )
+            .map(|upstream| match old.iter().find(|b| b.addr == upstream.addr && b.version == upstream.version) {
+                // Kept: its totals carry on, its weight may change, its window opens anew.
+                Some(kept) => {
+                    kept.weight.store(upstream.weight, Ordering::Relaxed);
+                    *kept.window.lock().expect("window lock") = Measured::new();
+                    Arc::clone(kept)
+                }
+                None => Arc::new(Backend::new(upstream)),
             })
             .collect();
-        *route.upstreams.write().expect("route lock") = Arc::new(new);
-        let removed: Vec<&Arc<Upstream>> = old.iter().filter(|u| !upstreams.contains(&u.addr)).collect();
+        let leaving: Vec<Arc<Backend>> =
+            old.iter().filter(|b| !new.iter().any(|n| Arc::ptr_eq(b, n))).map(Arc::clone).collect();
+        *route.backends.write().expect("route lock") = Arc::new(new);
         let deadline = Instant::now() + drain;
-        while removed.iter().any(|u| u.in_flight.load(Ordering::SeqCst) > 0) {
+        while leaving.iter().any(|b| b.in_flight.load(Ordering::SeqCst) > 0) {
             if Instant::now() >= deadline {
                 return Ok(false);
             }
@@ -311,46 +491,123 @@ impl Proxy {
             .map(|(component, route)| SavedRoute {
                 component: component.clone(),
                 listen: route.listen.clone(),
-                upstreams: route.current().iter().map(|u| u.addr.clone()).collect(),
+                upstreams: route.current().iter().map(|b| b.upstream()).collect(),
             })
             .collect();
         saved.sort_by(|a, b| a.component.cmp(&b.component));
         saved
     }
 
-    /// What the proxy measured, per component and upstream it routes to.
-    pub(crate) fn metrics(&self) -> BTreeMap<String, Vec<UpstreamMetrics>> {
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .iter()
-            .map(|(component, route)| {
-                let upstreams = route
-                    .current()
-                    .iter()
-                    .map(|u| {
-                        let stats = u.stats.lock().expect("stats lock");
-                        UpstreamMetrics {
-                            addr: u.addr.clone(),
-                            requests: stats.requests,
-                            errors: stats.errors,
-                            in_flight: u.in_flight.load(Ordering::SeqCst) as u64,
-                            p99_ms: stats.p99_ms(),
-                        }
-                    })
-                    .collect();
-                (component.clone(), upstreams)
-            })
-            .collect()
+    /// Every component's route, with what the proxy measured.
+    pub(crate) fn status(&self) -> BTreeMap<String, RouteStatus> {
+        let routes: Vec<(String, Arc<Route>)> =
+            self.routes.lock().expect("routes lock").iter().map(|(c, r)| (c.clone(), Arc::clone(r))).collect();
+        routes.into_iter().map(|(component, route)| (component, route.status())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    fn free_port() -> String {
+        TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
     }
 
-    /// Every component's upstreams.
-    pub(crate) fn routes(&self) -> BTreeMap<String, Vec<String>> {
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .iter()
-            .map(|(component, route)| (component.clone(), route.current().iter().map(|u| u.addr.clone()).collect()))
-            .collect()
+    /// A one-connection upstream: reads the request head, hands it to `answer`, which
+    /// writes the response on the stream.
+    fn upstream(answer: impl FnOnce(Vec<String>, TcpStream) + Send + 'static) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = Vec::new();
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                head.push(line.trim().to_ascii_lowercase());
+            }
+            answer(head, stream);
+        });
+        addr
+    }
+
+    fn to(addr: &str, version: &str, weight: u32) -> Upstream {
+        Upstream { addr: addr.to_owned(), version: version.to_owned(), weight }
+    }
+
+    #[test]
+    fn a_websocket_upgrade_is_passed_through_both_ways() {
+        let backend = upstream(|head, mut stream| {
+            assert!(head.contains(&"upgrade: websocket".to_owned()), "{head:?}");
+            assert!(head.iter().any(|h| h.starts_with("x-forwarded-for: 127.0.0.1")), "{head:?}");
+            stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .unwrap();
+            let mut buffer = [0u8; 4];
+            stream.read_exact(&mut buffer).unwrap();
+            stream.write_all(&buffer).unwrap();
+            stream.write_all(b" pong").unwrap();
+        });
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        proxy.route("api", &listen, &[to(&backend, "1.0.0", 1)], Duration::ZERO).unwrap();
+        let mut client = TcpStream::connect(&listen).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        let mut reader = BufReader::new(client.try_clone().unwrap());
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+        }
+        client.write_all(b"ping").unwrap();
+        let mut echoed = [0u8; 9];
+        reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"ping pong");
+    }
+
+    #[test]
+    fn weights_share_requests_and_each_version_is_measured() {
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        let (old, new) = (free_port(), free_port());
+        let route_to = [to(&old, "1.0.0", 3), to(&new, "2.0.0", 1)];
+        proxy.route("api", &listen, &route_to, Duration::ZERO).unwrap();
+        let route = Arc::clone(&proxy.routes.lock().unwrap()["api"]);
+        let picked: Vec<String> = (0..400).map(|_| route.pick(None).unwrap().addr.clone()).collect();
+        assert_eq!(picked.iter().filter(|a| **a == new).count(), 100);
+        // A retry avoids the upstream that failed, whatever the weights.
+        assert_eq!(route.pick(Some(&old)).unwrap().addr, new);
+        for (i, backend) in route.current().iter().enumerate() {
+            for n in 0..10 {
+                backend.record(Duration::from_millis(n + 1), i == 1 && n < 5);
+            }
+        }
+        let status = &proxy.status()["api"];
+        let shares: Vec<(String, f64, u64, u64)> =
+            status.versions.iter().map(|v| (v.version.clone(), v.share, v.window.requests, v.window.errors)).collect();
+        assert_eq!(shares, [("1.0.0".to_owned(), 75.0, 10, 0), ("2.0.0".to_owned(), 25.0, 10, 5)]);
+        assert_eq!(status.versions[1].window.error_rate(), Some(0.5));
+        assert_eq!(status.versions[0].window.p99_ms, Some(10.0));
+        // A new route opens a new window; the totals carry on.
+        proxy.route("api", &listen, &[to(&new, "2.0.0", 1)], Duration::ZERO).unwrap();
+        let status = &proxy.status()["api"];
+        assert_eq!(
+            (status.upstreams.len(), status.upstreams[0].requests, status.upstreams[0].window.requests),
+            (1, 10, 0)
+        );
     }
 }

@@ -86,8 +86,7 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Supervisor, shared:
                 Response::Status {
                     pid: std::process::id(),
                     instances: supervisor.status(),
-                    routes: proxy.as_ref().map(|p| p.routes()).unwrap_or_default(),
-                    metrics: proxy.as_ref().map(|p| p.metrics()).unwrap_or_default(),
+                    routes: proxy.as_ref().map(|p| p.status()).unwrap_or_default(),
                 }
             }
             Ok(Request::Shutdown) => {

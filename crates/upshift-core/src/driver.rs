@@ -26,9 +26,10 @@ pub trait Driver {
     /// What runs now for `component`, if anything.
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError>;
 
-    /// Rolls `version` out with the component's strategy, health-gated. On failure the new
-    /// code may still run: the caller undoes with [`Driver::put_back`].
-    fn deploy(&mut self, component: &Component, version: &str) -> Result<(), DriverError>;
+    /// Rolls `version` out with the component's strategy, health-gated, telling `say` how
+    /// it goes (a canary's figures at each step). On failure the new code may still run:
+    /// the caller undoes with [`Driver::put_back`].
+    fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError>;
 
     /// Puts `previous` back (or removes the component when nothing ran before).
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError>;

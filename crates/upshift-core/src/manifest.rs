@@ -568,6 +568,22 @@ impl Loader<'_> {
                 format!("`{}` is not an address; expected host:port like 127.0.0.1:8080", serve.get_ref()),
             ));
         }
+        if let Some(steps) = &raw.steps
+            && (steps.is_empty() || steps.iter().any(|s| !(1..=100).contains(s)) || !steps.is_sorted_by(|a, b| a < b))
+        {
+            return Err(self.error(
+                at_name,
+                format!("component `{name}`: `steps` must be rising percentages from 1 to 100, like [5, 25, 50, 100]"),
+            ));
+        }
+        if let Some(rate) = raw.max_error_rate
+            && !(0.0..=1.0).contains(&rate)
+        {
+            return Err(self.error(
+                at_name,
+                format!("component `{name}`: `max_error_rate` is a fraction from 0 to 1 (0.01 is 1%), not {rate}"),
+            ));
+        }
         let health = match raw.health {
             Some(h) => {
                 Some(self.health(h, &name, at_name.clone(), takes_address || raw.driver != DriverKind::Process)?)
@@ -825,6 +841,18 @@ config_changed = [{ name = "workers", from = "1", to = "2", why = "throughput" }
                 "unknown variant `sideways`",
             ),
             ("bad driver", "[[components]]\nname = \"a\"\ndriver = \"docker\"\n", 3, "unknown variant `docker`"),
+            (
+                "falling canary steps",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\nsteps = [50, 25, 100]\n",
+                2,
+                "`steps` must be rising percentages from 1 to 100",
+            ),
+            (
+                "error rate as a percentage",
+                "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\nmax_error_rate = 5\n",
+                2,
+                "`max_error_rate` is a fraction from 0 to 1",
+            ),
             (
                 "bad duration",
                 "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\ndrain = \"soon\"\n",

@@ -192,7 +192,7 @@ fn execute(
                 detail["previous"] = json!(previous);
                 journal.step_detail(run, seq, detail).map_err(|e| e.to_string())?;
             }
-            ctx.driver.deploy(component, &version).map_err(|e| format!("deploy {name}: {e}"))?;
+            ctx.driver.deploy(component, &version, ctx.say).map_err(|e| format!("deploy {name}: {e}"))?;
             (ctx.say)(&format!("  {name} {version} is up"));
             Ok(())
         }
@@ -461,13 +461,6 @@ fn drive(
 fn preflight(ctx: &mut Context<'_>, journal: &Journal) -> Result<(), RunError> {
     journal.refuse_in_flight()?;
     for component in &ctx.manifest.components {
-        if component.strategy == crate::manifest::Strategy::Canary {
-            return Err(RunError::Preflight(format!(
-                "component {}: strategy {} is not built yet; use recreate, blue-green or rolling",
-                component.name,
-                component.strategy.as_str()
-            )));
-        }
         if ctx.driver.current(component).map_err(|e| RunError::Preflight(e.to_string()))?.is_some()
             && component.health.is_some()
         {

@@ -7,13 +7,18 @@
 //! address to it in one step, waits for the old one's requests to finish (up to `drain`),
 //! and stops it. `rolling` runs `instances` copies behind the proxy and replaces them one at
 //! a time: start a new one, health-gate it, route to it and away from one old one (which
-//! drains), stop that old one. `canary` is refused before anything runs (not built yet).
+//! drains), stop that old one. `canary` starts `instances` new ones beside the old ones,
+//! health-gates them, and gives them a growing share of requests (`steps`), judging each
+//! step by what the proxy measured of the new version over `step_interval`: too few
+//! requests to judge, an error rate over `max_error_rate` (default 1%) or a p99 over
+//! `max_p99_ms` stops the rollout, and the runner puts the old version back. After the last
+//! step the old ones drain and stop.
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use upshift_agent::{Client, Request, Response, Spec};
+use upshift_agent::{Client, Request, Response, RouteStatus, Spec, Upstream};
 use upshift_core::driver::{Deployed, Driver, DriverError};
 use upshift_core::manifest::{Component, Strategy};
 
@@ -21,11 +26,58 @@ use crate::health;
 
 /// Whether the component is served through the agent's proxy.
 fn behind_proxy(component: &Component) -> bool {
-    matches!(component.strategy, Strategy::BlueGreen | Strategy::Rolling)
+    matches!(component.strategy, Strategy::BlueGreen | Strategy::Rolling | Strategy::Canary)
 }
 
-/// A component's instances (spec, running) and the proxy's upstreams for it.
+/// A canary step is judged on at least this many requests to the new version.
+pub(crate) const CANARY_MIN_REQUESTS: u64 = 20;
+/// The error rate that stops a canary when the manifest sets no `max_error_rate`.
+pub(crate) const CANARY_MAX_ERROR_RATE: f64 = 0.01;
+
+/// `spec`'s instance as an upstream of the proxy.
+fn upstream(spec: &Spec, weight: u32) -> Upstream {
+    Upstream { addr: spec.addr.clone().unwrap_or_default(), version: spec.version.clone(), weight }
+}
+
+/// Whether the new version passes a canary step, from what the proxy measured of it.
+fn judge(component: &Component, version: &str, share: u32, route: Option<&RouteStatus>) -> Result<String, String> {
+    let window = route
+        .and_then(|r| r.versions.iter().find(|v| v.version == version))
+        .map(|v| v.window.clone())
+        .unwrap_or_default();
+    let at = format!("canary at {share}%: {version}");
+    let p99 = window.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1} ms"));
+    let figures =
+        format!("{} requests, {} errors, p99 {p99}, in {:.1}s", window.requests, window.errors, window.seconds);
+    if window.requests < CANARY_MIN_REQUESTS {
+        return Err(format!(
+            "{at} got {figures}: too little traffic to judge (at least {CANARY_MIN_REQUESTS} requests are needed), \
+             so the canary does not pass; send traffic or lengthen step_interval"
+        ));
+    }
+    let max_error_rate = component.max_error_rate.unwrap_or(CANARY_MAX_ERROR_RATE);
+    let error_rate = window.error_rate().unwrap_or(0.0);
+    if error_rate > max_error_rate {
+        return Err(format!(
+            "{at} got {figures}: error rate {:.1}% is over max_error_rate {:.1}%",
+            error_rate * 100.0,
+            max_error_rate * 100.0
+        ));
+    }
+    if let (Some(max), Some(p99)) = (component.max_p99_ms, window.p99_ms) {
+        #[allow(clippy::cast_precision_loss)]
+        if p99 > max as f64 {
+            return Err(format!("{at} got {figures}: p99 {p99:.1} ms is over max_p99_ms {max} ms"));
+        }
+    }
+    Ok(format!("{at} got {figures}: passed"))
+}
+
+/// A component's instances (spec, running) and the proxy's upstream addresses for it.
 type ComponentState = (Vec<(Spec, bool)>, Vec<String>);
+
+/// A component's instances (spec, running) and its route in the proxy.
+type Observed = (Vec<(Spec, bool)>, Option<RouteStatus>);
 
 /// The slot of the instance that serves.
 const LIVE: &str = "live";
@@ -68,6 +120,13 @@ impl ProcessDriver {
 
     /// The component's instances (spec, running) and the proxy's upstreams for it.
     fn state(&mut self, component: &Component) -> Result<ComponentState, DriverError> {
+        let (instances, route) = self.observe(component)?;
+        let routed = route.map(|r| r.upstreams.into_iter().map(|u| u.upstream.addr).collect()).unwrap_or_default();
+        Ok((instances, routed))
+    }
+
+    /// The component's instances (spec, running) and its route in the proxy.
+    fn observe(&mut self, component: &Component) -> Result<Observed, DriverError> {
         match self.client.request(&Request::Status).map_err(|e| error(e.to_string()))? {
             Response::Status { instances, mut routes, .. } => Ok((
                 instances
@@ -75,7 +134,7 @@ impl ProcessDriver {
                     .filter(|i| i.spec.component == component.name)
                     .map(|i| (i.spec, i.running))
                     .collect(),
-                routes.remove(&component.name).unwrap_or_default(),
+                routes.remove(&component.name),
             )),
             other => Err(error(format!("unexpected answer from the agent: {other:?}"))),
         }
@@ -105,25 +164,18 @@ impl ProcessDriver {
             self.stop_slot(component, &spec.slot)?;
         }
         let count = usize::try_from(component.instances).unwrap_or(1);
-        let mut news: Vec<String> = Vec::new();
+        let mut news: Vec<Spec> = Vec::new();
         for i in 0..count {
-            let slot = format!("{version}#{i}");
-            self.stop_slot(component, &slot)?;
-            let addr = free_address()?;
-            let spec = self.spec(component, version, Some(&addr), &slot);
-            self.start(spec.clone())?;
-            Self::wait_healthy(component, &spec)?;
-            news.push(addr);
+            news.push(self.start_healthy(component, version, &format!("{version}#{i}"))?);
             // Route to the new ones and the olds not yet retired; the retired one drains.
-            let keep: Vec<String> =
-                olds.iter().skip(i + 1).filter_map(|s| s.addr.clone()).chain(news.iter().cloned()).collect();
+            let keep: Vec<Upstream> = olds.iter().skip(i + 1).chain(&news).map(|s| upstream(s, 1)).collect();
             self.route(component, keep)?;
             if let Some(old) = olds.get(i) {
                 self.stop_slot(component, &old.slot)?;
             }
         }
         // Fewer instances than before: the olds left over.
-        self.route(component, news)?;
+        self.route(component, news.iter().map(|s| upstream(s, 1)).collect())?;
         for old in olds.iter().skip(count) {
             self.stop_slot(component, &old.slot)?;
         }
@@ -138,8 +190,64 @@ impl ProcessDriver {
         }
     }
 
+    /// Starts `version` in `slot` (stopping a leftover there first) on a free port, and
+    /// waits for its health check.
+    fn start_healthy(&mut self, component: &Component, version: &str, slot: &str) -> Result<Spec, DriverError> {
+        self.stop_slot(component, slot)?;
+        let addr = free_address()?;
+        let spec = self.spec(component, version, Some(&addr), slot);
+        self.start(spec.clone())?;
+        Self::wait_healthy(component, &spec)?;
+        Ok(spec)
+    }
+
+    /// Starts `instances` of `version` beside the serving ones, gives them each canary
+    /// share in turn (when anything served before), then all requests; the old ones drain
+    /// and stop. With `steps` empty it switches at once (an undo).
+    fn canary_to(
+        &mut self,
+        component: &Component,
+        version: &str,
+        steps: &[u32],
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let (instances, routed) = self.state(component)?;
+        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
+        let olds: Vec<Spec> =
+            instances.iter().filter(|(s, running)| *running && serving(s)).map(|(s, _)| s.clone()).collect();
+        for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
+            self.stop_slot(component, &spec.slot)?;
+        }
+        let mut news: Vec<Spec> = Vec::new();
+        for i in 0..component.instances {
+            news.push(self.start_healthy(component, version, &format!("{version}#{i}"))?);
+        }
+        let (old_count, new_count) = (u32::try_from(olds.len()).unwrap_or(1), u32::try_from(news.len()).unwrap_or(1));
+        for &share in steps.iter().filter(|s| **s < 100) {
+            if olds.is_empty() {
+                break;
+            }
+            // Weights in proportion: the new ones together get `share` percent.
+            let upstreams = olds
+                .iter()
+                .map(|s| upstream(s, (100 - share) * new_count))
+                .chain(news.iter().map(|s| upstream(s, share * old_count)))
+                .collect();
+            self.route(component, upstreams)?;
+            std::thread::sleep(component.step_interval);
+            let (_, route) = self.observe(component)?;
+            let verdict = judge(component, version, share, route.as_ref()).map_err(error)?;
+            say(&format!("  {} {verdict}", component.name));
+        }
+        self.route(component, news.iter().map(|s| upstream(s, 1)).collect())?;
+        for old in &olds {
+            self.stop_slot(component, &old.slot)?;
+        }
+        Ok(())
+    }
+
     /// Points the proxy at `upstreams`, waiting for the ones it leaves to drain.
-    fn route(&mut self, component: &Component, upstreams: Vec<String>) -> Result<(), DriverError> {
+    fn route(&mut self, component: &Component, upstreams: Vec<Upstream>) -> Result<(), DriverError> {
         let listen = component
             .serve
             .clone()
@@ -157,12 +265,8 @@ impl ProcessDriver {
         let (instances, _) = self.state(component)?;
         let slot = if instances.iter().any(|(s, running)| s.slot == "blue" && *running) { "green" } else { "blue" };
         // A leftover in that slot (an attempt that failed before its undo) goes first.
-        self.stop_slot(component, slot)?;
-        let addr = free_address()?;
-        let spec = self.spec(component, version, Some(&addr), slot);
-        self.start(spec.clone())?;
-        Self::wait_healthy(component, &spec)?;
-        self.route(component, vec![addr])?;
+        let spec = self.start_healthy(component, version, slot)?;
+        self.route(component, vec![upstream(&spec, 1)])?;
         for (old, _) in instances.iter().filter(|(s, _)| s.slot != slot) {
             self.stop_slot(component, &old.slot)?;
         }
@@ -192,7 +296,21 @@ impl ProcessDriver {
     fn put_back_behind_proxy(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         let (instances, routed) = self.state(component)?;
         let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
+        let previous_serving: Vec<&Spec> = instances
+            .iter()
+            .filter(|(s, running)| *running && serving(s) && previous.is_some_and(|p| p.version == s.version))
+            .map(|(s, _)| s)
+            .collect();
         match previous {
+            // A canary stopped midway: the old ones still serve, so they take every request
+            // again and the new ones drain and stop.
+            Some(_) if component.strategy == Strategy::Canary && !previous_serving.is_empty() => {
+                self.route(component, previous_serving.iter().map(|s| upstream(s, 1)).collect())?;
+                for (spec, _) in instances.iter().filter(|(s, _)| !previous_serving.contains(&s)) {
+                    self.stop_slot(component, &spec.slot)?;
+                }
+                Ok(())
+            }
             // Only the previous version serves (the new one never got traffic): stop the rest.
             Some(previous)
                 if instances.iter().any(|(s, running)| *running && serving(s))
@@ -204,6 +322,9 @@ impl ProcessDriver {
                 Ok(())
             }
             Some(previous) if component.strategy == Strategy::Rolling => self.roll_to(component, &previous.version),
+            Some(previous) if component.strategy == Strategy::Canary => {
+                self.canary_to(component, &previous.version, &[], &|_| {})
+            }
             Some(previous) => self.switch_to(component, &previous.version),
             None => {
                 if !routed.is_empty() {
@@ -239,18 +360,12 @@ impl Driver for ProcessDriver {
         }))
     }
 
-    fn deploy(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+    fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
         match component.strategy {
             Strategy::Recreate => {}
             Strategy::BlueGreen => return self.switch_to(component, version),
             Strategy::Rolling => return self.roll_to(component, version),
-            Strategy::Canary => {
-                return Err(error(format!(
-                    "component {}: strategy {} is not built yet; use recreate, blue-green or rolling",
-                    component.name,
-                    Strategy::Canary.as_str()
-                )));
-            }
+            Strategy::Canary => return self.canary_to(component, version, &component.steps.clone(), say),
         }
         let previous = self.live(component)?.map(|(spec, _)| spec);
         // Recreate reuses the address: the stable one, or the one the old instance had.

@@ -38,6 +38,24 @@ struct Component {
     healthy: bool,
     version: Option<String>,
     instances: Vec<Instance>,
+    versions: Vec<VersionFigures>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionFigures {
+    version: String,
+    share: f64,
+    window: Window,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Window {
+    seconds: f64,
+    requests: u64,
+    errors: u64,
+    p99_ms: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +68,7 @@ struct Instance {
     running: bool,
     restarts: u32,
     serving: bool,
+    weight: Option<u32>,
     requests: Option<u64>,
     errors: Option<u64>,
     p99_ms: Option<f64>,
@@ -707,4 +726,63 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
         }
     );
     assert_eq!(app.status().version.as_deref(), Some("1.0.0"));
+}
+
+/// Canary: a share of requests goes to the new version, judged on what the proxy measured.
+/// Without traffic the canary does not pass; a release that fails half its requests is
+/// stopped and undone; a good one passes under load without one failed request.
+#[test]
+fn a_canary_is_judged_on_traffic_and_a_faulty_release_is_undone() {
+    let (app, serve) = App::behind_proxy("canary", 1);
+    let manifest = app.ctx.read("upshift.toml").replace(
+        "strategy = \"canary\"",
+        "strategy = \"canary\"\nsteps = [30, 100]\nstep_interval = \"1500ms\"\nmax_error_rate = 0.05",
+    );
+    app.ctx.write("upshift.toml", &manifest);
+    app.upgrade("1.0.0").success();
+
+    // No traffic: nothing to judge, so the canary stops and 1.0.0 stays.
+    app.run(&["upgrade", "--to", "2.0.0"]).code(3).stderr_has("too little traffic to judge");
+    assert_eq!(app.status().version.as_deref(), Some("1.0.0"));
+
+    // 2.0.0 fails half of its /api/notes requests (its health check passes).
+    let real = app.ctx.join("releases/2.0.0/notes");
+    std::fs::remove_file(&real).unwrap();
+    std::fs::create_dir_all(app.ctx.join("releases/2.0.0/bin")).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_upshift"), app.ctx.join("releases/2.0.0/bin/notes")).unwrap();
+    app.ctx
+        .write("releases/2.0.0/notes", "#!/bin/sh\nexec \"$(dirname \"$0\")/bin/notes\" --error-percent 50 \"$@\"\n");
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (sent, failed, failures, slow) = under_load(&serve, || {
+        app.run(&["upgrade", "--to", "2.0.0"])
+            .code(3)
+            .stderr_has("canary at 30%: 2.0.0 got")
+            .stderr_has("over max_error_rate 5.0%")
+            .stderr_has("everything was undone");
+    });
+    assert!(slow.starts_with("HTTP/1.1 200"), "{slow}");
+    assert!(failed > 0 && failed < sent / 2, "{failed} of {sent} failed");
+    assert!(failures.iter().all(|f| f.contains("500")), "{failures:?}");
+    let status = app.status();
+    assert_eq!(status.version.as_deref(), Some("1.0.0"));
+    let instances = &status.components[0].instances;
+    assert!(instances.iter().all(|i| i.version == "1.0.0" && i.serving), "{instances:?}");
+    assert!(app.has_title() && !app.has_table("tags"));
+
+    // A good 2.0.0 passes each step under load, and no request fails.
+    std::fs::remove_file(&real).unwrap();
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_upshift"), &real).unwrap();
+    let (sent, failed, failures, _) = under_load(&serve, || {
+        app.run(&["upgrade", "--to", "2.0.0"]).success().stderr_has("canary at 30%: 2.0.0 got").stderr_has("passed");
+    });
+    assert_eq!(failed, 0, "{failed} of {sent} requests failed: {failures:?}");
+    let status = app.status();
+    assert_eq!(status.version.as_deref(), Some("2.0.0"));
+    let versions = &status.components[0].versions;
+    assert_eq!(versions.len(), 1, "{versions:?}");
+    let only = &versions[0];
+    assert!(only.version == "2.0.0" && (only.share - 100.0).abs() < f64::EPSILON, "{only:?}");
+    assert!(only.window.seconds > 0.0 && only.window.requests >= only.window.errors, "{only:?}");
+    assert!(only.window.errors == 0 && (only.window.requests == 0 || only.window.p99_ms.is_some()), "{only:?}");
+    assert!(status.components[0].instances.iter().all(|i| i.weight == Some(1)));
 }

@@ -1,6 +1,7 @@
 //! The routes: `/health`, `/api/notes` and `/slow`, gated on the release.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -19,6 +20,10 @@ const MAX_SLOW_MS: u64 = 60_000;
 pub(crate) struct App {
     pub(crate) release: Release,
     pub(crate) database: Database,
+    /// The share of `/api/notes` requests that answer 500 on purpose (`--error-percent`).
+    pub(crate) error_percent: u8,
+    /// `/api/notes` requests so far, to spread those failures evenly.
+    pub(crate) served: AtomicU64,
 }
 
 impl App {
@@ -30,6 +35,10 @@ impl App {
                 "GET" => self.health(),
                 _ => not_allowed(method, "GET"),
             },
+            "/api/notes" if self.fails_on_purpose() => Response::error(
+                500,
+                format!("notes {} fails {}% of requests (--error-percent)", self.release, self.error_percent),
+            ),
             "/api/notes" => match method {
                 "GET" => self.list(),
                 "POST" => self.create(&request.body),
@@ -41,6 +50,14 @@ impl App {
             },
             path => Response::error(404, format!("no route for {method} {path}")),
         }
+    }
+
+    /// Whether this request is one of the `--error-percent` that fail.
+    fn fails_on_purpose(&self) -> bool {
+        let n = self.served.fetch_add(1, Ordering::Relaxed);
+        let percent = u64::from(self.error_percent);
+        // Spread evenly: request n fails when the running count of failures steps up.
+        (n + 1) * percent / 100 > n * percent / 100
     }
 
     fn health(&self) -> Response {

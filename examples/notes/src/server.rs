@@ -6,7 +6,7 @@ use std::fmt;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -81,7 +81,12 @@ impl Server {
         let listener = TcpListener::bind(&settings.listen)
             .map_err(|source| Error::Bind { address: settings.listen.clone(), source })?;
         let address = listener.local_addr().map_err(Error::LocalAddress)?;
-        let app = App { release: settings.release, database: Database::new(settings.database_url.clone()) };
+        let app = App {
+            release: settings.release,
+            database: Database::new(settings.database_url.clone()),
+            error_percent: settings.error_percent,
+            served: AtomicU64::new(0),
+        };
         Ok(Server {
             listener,
             address,

@@ -6,12 +6,14 @@ use crate::release::Release;
 
 /// How to call the binary, shown by `--help` and after a usage error.
 pub const USAGE: &str = "\
-usage: notes --release <1.0.0|2.0.0|3.0.0> --listen <ADDR> [--database-url <URL>]
+usage: notes --release <1.0.0|2.0.0|3.0.0> --listen <ADDR> [--database-url <URL>] [--error-percent <N>]
 
   --release       which release to behave as
   --listen        the address to listen on, e.g. 127.0.0.1:8080 (port 0: any free port)
   --database-url  sqlite:PATH, sqlite://PATH, postgres://user:pass@host:port/db or
                   postgresql://...; defaults to the DATABASE_URL environment variable
+  --error-percent that share (0 to 100) of /api/notes requests answer 500 while /health
+                  stays healthy: a faulty release, to watch a canary stop it
 
 The service does not create its schema: run the migrations in examples/notes/migrations
 first (upshift does). SIGTERM or SIGINT stops it gracefully.";
@@ -36,6 +38,7 @@ impl Command {
         let mut release = None;
         let mut listen = None;
         let mut database_url = None;
+        let mut error_percent = None;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             if arg == "--help" || arg == "-h" {
@@ -49,6 +52,7 @@ impl Command {
                 "--release" => &mut release,
                 "--listen" => &mut listen,
                 "--database-url" => &mut database_url,
+                "--error-percent" => &mut error_percent,
                 _ => return Err(Error::Usage(format!("unknown argument `{arg}`"))),
             };
             let value = match inline {
@@ -68,7 +72,15 @@ impl Command {
             .filter(|url| !url.is_empty())
             .ok_or_else(|| Error::Usage("no database URL: pass `--database-url` or set DATABASE_URL".into()))?;
         let database_url = DatabaseUrl::parse(&database_url).map_err(Error::Usage)?;
-        Ok(Command::Serve(Settings { release, listen, database_url }))
+        let error_percent = match error_percent {
+            None => 0,
+            Some(text) => text
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= 100)
+                .ok_or_else(|| Error::Usage(format!("`--error-percent` is 0 to 100, not `{text}`")))?,
+        };
+        Ok(Command::Serve(Settings { release, listen, database_url, error_percent }))
     }
 }
 
@@ -81,6 +93,8 @@ pub struct Settings {
     pub listen: String,
     /// The database to serve from.
     pub database_url: DatabaseUrl,
+    /// The share of `/api/notes` requests that fail on purpose.
+    pub error_percent: u8,
 }
 
 #[cfg(test)]

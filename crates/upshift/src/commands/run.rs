@@ -214,6 +214,8 @@ struct StatusComponent<'a> {
     healthy: bool,
     version: Option<String>,
     instances: Vec<StatusInstance>,
+    /// The proxy's figures per version (behind the proxy only).
+    versions: Vec<upshift_agent::VersionStatus>,
 }
 
 /// One process of a component, with what the proxy measured of it (when it serves
@@ -227,6 +229,7 @@ struct StatusInstance {
     running: bool,
     restarts: u32,
     serving: bool,
+    weight: Option<u32>,
     requests: Option<u64>,
     errors: Option<u64>,
     p99_ms: Option<f64>,
@@ -249,16 +252,14 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
         (Some(journal), Some(run)) => journal.current_step(&run.id)?.map(|s| s.seq),
         _ => None,
     };
-    let (instances, routes, metrics) = upshift_agent::Client::connect(&manifest.state_dir)
+    let (instances, routes) = upshift_agent::Client::connect(&manifest.state_dir)
         .ok()
         .and_then(|mut client| match client.request(&upshift_agent::Request::Status) {
-            Ok(upshift_agent::Response::Status { instances, routes, metrics, .. }) => {
-                Some((instances, routes, metrics))
-            }
+            Ok(upshift_agent::Response::Status { instances, routes, .. }) => Some((instances, routes)),
             _ => None,
         })
         .unwrap_or_default();
-    let agent = AgentView { instances: &instances, routes: &routes, metrics: &metrics };
+    let agent = AgentView { instances: &instances, routes: &routes };
     let components: Vec<StatusComponent<'_>> =
         manifest.components.iter().map(|component| component_status(component, &agent)).collect();
     let json = StatusJson {
@@ -304,8 +305,7 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
 /// What the agent reported, for `status`.
 struct AgentView<'a> {
     instances: &'a [upshift_agent::InstanceStatus],
-    routes: &'a std::collections::BTreeMap<String, Vec<String>>,
-    metrics: &'a std::collections::BTreeMap<String, Vec<upshift_agent::UpstreamMetrics>>,
+    routes: &'a std::collections::BTreeMap<String, upshift_agent::RouteStatus>,
 }
 
 /// One component's health, version and processes, with the proxy's figures.
@@ -314,7 +314,6 @@ fn component_status<'a>(
     agent: &AgentView<'_>,
 ) -> StatusComponent<'a> {
     let instances = agent.instances;
-    let metrics = agent.metrics;
 
     let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
     let healthy = live.is_some_and(|instance| match &component.health {
@@ -326,12 +325,15 @@ fn component_status<'a>(
         None => true,
     });
     let proxied = agent.routes.get(&component.name);
-    let measured = metrics.get(&component.name);
     let processes = instances
         .iter()
         .filter(|i| i.spec.component == component.name)
         .map(|i| {
-            let figures = measured.and_then(|m| m.iter().find(|u| Some(&u.addr) == i.spec.addr.as_ref()));
+            let figures = proxied.and_then(|r| {
+                r.upstreams
+                    .iter()
+                    .find(|u| Some(&u.upstream.addr) == i.spec.addr.as_ref() && u.upstream.version == i.spec.version)
+            });
             StatusInstance {
                 version: i.spec.version.clone(),
                 slot: i.spec.slot.clone(),
@@ -339,10 +341,11 @@ fn component_status<'a>(
                 pid: i.pid,
                 running: i.running,
                 restarts: i.restarts,
-                serving: proxied.map_or(i.running, |r| i.spec.addr.as_ref().is_some_and(|a| r.contains(a))),
+                serving: proxied.map_or(i.running, |_| figures.is_some_and(|f| f.upstream.weight > 0)),
+                weight: figures.map(|f| f.upstream.weight),
                 requests: figures.map(|f| f.requests),
                 errors: figures.map(|f| f.errors),
-                p99_ms: figures.and_then(|f| f.p99_ms),
+                p99_ms: figures.and_then(|f| f.window.p99_ms),
             }
         })
         .collect();
@@ -351,6 +354,7 @@ fn component_status<'a>(
         healthy,
         version: live.map(|i| i.spec.version.clone()),
         instances: processes,
+        versions: proxied.map(|r| r.versions.clone()).unwrap_or_default(),
     }
 }
 
@@ -400,6 +404,18 @@ fn render_status(
                 if i.running { "running" } else { "stopped" },
                 if i.serving { ", serving" } else { "" },
                 figures
+            );
+        }
+        for v in &c.versions {
+            let _ = writeln!(
+                out,
+                "  {} gets {:.0}% of requests; since the last switch ({:.0}s): {} requests, {} errors, p99 {}",
+                v.version,
+                v.share,
+                v.window.seconds,
+                v.window.requests,
+                v.window.errors,
+                v.window.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1} ms"))
             );
         }
     }
