@@ -47,6 +47,8 @@ const LATENCY_WINDOW: usize = 4096;
 /// An upstream and what the proxy measured of it.
 struct Backend {
     addr: String,
+    /// `addr` for the upstream URI, parsed once.
+    authority: Result<hyper::http::uri::Authority, String>,
     version: String,
     weight: AtomicU32,
     in_flight: AtomicUsize,
@@ -112,6 +114,7 @@ impl Backend {
     fn new(upstream: &Upstream) -> Backend {
         Backend {
             addr: upstream.addr.clone(),
+            authority: upstream.addr.parse().map_err(|e: hyper::http::uri::InvalidUri| e.to_string()),
             version: upstream.version.clone(),
             weight: AtomicU32::new(upstream.weight),
             in_flight: AtomicUsize::new(0),
@@ -171,14 +174,13 @@ impl Route {
     /// consecutive requests, each upstream gets its weight.
     fn pick(&self, avoid: Option<&str>) -> Option<Arc<Backend>> {
         let set = self.current();
-        let candidates: Vec<&Arc<Backend>> =
-            set.iter().filter(|b| b.weight() > 0 && Some(b.addr.as_str()) != avoid).collect();
-        let total: u64 = candidates.iter().map(|b| u64::from(b.weight())).sum();
+        let candidates = || set.iter().filter(|b| b.weight() > 0 && Some(b.addr.as_str()) != avoid);
+        let total: u64 = candidates().map(|b| u64::from(b.weight())).sum();
         if total == 0 {
             return None;
         }
         let mut point = self.next.fetch_add(1, Ordering::Relaxed) % total;
-        for backend in candidates {
+        for backend in candidates() {
             let weight = u64::from(backend.weight());
             if point < weight {
                 return Some(Arc::clone(backend));
@@ -266,13 +268,12 @@ struct Failed {
     message: String,
 }
 
-/// One request as the proxy forwards it.
+/// One request as the proxy forwards it (hop-by-hop headers already taken out).
 struct Outgoing<'a> {
     method: &'a Method,
-    path: &'a str,
+    path: &'a hyper::http::uri::PathAndQuery,
     headers: &'a hyper::HeaderMap,
     body: &'a Bytes,
-    upgrade: bool,
 }
 
 async fn forward(
@@ -281,16 +282,14 @@ async fn forward(
     out: &Outgoing<'_>,
 ) -> Result<Response<Incoming>, Failed> {
     let failed = |message: String| Failed { not_sent: false, message };
-    let uri: hyper::Uri =
-        format!("http://{}{}", backend.addr, out.path).parse().map_err(|e| failed(format!("bad upstream uri: {e}")))?;
-    let mut request = Request::builder().method(out.method.clone()).uri(uri);
-    for (name, value) in out.headers {
-        let upgrading = out.upgrade && matches!(name.as_str(), "connection" | "upgrade");
-        if upgrading || !HOP_BY_HOP.contains(&name.as_str()) {
-            request = request.header(name, value);
-        }
-    }
-    let request = request.body(Full::new(out.body.clone())).map_err(|e| failed(e.to_string()))?;
+    let mut uri = hyper::http::uri::Parts::default();
+    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+    uri.authority = Some(backend.authority.clone().map_err(|e| failed(format!("bad upstream address: {e}")))?);
+    uri.path_and_query = Some(out.path.clone());
+    let mut request = Request::new(Full::new(out.body.clone()));
+    *request.method_mut() = out.method.clone();
+    *request.uri_mut() = hyper::Uri::from_parts(uri).map_err(|e| failed(format!("bad upstream uri: {e}")))?;
+    *request.headers_mut() = out.headers.clone();
     backend.in_flight.fetch_add(1, Ordering::SeqCst);
     let started = Instant::now();
     let result = match tokio::time::timeout(UPSTREAM_TIMEOUT, client.request(request)).await {
@@ -346,11 +345,21 @@ async fn handle(
     let (mut parts, body) = request.into_parts();
     let upgrade = parts.headers.contains_key(hyper::header::UPGRADE);
     let client_upgrade = upgrade.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
-    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken")),
+    let body = if body.is_end_stream() {
+        Bytes::new()
+    } else {
+        match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken")),
+        }
     };
     let mut headers = parts.headers;
+    for name in HOP_BY_HOP {
+        // An upgrade keeps the two headers that ask for it.
+        if !(upgrade && matches!(*name, "connection" | "upgrade")) {
+            headers.remove(*name);
+        }
+    }
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {}", peer.ip()),
         None => peer.ip().to_string(),
@@ -359,8 +368,8 @@ async fn handle(
         headers.insert(HeaderName::from_static("x-forwarded-for"), value);
     }
     headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let out = Outgoing { method: &parts.method, path: &path, headers: &headers, body: &body, upgrade };
+    let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    let out = Outgoing { method: &parts.method, path: &path, headers: &headers, body: &body };
     let idempotent =
         matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
     let Some(first) = route.pick(None) else {
