@@ -37,6 +37,9 @@ pub enum Request {
     /// then waits up to `drain_ms` for the upstreams it left to finish their requests.
     /// Starts a new measuring window for every upstream of the component.
     Route { component: String, listen: String, upstreams: Vec<Upstream>, drain_ms: u64 },
+    /// Serve the Prometheus metrics on `listen` (a loopback address), from now on and
+    /// after a restart.
+    Metrics { listen: String },
     /// Every instance.
     Status,
     /// Stop every instance and exit.

@@ -218,7 +218,12 @@ pub(crate) struct Proxy {
     runtime: tokio::runtime::Runtime,
     routes: Mutex<HashMap<String, Arc<Route>>>,
     client: HttpClient,
+    /// Where the Prometheus metrics are served, once asked for.
+    metrics: Mutex<Option<String>>,
 }
+
+/// Produces the metrics text on each scrape.
+pub(crate) type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
 fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
@@ -405,7 +410,58 @@ impl Proxy {
             let _guard = runtime.enter();
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(10)).build_http()
         };
-        Ok(Proxy { runtime, routes: Mutex::new(HashMap::new()), client })
+        Ok(Proxy { runtime, routes: Mutex::new(HashMap::new()), client, metrics: Mutex::new(None) })
+    }
+
+    /// Serves `GET /metrics` on `listen` with what `render` says; a second call with the same
+    /// address does nothing, one with another address is refused.
+    pub(crate) fn serve_metrics(&self, listen: &str, render: Render) -> Result<(), String> {
+        let mut serving = self.metrics.lock().expect("metrics lock");
+        match serving.as_deref() {
+            Some(same) if same == listen => return Ok(()),
+            Some(other) => {
+                return Err(format!(
+                    "the agent serves metrics on {other}; stop it (`upshift agent stop`) to move them"
+                ));
+            }
+            None => {}
+        }
+        let listener = self
+            .runtime
+            .block_on(tokio::net::TcpListener::bind(listen))
+            .map_err(|e| format!("the metrics cannot listen on {listen}: {e}"))?;
+        self.runtime.spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let render = Arc::clone(&render);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                        let render = Arc::clone(&render);
+                        async move {
+                            if request.uri().path() != "/metrics" {
+                                return Ok::<_, std::convert::Infallible>(respond(
+                                    StatusCode::NOT_FOUND,
+                                    "the metrics are at /metrics",
+                                ));
+                            }
+                            let text = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
+                            let mut response =
+                                Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+                            response.headers_mut().insert(
+                                hyper::header::CONTENT_TYPE,
+                                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                            );
+                            Ok(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        *serving = Some(listen.to_owned());
+        Ok(())
     }
 
     /// Starts serving `listen` for a new route.

@@ -17,6 +17,21 @@ use crate::supervisor::Supervisor;
 pub const SOCKET: &str = "agent.sock";
 /// The proxy's routes, saved so a restarted agent serves them again.
 const ROUTES: &str = "routes.json";
+/// Where the metrics are served, saved likewise.
+const METRICS: &str = "metrics.json";
+
+/// Serves the metrics on `listen`, from what the supervisor and the proxy report.
+fn serve_metrics(listen: &str, supervisor: &Arc<Supervisor>, shared: &SharedProxy) -> Result<(), String> {
+    let proxy = proxy(shared)?;
+    // Weak: the render runs on the proxy's own runtime, which must not keep the proxy alive.
+    let (weak_proxy, weak_supervisor) = (Arc::downgrade(&proxy), Arc::downgrade(supervisor));
+    let render: crate::proxy::Render = Arc::new(move || {
+        let routes = weak_proxy.upgrade().map(|p| p.status()).unwrap_or_default();
+        let instances = weak_supervisor.upgrade().map(|s| s.status()).unwrap_or_default();
+        crate::metrics::render(&routes, &instances)
+    });
+    proxy.serve_metrics(listen, render)
+}
 
 /// Writes the routes atomically (temp file + rename).
 fn save_routes(state_dir: &Path, proxy: &Proxy) {
@@ -52,7 +67,7 @@ fn proxy(shared: &SharedProxy) -> Result<Arc<Proxy>, String> {
     Ok(Arc::clone(slot.as_ref().expect("just set")))
 }
 
-fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Supervisor, shared: &SharedProxy, stop: &AtomicBool) {
+fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, shared: &SharedProxy, stop: &AtomicBool) {
     let Ok(reader_stream) = stream.try_clone() else { return };
     let mut writer = stream;
     for line in BufReader::new(reader_stream).lines() {
@@ -80,6 +95,16 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Supervisor, shared:
                     Err(message) => Response::Error { message },
                 }
             }
+            Ok(Request::Metrics { listen }) => match serve_metrics(&listen, supervisor, shared) {
+                Ok(()) => {
+                    let saved = serde_json::json!({ "listen": listen }).to_string();
+                    if let Err(e) = fs::write(state_dir.join(METRICS), saved) {
+                        let _ = writeln!(std::io::stderr(), "could not save {METRICS}: {e}");
+                    }
+                    Response::Ok
+                }
+                Err(message) => Response::Error { message },
+            },
             Ok(Request::Status) => {
                 // One lock for both: a second lock() in the same expression would deadlock.
                 let proxy = shared.lock().expect("proxy lock").clone();
@@ -140,6 +165,13 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
             let _ = writeln!(std::io::stderr(), "could not restore the route of {}: {e}", route.component);
         }
     }
+    let metrics: Option<serde_json::Value> =
+        fs::read_to_string(state_dir.join(METRICS)).ok().and_then(|text| serde_json::from_str(&text).ok());
+    if let Some(listen) = metrics.as_ref().and_then(|m| m["listen"].as_str())
+        && let Err(e) = serve_metrics(listen, &supervisor, &shared)
+    {
+        let _ = writeln!(std::io::stderr(), "could not serve the metrics again: {e}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     {
         let supervisor = Arc::clone(&supervisor);
@@ -167,6 +199,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
     }
     supervisor.shutdown(Duration::from_secs(10));
     let _ = fs::remove_file(state_dir.join(ROUTES));
+    let _ = fs::remove_file(state_dir.join(METRICS));
     let _ = fs::remove_file(&socket);
     drop::<File>(lock);
     Ok(())

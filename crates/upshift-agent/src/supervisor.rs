@@ -1,10 +1,11 @@
 //! Keeps instances running: starts them, restarts one that exits on its own (with backoff),
-//! stops them gracefully, writes their output to rotated log files, and saves what should
-//! run to `agent.json` so a restarted agent starts it again.
+//! stops them gracefully, sends their output to rotated log files, and saves what should
+//! run (with each pid) to `agent.json`, so that an agent started after this one dies adopts
+//! the processes still running and starts the others.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,21 +31,95 @@ struct Saved {
     #[serde(flatten)]
     spec: Spec,
     pid: Option<u32>,
+    /// The process's start time (`/proc/<pid>/stat`, field 22), so a reused pid is not
+    /// taken for it.
+    #[serde(default)]
+    started: Option<u64>,
 }
 
-/// Whether `pid` is alive and runs `spec`'s program (so a reused pid is left alone).
-fn runs(pid: u32, spec: &Spec) -> bool {
+/// The start time of `pid` in clock ticks after boot, when it is alive (not a zombie).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (in parentheses, which may hold spaces): state, then more.
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    // Field 22 of the line is the 20th after the command name.
+    fields.get(19)?.parse().ok()
+}
+
+/// Whether `pid` is the process that was saved: alive, started when it was, and running
+/// `spec`'s program.
+fn runs(pid: u32, started: Option<u64>, spec: &Spec) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    // A zombie (state Z) has exited already.
-    let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
     let program = spec.command.first().map(String::as_bytes).unwrap_or_default();
-    state != Some('Z') && !program.is_empty() && cmdline.split(|b| *b == 0).next() == Some(program)
+    let now = start_time(pid);
+    now.is_some()
+        && (started.is_none() || now == started)
+        && !program.is_empty()
+        && cmdline.split(|b| *b == 0).next() == Some(program)
+}
+
+/// A running instance's process: a child of this agent, or one a previous agent started
+/// and this one adopted (it cannot be waited for, so it is watched through `/proc`).
+enum Process {
+    Child(Child),
+    Adopted { pid: u32, started: Option<u64> },
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Process::Child(child) => child.id(),
+            Process::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    /// `None` while it runs; how it ended once it has.
+    fn exited(&mut self, spec: &Spec) -> Option<String> {
+        match self {
+            Process::Child(child) => match child.try_wait() {
+                Ok(None) => None,
+                Ok(Some(status)) => Some(status.to_string()),
+                Err(e) => Some(e.to_string()),
+            },
+            Process::Adopted { pid, started } => (!runs(*pid, *started, spec)).then(|| "exited".to_owned()),
+        }
+    }
+
+    fn started(&self) -> Option<u64> {
+        match self {
+            Process::Child(child) => start_time(child.id()),
+            Process::Adopted { started, .. } => *started,
+        }
+    }
+
+    /// SIGTERM, up to `grace` to exit, then SIGKILL.
+    fn terminate(&mut self, spec: &Spec, grace: Duration) {
+        if self.exited(spec).is_some() {
+            return;
+        }
+        let pid = self.pid().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if self.exited(spec).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        if let Process::Child(child) = self {
+            let _ = child.wait();
+        }
+    }
 }
 
 struct Instance {
     spec: Spec,
-    child: Option<Child>,
+    process: Option<Process>,
     started_at: Instant,
     restarts: u32,
     backoff: Duration,
@@ -58,51 +133,31 @@ pub(crate) struct Supervisor {
     instances: Mutex<BTreeMap<Key, Instance>>,
 }
 
-/// Appends lines to a log file, rotating it when it grows too large.
-struct LogFile {
-    path: PathBuf,
-    file: File,
-    size: u64,
-}
-
-impl LogFile {
-    fn open(path: &Path) -> std::io::Result<LogFile> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
-        Ok(LogFile { path: path.to_path_buf(), file, size })
-    }
-
-    fn write_line(&mut self, line: &[u8]) {
-        if self.size + line.len() as u64 > LOG_LIMIT {
-            let rotated = self.path.with_extension("log.1");
-            if fs::rename(&self.path, &rotated).is_ok()
-                && let Ok(file) = OpenOptions::new().create(true).append(true).open(&self.path)
-            {
-                self.file = file;
-                self.size = 0;
-            }
-        }
-        if self.file.write_all(line).is_ok() {
-            self.size += line.len() as u64;
-        }
+/// Appends one of the agent's own lines to an instance's log.
+fn note(log: &Path, line: &str) {
+    if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
+        let _ = file.write_all(line.as_bytes());
     }
 }
 
-fn pump(source: impl Read + Send + 'static, log: Arc<Mutex<LogFile>>) {
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(source);
-        let mut line = Vec::new();
-        while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
-            log.lock().expect("log lock").write_line(&line);
-            line.clear();
-        }
-    });
+/// Rotates `log` to `<name>.1` once it grows past [`LOG_LIMIT`]: copied, then truncated in
+/// place, because the process writes to it directly (in append mode, so it carries on at
+/// the new end). Lines written between the copy and the truncation are lost.
+fn rotate(log: &Path) {
+    if fs::metadata(log).is_ok_and(|m| m.len() > LOG_LIMIT)
+        && fs::copy(log, log.with_extension("log.1")).is_ok()
+        && let Ok(file) = OpenOptions::new().write(true).open(log)
+    {
+        let _ = file.set_len(0);
+    }
 }
 
 fn log_path(state_dir: &Path, spec: &Spec) -> PathBuf {
     state_dir.join("logs").join(format!("{}-{}.log", spec.component, spec.version))
 }
 
+/// Starts `spec`'s process with its output appended straight to `log`, so that it outlives
+/// this agent and a later agent can adopt it.
 fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
     let (program, args) = spec
         .command
@@ -111,41 +166,23 @@ fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
     if let Some(parent) = log.parent() {
         fs::create_dir_all(parent)?;
     }
-    let log = Arc::new(Mutex::new(LogFile::open(log)?));
-    let mut child = Command::new(program)
+    let output = OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(program)
         .args(args)
         .envs(&spec.env)
         .current_dir(&spec.cwd)
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(output.try_clone()?)
+        .stderr(output)
         // Its own process group: signals meant for the agent do not reach it.
         .process_group(0)
-        .spawn()?;
-    pump(child.stdout.take().expect("piped"), Arc::clone(&log));
-    pump(child.stderr.take().expect("piped"), log);
-    Ok(child)
-}
-
-/// SIGTERM, up to `grace` to exit, then SIGKILL.
-pub(crate) fn terminate(child: &mut Child, grace: Duration) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
-    }
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+        .spawn()
 }
 
 impl Supervisor {
-    /// A supervisor for `state_dir`, starting what `agent.json` says should run.
+    /// A supervisor for `state_dir`: adopts the processes a previous agent left running
+    /// (they keep serving through the restart) and starts what `agent.json` says should run
+    /// but does not.
     pub(crate) fn new(state_dir: &Path) -> Arc<Supervisor> {
         let supervisor =
             Arc::new(Supervisor { state_dir: state_dir.to_path_buf(), instances: Mutex::new(BTreeMap::new()) });
@@ -154,22 +191,19 @@ impl Supervisor {
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
         for saved in saved {
-            // A process the dead agent left running would hold its address: it is stopped
-            // and started again under this agent (adopting it instead is future work).
-            if let Some(pid) = saved.pid
-                && runs(pid, &saved.spec)
-            {
-                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while runs(pid, &saved.spec) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
+            match saved.pid {
+                Some(pid) if runs(pid, saved.started, &saved.spec) => {
+                    let mut instances = supervisor.instances.lock().expect("instances lock");
+                    let log = log_path(&supervisor.state_dir, &saved.spec);
+                    note(&log, &format!("[upshift agent] adopted pid {pid} from the previous agent\n"));
+                    let key = (saved.spec.component.clone(), saved.spec.slot.clone());
+                    let process = Process::Adopted { pid, started: saved.started };
+                    instances.insert(key, Instance::new(saved.spec, process, log));
+                    supervisor.save(&instances);
                 }
-                if runs(pid, &saved.spec) {
-                    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-                }
+                // Best effort: what cannot start is retried by the restart loop.
+                _ => drop(supervisor.start(saved.spec)),
             }
-            // Best effort: what cannot start is retried by the restart loop.
-            let _ = supervisor.start(saved.spec);
         }
         supervisor
     }
@@ -180,8 +214,14 @@ impl Supervisor {
 
     /// Writes what should run, with each pid, atomically (temp file + rename).
     fn save(&self, instances: &BTreeMap<Key, Instance>) {
-        let specs: Vec<Saved> =
-            instances.values().map(|i| Saved { spec: i.spec.clone(), pid: i.child.as_ref().map(Child::id) }).collect();
+        let specs: Vec<Saved> = instances
+            .values()
+            .map(|i| Saved {
+                spec: i.spec.clone(),
+                pid: i.process.as_ref().map(Process::pid),
+                started: i.process.as_ref().and_then(Process::started),
+            })
+            .collect();
         // The specs hold each process's environment (secrets included): owner-only.
         let temp = self.state_dir.join("agent.json.tmp");
         let written = OpenOptions::new()
@@ -205,7 +245,8 @@ impl Supervisor {
         let key = (spec.component.clone(), spec.slot.clone());
         let mut instances = self.instances.lock().expect("instances lock");
         if let Some(existing) = instances.get_mut(&key)
-            && existing.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+            && let Some(process) = existing.process.as_mut()
+            && process.exited(&existing.spec).is_none()
         {
             return Err(format!(
                 "{} {} already runs {}; stop it first",
@@ -215,18 +256,7 @@ impl Supervisor {
         let log = log_path(&self.state_dir, &spec);
         let child = spawn(&spec, &log).map_err(|e| format!("could not start {}: {e}", spec.command.join(" ")))?;
         let pid = child.id();
-        instances.insert(
-            key,
-            Instance {
-                spec,
-                child: Some(child),
-                started_at: Instant::now(),
-                restarts: 0,
-                backoff: FIRST_BACKOFF,
-                restart_at: None,
-                log,
-            },
-        );
+        instances.insert(key, Instance::new(spec, Process::Child(child), log));
         self.save(&instances);
         Ok(pid)
     }
@@ -241,8 +271,8 @@ impl Supervisor {
         };
         match removed {
             Some(mut instance) => {
-                if let Some(child) = instance.child.as_mut() {
-                    terminate(child, grace);
+                if let Some(process) = instance.process.as_mut() {
+                    process.terminate(&instance.spec, grace);
                 }
                 Ok(())
             }
@@ -256,11 +286,12 @@ impl Supervisor {
         instances
             .values_mut()
             .map(|i| {
-                let running = i.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+                let spec = &i.spec;
+                let pid = i.process.as_mut().and_then(|p| p.exited(spec).is_none().then(|| p.pid()));
                 InstanceStatus {
-                    spec: i.spec.clone(),
-                    pid: running.then(|| i.child.as_ref().map(Child::id)).flatten(),
-                    running,
+                    spec: spec.clone(),
+                    pid,
+                    running: pid.is_some(),
                     restarts: i.restarts,
                     log: i.log.clone(),
                 }
@@ -268,55 +299,75 @@ impl Supervisor {
             .collect()
     }
 
-    /// Restarts instances that exited on their own, with backoff.
+    /// Restarts instances that exited on their own, with backoff, and rotates their logs.
     pub(crate) fn tick(&self) {
         let mut instances = self.instances.lock().expect("instances lock");
         let now = Instant::now();
+        let mut changed = false;
         for instance in instances.values_mut() {
-            if let Some(child) = instance.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            rotate(&instance.log);
+            let spec = &instance.spec;
+            if let Some(how) = instance.process.as_mut().and_then(|p| p.exited(spec)) {
                 let ran = now.duration_since(instance.started_at);
                 if ran >= STABLE_AFTER {
                     instance.backoff = FIRST_BACKOFF;
                 }
-                let note = format!(
-                    "[upshift agent] {} {} exited ({status}) after {}; restarting in {}\n",
-                    instance.spec.component,
-                    instance.spec.version,
-                    humantime::format_duration(Duration::from_secs(ran.as_secs())),
-                    humantime::format_duration(instance.backoff)
+                note(
+                    &instance.log,
+                    &format!(
+                        "[upshift agent] {} {} exited ({how}) after {}; restarting in {}\n",
+                        spec.component,
+                        spec.version,
+                        humantime::format_duration(Duration::from_secs(ran.as_secs())),
+                        humantime::format_duration(instance.backoff)
+                    ),
                 );
-                if let Ok(mut log) = LogFile::open(&instance.log) {
-                    log.write_line(note.as_bytes());
-                }
-                instance.child = None;
+                instance.process = None;
                 instance.restart_at = Some(now + instance.backoff);
                 instance.backoff = (instance.backoff * 2).min(MAX_BACKOFF);
             }
-            if instance.child.is_none() && instance.restart_at.is_some_and(|at| at <= now) {
+            if instance.process.is_none() && instance.restart_at.is_some_and(|at| at <= now) {
                 match spawn(&instance.spec, &instance.log) {
                     Ok(child) => {
-                        instance.child = Some(child);
+                        instance.process = Some(Process::Child(child));
                         instance.started_at = now;
                         instance.restarts += 1;
                         instance.restart_at = None;
+                        changed = true;
                     }
                     Err(_) => instance.restart_at = Some(now + instance.backoff),
                 }
             }
         }
+        // The new pids, for an agent that adopts them later.
+        if changed {
+            self.save(&instances);
+        }
     }
 
     /// Stops everything and forgets it: `upshift agent stop`. (An agent that dies instead
-    /// leaves `agent.json` as it was, and the next agent starts it all again.)
+    /// leaves `agent.json` as it was, and the next agent adopts what still runs.)
     pub(crate) fn shutdown(&self, grace: Duration) {
         let mut instances = std::mem::take(&mut *self.instances.lock().expect("instances lock"));
         self.save(&BTreeMap::new());
         for instance in instances.values_mut() {
-            if let Some(child) = instance.child.as_mut() {
-                terminate(child, grace);
+            if let Some(process) = instance.process.as_mut() {
+                process.terminate(&instance.spec, grace);
             }
+        }
+    }
+}
+
+impl Instance {
+    fn new(spec: Spec, process: Process, log: PathBuf) -> Instance {
+        Instance {
+            spec,
+            process: Some(process),
+            started_at: Instant::now(),
+            restarts: 0,
+            backoff: FIRST_BACKOFF,
+            restart_at: None,
+            log,
         }
     }
 }

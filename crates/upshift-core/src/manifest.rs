@@ -50,7 +50,7 @@ struct RawManifest {
     verify: Option<RawVerify>,
     #[serde(default)]
     releases: Vec<RawRelease>,
-    agent: Option<Agent>,
+    agent: Option<RawAgent>,
 }
 
 /// A duration written for people: `250ms`, `2s`, `1m30s`, `7d`.
@@ -149,9 +149,14 @@ struct RawVerify {
     timeout: Option<HumanDuration>,
 }
 
-/// `[agent]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawAgent {
+    metrics: Option<Spanned<String>>,
+}
+
+/// `[agent]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Agent {
     /// Where the opt-in Prometheus metrics listen, e.g. `127.0.0.1:9464`.
     pub metrics: Option<String>,
@@ -422,6 +427,21 @@ impl Manifest {
         }
         let verify = loader.verify(raw.verify)?;
         let releases = loader.releases(raw.releases)?;
+        let agent = match raw.agent.and_then(|a| a.metrics) {
+            Some(metrics) => {
+                if !metrics.get_ref().parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback()) {
+                    return Err(loader.error(
+                        Some(metrics.span()),
+                        format!(
+                            "`{}` is not a loopback address; expected host:port like 127.0.0.1:9464 (the metrics are not for the network)",
+                            metrics.get_ref()
+                        ),
+                    ));
+                }
+                Agent { metrics: Some(metrics.into_inner()) }
+            }
+            None => Agent::default(),
+        };
         let app = raw.app;
         Ok(Manifest {
             path: path.to_path_buf(),
@@ -435,7 +455,7 @@ impl Manifest {
             components,
             verify,
             releases,
-            agent: raw.agent.unwrap_or_default(),
+            agent,
             secrets: loader.secrets,
         })
     }
@@ -841,6 +861,7 @@ config_changed = [{ name = "workers", from = "1", to = "2", why = "throughput" }
                 "unknown variant `sideways`",
             ),
             ("bad driver", "[[components]]\nname = \"a\"\ndriver = \"docker\"\n", 3, "unknown variant `docker`"),
+            ("metrics on the network", "[agent]\nmetrics = \"0.0.0.0:9464\"\n", 2, "is not a loopback address"),
             (
                 "falling canary steps",
                 "[[components]]\nname = \"a\"\ndriver = \"process\"\nrun = [\"x\"]\nsteps = [50, 25, 100]\n",

@@ -109,9 +109,18 @@ fn free_address() -> Result<String, DriverError> {
 }
 
 impl ProcessDriver {
-    /// Connects to the agent of `state_dir`, starting it with `program agent` when needed.
-    pub fn new(state_dir: &Path, program: &Path, cwd: &Path) -> Result<ProcessDriver, DriverError> {
-        let client = Client::connect_or_start(state_dir, program).map_err(|e| error(e.to_string()))?;
+    /// Connects to the agent of `state_dir`, starting it with `program agent` when needed,
+    /// and has it serve its Prometheus metrics on `metrics` when given.
+    pub fn new(
+        state_dir: &Path,
+        program: &Path,
+        cwd: &Path,
+        metrics: Option<&str>,
+    ) -> Result<ProcessDriver, DriverError> {
+        let mut client = Client::connect_or_start(state_dir, program).map_err(|e| error(e.to_string()))?;
+        if let Some(listen) = metrics {
+            client.request(&Request::Metrics { listen: listen.to_owned() }).map_err(|e| error(e.to_string()))?;
+        }
         // The agent runs elsewhere: it needs an absolute folder ("" is the manifest's own
         // folder when upshift.toml is in the current one).
         let cwd = std::env::current_dir().map_err(|e| error(e.to_string()))?.join(cwd);

@@ -638,6 +638,9 @@ fn under_load(serve: &str, work: impl FnOnce()) -> (u64, u64, Vec<String>, Strin
 /// Steady load through the proxy while releases switch: not one request fails, and a long
 /// request in flight across the switch completes.
 fn switches_lose_no_request(app: &App, serve: &str, instances: usize) {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let manifest = app.ctx.read("upshift.toml") + &format!("\n[agent]\nmetrics = \"{metrics}\"\n");
+    app.ctx.write("upshift.toml", &manifest);
     app.upgrade("1.0.0").success();
     let (sent, failed, failures, slow) = under_load(serve, || {
         app.upgrade("2.0.0").success();
@@ -670,6 +673,16 @@ fn switches_lose_no_request(app: &App, serve: &str, instances: usize) {
     let running: Vec<&serde_json::Value> = saved.as_array().unwrap().iter().collect();
     assert_eq!(running.len(), instances, "old instances still run: {saved}");
     assert!(running.iter().all(|s| s["version"] == "2.0.0"), "{saved}");
+    // The same figures for Prometheus, on the loopback address the manifest named.
+    let mut stream = TcpStream::connect(&metrics).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut scraped = String::new();
+    stream.read_to_string(&mut scraped).unwrap();
+    assert!(scraped.starts_with("HTTP/1.1 200") && scraped.contains("text/plain; version=0.0.4"), "{scraped}");
+    let served =
+        scraped.lines().filter(|l| l.starts_with("upshift_proxy_requests_total{component=\"api\",version=\"2.0.0\""));
+    assert_eq!(served.count(), instances, "{scraped}");
+    assert!(scraped.contains("upshift_instance_up{component=\"api\","), "{scraped}");
 }
 
 #[test]
@@ -684,8 +697,8 @@ fn rolling_switches_lose_no_request() {
     switches_lose_no_request(&app, &serve, 2);
 }
 
-/// kill -9 of the agent: the next agent stops what the dead one left running, starts it
-/// again, and serves the saved routes on the same address.
+/// kill -9 of the agent: the next agent adopts what the dead one left running and serves
+/// the saved routes on the same address.
 #[test]
 fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
     let (app, serve) = App::behind_proxy("blue-green", 1);
@@ -693,8 +706,30 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
     let state = app.ctx.join(".upshift");
     let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
     let orphan = saved[0]["pid"].as_u64().expect("agent.json records the pid");
+    let orphan_pid = u32::try_from(orphan).unwrap();
     let routes: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/routes.json")).unwrap();
     assert_eq!(routes[0]["listen"], serve.as_str());
+    // Traffic all along: (answered 200?) for each request, in order.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (serve, stop) = (serve.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let answer = TcpStream::connect(&serve).and_then(|mut stream| {
+                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    stream.write_all(b"GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+                    let mut response = String::new();
+                    stream.read_to_string(&mut response)?;
+                    Ok(response)
+                });
+                answers.push(answer.is_ok_and(|r| r.starts_with("HTTP/1.1 200")));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            answers
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
     let mut agent = upshift_agent::Client::connect(&state).unwrap();
     let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
         panic!()
@@ -718,14 +753,32 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
         assert!(std::time::Instant::now() < deadline, "the new agent does not serve {serve}: {answer:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The dead agent's process was stopped, not left beside the new one.
-    assert!(
-        !std::path::Path::new(&format!("/proc/{orphan}")).exists() || {
-            let stat = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
-            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'))
+    // The process kept running through the restart: the new agent adopted it, and no
+    // second copy was started beside it.
+    let status = app.status();
+    assert_eq!(status.version.as_deref(), Some("1.0.0"));
+    let instances = &status.components[0].instances;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    assert_eq!((instances[0].pid, instances[0].restarts, instances[0].serving), (Some(orphan_pid), 0, true));
+    assert!(app.ctx.read(".upshift/logs/api-1.0.0.log").contains(&format!("adopted pid {orphan}")));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let answers = load.join().unwrap();
+    // Served before the kill, and again after the new agent took over (only the moment with
+    // no agent at all lost requests).
+    assert!(answers.iter().take(10).all(|ok| *ok), "{answers:?}");
+    assert!(answers.iter().rev().take(20).all(|ok| *ok), "{answers:?}");
+    // An adopted process that dies is restarted like a child.
+    assert!(std::process::Command::new("kill").args(["-KILL", &orphan.to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let instance = &app.status().components[0].instances[0];
+        if instance.running && instance.restarts == 1 && instance.pid != Some(orphan_pid) {
+            break;
         }
-    );
-    assert_eq!(app.status().version.as_deref(), Some("1.0.0"));
+        assert!(std::time::Instant::now() < deadline, "the adopted process was not restarted: {instance:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Canary: a share of requests goes to the new version, judged on what the proxy measured.

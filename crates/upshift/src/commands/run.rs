@@ -29,7 +29,7 @@ fn database(database: &DatabaseArgs, manifest: &Manifest) -> anyhow::Result<Opti
 
 fn driver(manifest: &Manifest) -> anyhow::Result<ProcessDriver> {
     let program = std::env::current_exe().context("finding the upshift binary")?;
-    Ok(ProcessDriver::new(&manifest.state_dir, &program, &manifest.base_dir)?)
+    Ok(ProcessDriver::new(&manifest.state_dir, &program, &manifest.base_dir, manifest.agent.metrics.as_deref())?)
 }
 
 /// SIGINT and SIGTERM set the flag; the runner stops at the next step boundary and undoes.
