@@ -374,7 +374,7 @@ impl Driver for ProcessDriver {
             Strategy::Recreate => {}
             Strategy::BlueGreen => return self.switch_to(component, version),
             Strategy::Rolling => return self.roll_to(component, version),
-            Strategy::Canary => return self.canary_to(component, version, &component.steps.clone(), say),
+            Strategy::Canary => return self.canary_to(component, version, &component.steps, say),
         }
         let previous = self.live(component)?.map(|(spec, _)| spec);
         // Recreate reuses the address: the stable one, or the one the old instance had.
