@@ -12,7 +12,8 @@
 //! A request that cannot reach its upstream is retried once on another one when that is
 //! safe: an idempotent method, or nothing was sent. Request bodies are buffered (up to
 //! 16 MiB) so they can be sent again; response bodies stream through, and an upgrade
-//! (WebSocket) is passed through as a byte stream once the upstream answers 101.
+//! (WebSocket) is passed through as a byte stream once the upstream answers 101. Clients
+//! speak HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge); upstreams get HTTP/1.1.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -359,6 +360,12 @@ async fn handle(
         }
     };
     let mut headers = parts.headers;
+    // HTTP/2 carries the host in the URI (`:authority`); the upstream speaks HTTP/1.1.
+    if !headers.contains_key(hyper::header::HOST)
+        && let Some(host) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        headers.insert(hyper::header::HOST, host);
+    }
     for name in HOP_BY_HOP {
         // An upgrade keeps the two headers that ask for it.
         if !(upgrade && matches!(*name, "connection" | "upgrade")) {
@@ -487,13 +494,14 @@ impl Proxy {
                     let service = hyper::service::service_fn(move |request| {
                         handle(request, peer, Arc::clone(&route), client.clone())
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c).
+                    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    server
+                        .http1()
                         .keep_alive(true)
                         .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(HEADER_TIMEOUT)
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
+                        .header_read_timeout(HEADER_TIMEOUT);
+                    let _ = server.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
                 });
             }
         });
@@ -642,6 +650,28 @@ mod tests {
         let mut echoed = [0u8; 9];
         reader.read_exact(&mut echoed).unwrap();
         assert_eq!(&echoed, b"ping pong");
+    }
+
+    #[test]
+    fn an_http2_client_is_answered_from_an_http1_upstream() {
+        let backend = upstream(|head, mut stream| {
+            assert!(head.iter().any(|h| h.starts_with("host: ")), "{head:?}");
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello").unwrap();
+        });
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        proxy.route("api", &listen, &[to(&backend, "1.0.0", 1)], Duration::ZERO).unwrap();
+        let (status, body) = proxy.runtime.block_on(async {
+            let stream = tokio::net::TcpStream::connect(&listen).await.unwrap();
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(connection);
+            let request = Request::get(format!("http://{listen}/x")).body(Full::new(Bytes::new())).unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status();
+            (status, response.into_body().collect().await.unwrap().to_bytes())
+        });
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
     }
 
     #[test]
