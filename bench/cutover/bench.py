@@ -149,6 +149,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--throughput-only", action="store_true", help="skip the switches")
     args = parser.parse_args()
     upshift = os.path.abspath(args.upshift)
     root = tempfile.mkdtemp(prefix="upshift-bench-cutover.")
@@ -156,15 +157,16 @@ def main():
     nginx = None
     try:
         rows = []
-        for strategy in ["blue-green", "recreate"]:
+        for strategy in ["blue-green"] if args.throughput_only else ["blue-green", "recreate"]:
             d = Deployment(upshift, root, strategy)
             deployments.append(d)
             d.run("upgrade", "--to", "1.0.0")
-            print(f"{strategy}: steady load {args.seconds}s", file=sys.stderr)
-            steady = wrk(d.url + "/api/notes", args.seconds, args.connections)
-            print(f"{strategy}: {args.rounds} x 1.0.0 -> 2.0.0 -> 1.0.0 under load", file=sys.stderr)
-            switched = switching(d, args.rounds, args.connections)
-            rows.append((strategy, steady, switched))
+            if not args.throughput_only:
+                print(f"{strategy}: steady load {args.seconds}s", file=sys.stderr)
+                steady = wrk(d.url + "/api/notes", args.seconds, args.connections)
+                print(f"{strategy}: {args.rounds} x 1.0.0 -> 2.0.0 -> 1.0.0 under load", file=sys.stderr)
+                switched = switching(d, args.rounds, args.connections)
+                rows.append((strategy, steady, switched))
             if strategy == "blue-green":
                 serving = [i for i in d.status()["components"][0]["instances"] if i["serving"]]
                 backend = serving[0]["addr"]
@@ -185,13 +187,14 @@ def main():
             through[name] = wrk(url + "/slow?ms=0", args.seconds, args.connections)
 
         switches = 2 * args.rounds
-        print(f"\n## Switches under load ({switches} switches, wrk -t2 -c{args.connections} on GET /api/notes)\n")
-        print("| strategy | requests | failed | p99 steady | p99 switching | ratio | time per switch |")
-        print("|---|---|---|---|---|---|---|")
-        for strategy, steady, switched in rows:
-            ratio = switched["p99"] / steady["p99"] if steady.get("p99") else float("nan")
-            print(f"| {strategy} | {switched['requests']} | {switched['failed']} | {ms(steady.get('p99'))} | "
-                  f"{ms(switched.get('p99'))} | {ratio:.2f}x | {switched['seconds'] / switches:.2f} s |")
+        if rows:
+            print(f"\n## Switches under load ({switches} switches, wrk -t2 -c{args.connections} on GET /api/notes)\n")
+            print("| strategy | requests | failed | p99 steady | p99 switching | ratio | time per switch |")
+            print("|---|---|---|---|---|---|---|")
+            for strategy, steady, switched in rows:
+                ratio = switched["p99"] / steady["p99"] if steady.get("p99") else float("nan")
+                print(f"| {strategy} | {switched['requests']} | {switched['failed']} | {ms(steady.get('p99'))} | "
+                      f"{ms(switched.get('p99'))} | {ratio:.2f}x | {switched['seconds'] / switches:.2f} s |")
         print(f"\n## Proxy throughput (GET /slow?ms=0, wrk -t2 -c{args.connections}, {args.seconds}s each)\n")
         print("| path | requests/s | p50 | p99 | failed | vs nginx |")
         print("|---|---|---|---|---|---|")
