@@ -34,6 +34,11 @@ pub(crate) const CANARY_MIN_REQUESTS: u64 = 20;
 /// The error rate that stops a canary when the manifest sets no `max_error_rate`.
 pub(crate) const CANARY_MAX_ERROR_RATE: f64 = 0.01;
 
+/// Whether the proxy routes to `spec`'s instance.
+fn serves(spec: &Spec, routed: &[String]) -> bool {
+    spec.addr.as_ref().is_some_and(|a| routed.contains(a))
+}
+
 /// `spec`'s instance as an upstream of the proxy.
 fn upstream(spec: &Spec, weight: u32) -> Upstream {
     Upstream { addr: spec.addr.clone().unwrap_or_default(), version: spec.version.clone(), weight }
@@ -153,25 +158,26 @@ impl ProcessDriver {
     /// `live` one.
     fn live(&mut self, component: &Component) -> Result<Option<(Spec, bool)>, DriverError> {
         let (instances, routed) = self.state(component)?;
-        Ok(instances.into_iter().find(|(spec, _)| {
-            if behind_proxy(component) {
-                spec.addr.as_ref().is_some_and(|a| routed.contains(a))
-            } else {
-                spec.slot == LIVE
-            }
-        }))
+        Ok(instances.into_iter().find(
+            |(spec, _)| {
+                if behind_proxy(component) { serves(spec, &routed) } else { spec.slot == LIVE }
+            },
+        ))
+    }
+
+    /// The instances the proxy routes to and that run, after stopping the ones it does not
+    /// route to (leftovers of an attempt that failed before its undo).
+    fn serving_after_leftovers(&mut self, component: &Component) -> Result<Vec<Spec>, DriverError> {
+        let (instances, routed) = self.state(component)?;
+        for (spec, _) in instances.iter().filter(|(s, _)| !serves(s, &routed)) {
+            self.stop_slot(component, &spec.slot)?;
+        }
+        Ok(instances.into_iter().filter(|(s, running)| *running && serves(s, &routed)).map(|(s, _)| s).collect())
     }
 
     /// Replaces the serving instances with `instances` new ones of `version`, one at a time.
     fn roll_to(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
-        let (instances, routed) = self.state(component)?;
-        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
-        let olds: Vec<Spec> =
-            instances.iter().filter(|(s, running)| *running && serving(s)).map(|(s, _)| s.clone()).collect();
-        // Leftovers of an attempt that failed before its undo go first.
-        for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
-            self.stop_slot(component, &spec.slot)?;
-        }
+        let olds = self.serving_after_leftovers(component)?;
         let count = usize::try_from(component.instances).unwrap_or(1);
         let mut news: Vec<Spec> = Vec::new();
         for i in 0..count {
@@ -220,13 +226,7 @@ impl ProcessDriver {
         steps: &[u32],
         say: &dyn Fn(&str),
     ) -> Result<(), DriverError> {
-        let (instances, routed) = self.state(component)?;
-        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
-        let olds: Vec<Spec> =
-            instances.iter().filter(|(s, running)| *running && serving(s)).map(|(s, _)| s.clone()).collect();
-        for (spec, _) in instances.iter().filter(|(s, _)| !serving(s)) {
-            self.stop_slot(component, &spec.slot)?;
-        }
+        let olds = self.serving_after_leftovers(component)?;
         let mut news: Vec<Spec> = Vec::new();
         for i in 0..component.instances {
             news.push(self.start_healthy(component, version, &format!("{version}#{i}"))?);
@@ -304,7 +304,7 @@ impl ProcessDriver {
 
     fn put_back_behind_proxy(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         let (instances, routed) = self.state(component)?;
-        let serving = |s: &Spec| s.addr.as_ref().is_some_and(|a| routed.contains(a));
+        let serving = |s: &Spec| serves(s, &routed);
         let previous_serving: Vec<&Spec> = instances
             .iter()
             .filter(|(s, running)| *running && serving(s) && previous.is_some_and(|p| p.version == s.version))
@@ -408,11 +408,8 @@ impl Driver for ProcessDriver {
         if behind_proxy(component) {
             // Every instance that serves, not only one.
             let (instances, routed) = self.state(component)?;
-            let serving: Vec<Spec> = instances
-                .into_iter()
-                .filter(|(s, _)| s.addr.as_ref().is_some_and(|a| routed.contains(a)))
-                .map(|(s, _)| s)
-                .collect();
+            let serving: Vec<Spec> =
+                instances.into_iter().filter(|(s, _)| serves(s, &routed)).map(|(s, _)| s).collect();
             if serving.is_empty() {
                 return Err(error(format!("{} is not deployed", component.name)));
             }

@@ -202,6 +202,19 @@ migrate_to = "20260202000000"
         self.run(&["status", "--output", "json"]).success().json()
     }
 
+    /// Waits (up to a minute) until the run in flight is at `step`.
+    fn wait_for_step(&self, step: i64) {
+        let deadline = std::time::Instant::now() + Duration::from_mins(1);
+        loop {
+            let status = self.status();
+            if status.run.as_ref().and_then(|r| r.step) == Some(step) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "the run never reached step {step}: {status:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn history(&self) -> Vec<(i64, String, String)> {
         let releases: Vec<Release> = self.run(&["history", "--output", "json"]).success().json();
         releases.into_iter().map(|r| (r.revision, r.version, r.status)).collect()
@@ -499,16 +512,8 @@ fn kill_9_mid_run_then_abort() {
         .process_group(0)
         .spawn()
         .unwrap();
-    // Wait until the run reaches its verify step (5), then kill it dead.
-    let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    loop {
-        let status = app.status();
-        if status.run.as_ref().and_then(|r| r.step) == Some(5) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the run never reached verify: {status:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Wait until the run reaches its verify step, then kill it dead.
+    app.wait_for_step(5);
     // A second run meanwhile is refused, naming the holder.
     app.upgrade("2.0.0").code(1).stderr_has(&format!("another upshift run is in progress (pid {}", child.id()));
     let group = i32::try_from(child.id()).unwrap();
@@ -528,11 +533,7 @@ fn sigterm_mid_run_undoes() {
     app.ctx.write("slow-smoke", "1");
     let child =
         app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while app.status().run.as_ref().and_then(|r| r.step) != Some(5) {
-        assert!(std::time::Instant::now() < deadline, "the run never reached verify");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    app.wait_for_step(5);
     std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
@@ -577,6 +578,19 @@ fn the_agent_restarts_a_crashed_process_and_writes_logs() {
     assert!(!app.status().components[0].healthy);
 }
 
+const GET_NOTES: &str = "GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// Sends one raw HTTP request to `addr` and reads the whole response (the request asks the
+/// server to close), waiting up to `timeout_secs` for it.
+fn exchange(addr: &str, request: &str, timeout_secs: u64) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(timeout_secs)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 /// Four clients through the proxy at `serve` while `work` runs, counting every response,
 /// plus one 1.5 s request in flight from the start. Returns (sent, failed, first failures,
 /// the slow request's response).
@@ -587,14 +601,6 @@ fn under_load(serve: &str, work: impl FnOnce()) -> (u64, u64, Vec<String>, Strin
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let failures = Arc::new(Mutex::new(Vec::new()));
-    let exchange = |serve: &str, request: &str| -> std::io::Result<String> {
-        let mut stream = TcpStream::connect(serve)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    };
     let load: Vec<_> = (0..4)
         .map(|client| {
             let (serve, stop, sent, failed, failures) = (serve.to_owned(), stop.clone(), sent.clone(), failed.clone(), failures.clone());
@@ -606,9 +612,9 @@ fn under_load(serve: &str, work: impl FnOnce()) -> (u64, u64, Vec<String>, Strin
                         let body = format!(r#"{{"title": "t", "body": "load {client} {n}", "tags": ["x"]}}"#);
                         format!("POST /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                     } else {
-                        "GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()
+                        GET_NOTES.to_owned()
                     };
-                    let result = exchange(&serve, &request);
+                    let result = exchange(&serve, &request, 30);
                     sent.fetch_add(1, Ordering::SeqCst);
                     if !result.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 2")) {
                         failed.fetch_add(1, Ordering::SeqCst);
@@ -621,7 +627,7 @@ fn under_load(serve: &str, work: impl FnOnce()) -> (u64, u64, Vec<String>, Strin
     let slow = {
         let serve = serve.to_owned();
         std::thread::spawn(move || {
-            exchange(&serve, "GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap()
+            exchange(&serve, "GET /slow?ms=1500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 30).unwrap()
         })
     };
     std::thread::sleep(Duration::from_millis(200));
@@ -674,10 +680,7 @@ fn switches_lose_no_request(app: &App, serve: &str, instances: usize) {
     assert_eq!(running.len(), instances, "old instances still run: {saved}");
     assert!(running.iter().all(|s| s["version"] == "2.0.0"), "{saved}");
     // The same figures for Prometheus, on the loopback address the manifest named.
-    let mut stream = TcpStream::connect(&metrics).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut scraped = String::new();
-    stream.read_to_string(&mut scraped).unwrap();
+    let scraped = exchange(&metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 30).unwrap();
     assert!(scraped.starts_with("HTTP/1.1 200") && scraped.contains("text/plain; version=0.0.4"), "{scraped}");
     let served =
         scraped.lines().filter(|l| l.starts_with("upshift_proxy_requests_total{component=\"api\",version=\"2.0.0\""));
@@ -716,13 +719,7 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
         std::thread::spawn(move || {
             let mut answers = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let answer = TcpStream::connect(&serve).and_then(|mut stream| {
-                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    stream.write_all(b"GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-                    let mut response = String::new();
-                    stream.read_to_string(&mut response)?;
-                    Ok(response)
-                });
+                let answer = exchange(&serve, GET_NOTES, 5);
                 answers.push(answer.is_ok_and(|r| r.starts_with("HTTP/1.1 200")));
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -740,13 +737,7 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
     app.run(&["agent", "--detach"]).success();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let answer = TcpStream::connect(&serve).and_then(|mut stream| {
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            stream.write_all(b"GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok(response)
-        });
+        let answer = exchange(&serve, GET_NOTES, 5);
         if answer.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
             break;
         }
