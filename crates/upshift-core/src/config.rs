@@ -85,7 +85,7 @@ pub fn read_env_file(path: &Path) -> Result<BTreeSet<String>, EnvFileError> {
 pub fn options_set(manifest: &Manifest) -> BTreeSet<String> {
     std::env::vars()
         .map(|(name, _)| name)
-        .chain(manifest.components.iter().flat_map(|c| c.env.keys().cloned()))
+        .chain(manifest.components.iter().filter_map(|c| c.process()).flat_map(|p| p.env.keys().cloned()))
         .collect()
 }
 

@@ -1,29 +1,139 @@
-//! The `Driver` trait: how a component's code is rolled out and put back. One
-//! implementation per way of running code (process via the agent today; Compose, Kubernetes
-//! and Helm later), and the runner over it, like sqlx's `Migrate` and `Migrator`.
+//! The driver seam: how a component's code is rolled out and put back. One implementation
+//! per way of running code (process via the agent today; Compose, Kubernetes and Helm
+//! next), a registry that picks one per component, and the runner over it, like sqlx's
+//! `Migrate` and `Migrator`.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Component;
+use crate::manifest::{Component, DriverKind};
 
-/// What runs for a component: enough to start it again. Opaque to the runner, which keeps
-/// it in the journal so that an undo after a crash can still put it back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The format of [`Deployed`] records this build writes.
+pub const DEPLOYED_FORMAT: u32 = 1;
+
+/// What runs for a component: a typed, versioned record that alone is enough to start it
+/// again. The runner keeps it in the journal, so an undo after a crash, or a rollback long
+/// after the manifest changed, puts back exactly what ran.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Deployed {
+    /// The record's format ([`DEPLOYED_FORMAT`]; 0 for records from journal schema 0).
+    pub format: u32,
     /// The version it runs.
     pub version: String,
-    /// The driver's own description of it (for the process driver, the agent's spec).
+    /// The component as it was deployed (its `${VAR}` unexpanded, so no secret is
+    /// journaled). `None` only in records from journal schema 0, which did not keep it: the
+    /// manifest's component of the same name stands in.
+    pub component: Option<Component>,
+    /// What the driver observed of it (for the process driver, its address).
     pub detail: serde_json::Value,
 }
 
-/// A failure of the driver, for people.
+impl Deployed {
+    /// A record of this build's format.
+    pub fn new(version: &str, component: &Component, detail: serde_json::Value) -> Deployed {
+        Deployed { format: DEPLOYED_FORMAT, version: version.to_owned(), component: Some(component.clone()), detail }
+    }
+
+    /// A record read from journal schema 0.
+    pub fn legacy(version: String, detail: serde_json::Value) -> Deployed {
+        Deployed { format: 0, version, component: None, detail }
+    }
+
+    /// The component to start again: the recorded one, else (schema 0) `fallback`.
+    pub fn spec<'a>(&'a self, fallback: &'a Component) -> &'a Component {
+        self.component.as_ref().unwrap_or(fallback)
+    }
+}
+
+/// A driver failure. The message says what happened and what to do.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct DriverError(pub String);
+pub enum DriverError {
+    /// The new version did not pass its health check.
+    #[error("{0}")]
+    Unhealthy(String),
+    /// A canary step breached a limit (or had too little traffic to judge).
+    #[error("{0}")]
+    Breached(String),
+    /// The driver's engine (the agent, Docker, the API server) cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The driver refused: a spec it cannot run, something missing to put back.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// One process, container or pod of a component, for `status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceStatus {
+    /// The version it runs.
+    pub version: String,
+    /// Its slot (`live`, `blue`, `green`, `<version>#<i>`).
+    pub slot: String,
+    /// Where it listens.
+    pub addr: Option<String>,
+    /// Its process id.
+    pub pid: Option<u32>,
+    /// Whether it runs.
+    pub running: bool,
+    /// How often it was restarted.
+    pub restarts: u32,
+    /// Whether it gets requests.
+    pub serving: bool,
+    /// Its weight in the proxy.
+    pub weight: Option<u32>,
+    /// Requests the proxy sent it.
+    pub requests: Option<u64>,
+    /// Of those, errors.
+    pub errors: Option<u64>,
+    /// Its p99 latency since the last switch.
+    pub p99_ms: Option<f64>,
+}
+
+/// What the proxy measured of one version since the last switch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct WindowStatus {
+    /// How long the window is.
+    pub seconds: f64,
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// p99 latency.
+    pub p99_ms: Option<f64>,
+}
+
+/// One version's share of requests and figures.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct VersionStatus {
+    /// The version.
+    pub version: String,
+    /// Its share of requests, in percent.
+    pub share: f64,
+    /// Its figures.
+    pub window: WindowStatus,
+}
+
+/// What runs for a component now, for `status`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ComponentStatus {
+    /// Whether what serves passes its health check now (one check).
+    pub healthy: bool,
+    /// The version that serves.
+    pub version: Option<String>,
+    /// Every instance.
+    pub instances: Vec<InstanceStatus>,
+    /// Each version's share and figures (behind a proxy only).
+    pub versions: Vec<VersionStatus>,
+}
 
 /// A way of running components.
 pub trait Driver {
-    /// What runs now for `component`, if anything.
+    /// Which components it runs.
+    fn kind(&self) -> DriverKind;
+
+    /// What runs now for `component`, if anything, as a record that can start it again.
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError>;
 
     /// Rolls `version` out with the component's strategy, health-gated, telling `say` how
@@ -31,10 +141,76 @@ pub trait Driver {
     /// the caller undoes with [`Driver::put_back`].
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError>;
 
-    /// Puts `previous` back (or removes the component when nothing ran before).
+    /// Puts `previous` back in place of whatever runs for `component` (or removes the
+    /// component when nothing ran before). Must be safe to call again after a crash, and a
+    /// no-op when `previous` already is all that runs.
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError>;
+
+    /// Checks, changing nothing, that `previous` could be started again now (its program,
+    /// image or chart is there): an undo checks every action before the first one.
+    fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError>;
 
     /// Whether the component passes its health check now (one round of checks up to its
     /// `healthy_after` and `deadline`).
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError>;
+
+    /// What runs for `component`, for `status` (one quick health check, no waiting).
+    fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError>;
+}
+
+/// Creates a driver when a component first needs it (the process driver starts the agent).
+pub type DriverFactory = Box<dyn FnOnce() -> Result<Box<dyn Driver>, DriverError>>;
+
+enum Slot {
+    Ready(Box<dyn Driver>),
+    Pending(DriverFactory),
+    Failed(String),
+}
+
+/// The drivers of one run, by kind; each created on first use.
+#[derive(Default)]
+pub struct Drivers {
+    slots: BTreeMap<DriverKind, Slot>,
+}
+
+impl Drivers {
+    /// No drivers.
+    pub fn new() -> Drivers {
+        Drivers::default()
+    }
+
+    /// Adds a driver.
+    pub fn register(&mut self, driver: Box<dyn Driver>) {
+        self.slots.insert(driver.kind(), Slot::Ready(driver));
+    }
+
+    /// Adds a driver made on first use.
+    pub fn register_lazy(&mut self, kind: DriverKind, factory: DriverFactory) {
+        self.slots.insert(kind, Slot::Pending(factory));
+    }
+
+    /// The driver of `component`.
+    pub fn get(&mut self, component: &Component) -> Result<&mut dyn Driver, DriverError> {
+        let kind = component.driver.kind();
+        let slot = self.slots.remove(&kind).ok_or_else(|| {
+            DriverError::Refused(format!(
+                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\"",
+                component.name,
+                kind.as_str()
+            ))
+        })?;
+        let slot = match slot {
+            Slot::Pending(factory) => match factory() {
+                Ok(driver) => Slot::Ready(driver),
+                Err(e) => Slot::Failed(e.to_string()),
+            },
+            other => other,
+        };
+        self.slots.insert(kind, slot);
+        match self.slots.get_mut(&kind) {
+            Some(Slot::Ready(driver)) => Ok(driver.as_mut()),
+            Some(Slot::Failed(message)) => Err(DriverError::Unavailable(message.clone())),
+            _ => unreachable!("the slot was just filled"),
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 pub mod command;
 pub mod config;
+pub mod contract;
 pub mod driver;
 pub mod guide;
 pub mod journal;

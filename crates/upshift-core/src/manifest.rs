@@ -15,7 +15,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 /// A manifest that could not be used.
@@ -68,8 +68,8 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
-/// How a component is run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+/// How a component is run: which driver of the registry rolls it out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DriverKind {
     /// Local processes supervised by the agent.
@@ -83,7 +83,7 @@ pub enum DriverKind {
 }
 
 /// How a new version replaces the old one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
     /// Stop the old, then start the new.
@@ -94,6 +94,18 @@ pub enum Strategy {
     BlueGreen,
     /// Send a growing share of requests to the new version.
     Canary,
+}
+
+impl DriverKind {
+    /// The name used in the manifest and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Process => "process",
+            DriverKind::Compose => "compose",
+            DriverKind::Kubernetes => "kubernetes",
+            DriverKind::Helm => "helm",
+        }
+    }
 }
 
 impl Strategy {
@@ -125,6 +137,26 @@ struct RawComponent {
     step_interval: Option<HumanDuration>,
     max_error_rate: Option<f64>,
     max_p99_ms: Option<u64>,
+    // compose
+    files: Option<Vec<Spanned<String>>>,
+    project: Option<Spanned<String>>,
+    service: Option<Spanned<String>>,
+    // compose, kubernetes
+    image: Option<Spanned<String>>,
+    // kubernetes, helm
+    namespace: Option<Spanned<String>>,
+    // kubernetes
+    deployment: Option<Spanned<String>>,
+    container: Option<Spanned<String>>,
+    // helm
+    release: Option<Spanned<String>>,
+    chart: Option<Spanned<String>>,
+    chart_version: Option<Spanned<String>>,
+    values: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    set: BTreeMap<String, Spanned<String>>,
+    timeout: Option<HumanDuration>,
+    tests: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -163,7 +195,7 @@ pub struct Agent {
 }
 
 /// A deprecation announced by a release.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deprecation {
     /// What is deprecated.
@@ -175,7 +207,7 @@ pub struct Deprecation {
 }
 
 /// A configuration option a release adds.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigAdded {
     /// The option.
@@ -190,7 +222,7 @@ pub struct ConfigAdded {
 }
 
 /// A configuration option whose default a release changes.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigChanged {
     /// The option.
@@ -223,7 +255,8 @@ struct RawRelease {
 }
 
 /// How a component's health is checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Probe {
     /// GET this path on the component's address; healthy on `status` (default any 2xx)
     /// and, when given, a body containing `body`.
@@ -235,7 +268,8 @@ pub enum Probe {
 }
 
 /// A health check and its timing.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Health {
     /// What is checked.
     pub probe: Probe,
@@ -249,19 +283,19 @@ pub struct Health {
     pub deadline: Duration,
 }
 
-/// A component of the application.
-#[derive(Clone, Debug, PartialEq)]
+/// A component of the application: what every driver shares (name, strategy, health and
+/// the strategy's settings) and, in [`DriverSpec`], what only its driver reads.
+///
+/// Strings keep their `${VAR}` references unexpanded (the loader checked that each is set),
+/// so a component serializes into the journal without secrets and is expanded again with
+/// [`Manifest::expand`] when it runs: a journaled component alone is enough to start it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Component {
     /// Its name.
     pub name: String,
-    /// How it is run.
-    pub driver: DriverKind,
-    /// The command (process driver), with placeholders.
-    pub run: Vec<String>,
-    /// Environment for the command, with placeholders.
-    pub env: BTreeMap<String, String>,
-    /// The stable address the agent's proxy holds.
-    pub serve: Option<String>,
+    /// How it is run, with the driver's own settings.
+    pub driver: DriverSpec,
     /// How versions replace each other (default `recreate`).
     pub strategy: Strategy,
     /// The health check, if any.
@@ -278,6 +312,95 @@ pub struct Component {
     pub max_error_rate: Option<f64>,
     /// Canary threshold: the p99 latency that aborts.
     pub max_p99_ms: Option<u64>,
+}
+
+/// What one driver needs to run a component. Each variant holds only its driver's keys;
+/// the loader refuses another driver's key with its line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)]
+pub enum DriverSpec {
+    /// Local processes under the agent.
+    Process(ProcessSpec),
+    /// A Docker Compose service.
+    Compose {
+        /// The compose files: base, then overlays.
+        files: Vec<String>,
+        /// The compose project name.
+        project: Option<String>,
+        /// The service.
+        service: String,
+        /// The image, with `{version}`.
+        image: Option<String>,
+    },
+    /// A Kubernetes Deployment.
+    Kubernetes {
+        /// Its namespace.
+        namespace: Option<String>,
+        /// The Deployment.
+        deployment: String,
+        /// The container whose image changes.
+        container: Option<String>,
+        /// The image, with `{version}`.
+        image: String,
+    },
+    /// A Helm release.
+    Helm {
+        /// The release.
+        release: String,
+        /// A local path or `repo/name`.
+        chart: String,
+        /// The chart version.
+        chart_version: Option<String>,
+        /// Its namespace.
+        namespace: Option<String>,
+        /// Values files.
+        values: Vec<String>,
+        /// `--set` values, with `{version}`.
+        set: BTreeMap<String, String>,
+        /// How long Helm waits.
+        timeout: Option<Duration>,
+        /// Run `helm test` in verify.
+        tests: bool,
+    },
+}
+
+impl DriverSpec {
+    /// Which driver runs it.
+    pub fn kind(&self) -> DriverKind {
+        match self {
+            DriverSpec::Process(_) => DriverKind::Process,
+            DriverSpec::Compose { .. } => DriverKind::Compose,
+            DriverSpec::Kubernetes { .. } => DriverKind::Kubernetes,
+            DriverSpec::Helm { .. } => DriverKind::Helm,
+        }
+    }
+}
+
+/// The process driver's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// The command, with placeholders and unexpanded `${VAR}`.
+    pub run: Vec<String>,
+    /// Environment for the command, as `run`.
+    pub env: BTreeMap<String, String>,
+    /// The stable address the agent's proxy holds.
+    pub serve: Option<String>,
+}
+
+impl Component {
+    /// The process driver's settings, when it is a process component.
+    pub fn process(&self) -> Option<&ProcessSpec> {
+        match &self.driver {
+            DriverSpec::Process(spec) => Some(spec),
+            _ => None,
+        }
+    }
+
+    /// The stable address the agent's proxy holds, if any.
+    pub fn serve(&self) -> Option<&str> {
+        self.process().and_then(|p| p.serve.as_deref())
+    }
 }
 
 /// `[verify]`.
@@ -368,7 +491,12 @@ pub struct Manifest {
     pub agent: Agent,
     /// Every value that came from a `${VAR}`: never printed.
     secrets: Vec<String>,
+    /// The variables read at load, by name: what [`Manifest::expand`] fills in.
+    vars: BTreeMap<String, String>,
 }
+
+/// A component key: its name, the drivers that read it, where it is, whether it is set.
+type KeyUse<'a> = (&'a str, &'a [DriverKind], Option<Range<usize>>, bool);
 
 /// The placeholders a component's strings may hold.
 const COMPONENT_PLACEHOLDERS: &[&str] = &["version", "addr", "port"];
@@ -411,7 +539,7 @@ impl Manifest {
 
     /// Checks manifest text read from `path`.
     pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Manifest, ManifestError> {
-        let mut loader = Loader { path, text, env: &env, secrets: Vec::new() };
+        let mut loader = Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new() };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
         let (database_url_raw, migrations, min_server) = match raw.database {
@@ -457,12 +585,19 @@ impl Manifest {
             releases,
             agent,
             secrets: loader.secrets,
+            vars: loader.vars,
         })
     }
 
     /// The release with this version.
     pub fn release(&self, version: &semver::Version) -> Option<&Release> {
         self.releases.iter().find(|r| &r.version == version)
+    }
+
+    /// `text` with each `${VAR}` filled: from the variables read when the manifest was
+    /// loaded, else (a component journaled by an earlier manifest) from the environment.
+    pub fn expand(&self, text: &str) -> Result<String, String> {
+        expand(text, |name| self.vars.get(name).cloned().or_else(|| std::env::var(name).ok()))
     }
 
     /// `text` with every value that came from the environment replaced by `***`.
@@ -481,6 +616,8 @@ struct Loader<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     /// Every value that came from the environment.
     secrets: Vec<String>,
+    /// The variables read, by name.
+    vars: BTreeMap<String, String>,
 }
 
 impl Loader<'_> {
@@ -497,11 +634,18 @@ impl Loader<'_> {
         let mut used = Vec::new();
         let expanded = expand(value.get_ref(), |name| {
             let found = (self.env)(name);
-            used.extend(found.clone());
+            if let Some(found) = &found {
+                used.push((name.to_owned(), found.clone()));
+            }
             found
         })
         .map_err(|message| self.error(Some(value.span()), message))?;
-        self.secrets.extend(used.into_iter().filter(|v| !v.is_empty()));
+        for (name, found) in used {
+            if !found.is_empty() {
+                self.secrets.push(found.clone());
+            }
+            self.vars.insert(name, found);
+        }
         Ok(expanded)
     }
 
@@ -514,6 +658,13 @@ impl Loader<'_> {
             );
         }
         self.expand(value)
+    }
+
+    /// Checks a component's value like [`Loader::template`] but keeps its `${VAR}`
+    /// references: components are expanded when they run ([`Manifest::expand`]).
+    fn component_template(&mut self, value: &Spanned<String>) -> Result<String, ManifestError> {
+        self.template(value, COMPONENT_PLACEHOLDERS)?;
+        Ok(value.get_ref().clone())
     }
 
     fn backup(&self, raw: Option<RawBackup>, base: &Path) -> Result<BackupSettings, ManifestError> {
@@ -544,15 +695,11 @@ impl Loader<'_> {
         if earlier.iter().any(|c| c.name == name) {
             return Err(self.error(at_name, format!("a second component named `{name}`; names must differ")));
         }
-        let run = raw
-            .run
-            .iter()
-            .flatten()
-            .map(|arg| self.template(arg, COMPONENT_PLACEHOLDERS))
-            .collect::<Result<Vec<_>, _>>()?;
+        self.other_drivers_keys(&raw, &name)?;
+        let run = raw.run.iter().flatten().map(|arg| self.component_template(arg)).collect::<Result<Vec<_>, _>>()?;
         let mut env = BTreeMap::new();
         for (key, value) in &raw.env {
-            env.insert(key.clone(), self.template(value, COMPONENT_PLACEHOLDERS)?);
+            env.insert(key.clone(), self.component_template(value)?);
         }
         let strategy = raw.strategy.unwrap_or(Strategy::Recreate);
         let takes_address = run.iter().chain(env.values()).any(|v| placeholders(v).any(|p| p == "addr" || p == "port"));
@@ -604,18 +751,15 @@ impl Loader<'_> {
                 format!("component `{name}`: `max_error_rate` is a fraction from 0 to 1 (0.01 is 1%), not {rate}"),
             ));
         }
+        let serve = raw.serve.as_ref().map(|s| s.get_ref().clone());
+        let driver = self.driver_spec(&raw, &name, ProcessSpec { run, env, serve })?;
         let health = match raw.health {
-            Some(h) => {
-                Some(self.health(h, &name, at_name.clone(), takes_address || raw.driver != DriverKind::Process)?)
-            }
+            Some(h) => Some(self.health(h, &name, at_name, takes_address || raw.driver != DriverKind::Process)?),
             None => None,
         };
         Ok(Component {
             name,
-            driver: raw.driver,
-            run,
-            env,
-            serve: raw.serve.map(Spanned::into_inner),
+            driver,
             strategy,
             health,
             drain: raw.drain.map_or(Duration::from_secs(10), |d| d.0),
@@ -625,6 +769,111 @@ impl Loader<'_> {
             max_error_rate: raw.max_error_rate,
             max_p99_ms: raw.max_p99_ms,
         })
+    }
+
+    /// The driver's own settings, each required key checked.
+    fn driver_spec(
+        &mut self,
+        raw: &RawComponent,
+        name: &str,
+        process: ProcessSpec,
+    ) -> Result<DriverSpec, ManifestError> {
+        let name = name.to_owned();
+        let at_name = Some(raw.name.span());
+        Ok(match raw.driver {
+            DriverKind::Process => DriverSpec::Process(process),
+            DriverKind::Compose => DriverSpec::Compose {
+                files: self.strings(raw.files.as_deref())?,
+                project: raw.project.as_ref().map(|p| self.component_template(p)).transpose()?,
+                service: self.required(raw.service.as_ref(), at_name.clone(), (&name, "compose", "service"))?,
+                image: raw.image.as_ref().map(|i| self.component_template(i)).transpose()?,
+            },
+            DriverKind::Kubernetes => DriverSpec::Kubernetes {
+                namespace: raw.namespace.as_ref().map(|n| self.component_template(n)).transpose()?,
+                deployment: self.required(
+                    raw.deployment.as_ref(),
+                    at_name.clone(),
+                    (&name, "kubernetes", "deployment"),
+                )?,
+                container: raw.container.as_ref().map(|c| self.component_template(c)).transpose()?,
+                image: self.required(raw.image.as_ref(), at_name.clone(), (&name, "kubernetes", "image"))?,
+            },
+            DriverKind::Helm => DriverSpec::Helm {
+                release: self.required(raw.release.as_ref(), at_name.clone(), (&name, "helm", "release"))?,
+                chart: self.required(raw.chart.as_ref(), at_name.clone(), (&name, "helm", "chart"))?,
+                chart_version: raw.chart_version.as_ref().map(|v| self.component_template(v)).transpose()?,
+                namespace: raw.namespace.as_ref().map(|n| self.component_template(n)).transpose()?,
+                values: self.strings(raw.values.as_deref())?,
+                set: raw
+                    .set
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.component_template(v)?)))
+                    .collect::<Result<_, ManifestError>>()?,
+                timeout: raw.timeout.map(|t| t.0),
+                tests: raw.tests.unwrap_or(false),
+            },
+        })
+    }
+
+    /// A key only another driver reads is a mistake, named with its line.
+    fn other_drivers_keys(&self, raw: &RawComponent, name: &str) -> Result<(), ManifestError> {
+        let span = |value: Option<&Spanned<String>>| value.map(Spanned::span);
+        let first_span = |values: Option<&Vec<Spanned<String>>>| values.and_then(|v| v.first()).map(Spanned::span);
+        // (key, the drivers that read it, where it is, whether it is set)
+        let keys: [KeyUse<'_>; 16] = [
+            ("run", &[DriverKind::Process], first_span(raw.run.as_ref()), raw.run.is_some()),
+            ("env", &[DriverKind::Process], raw.env.values().next().map(Spanned::span), !raw.env.is_empty()),
+            ("serve", &[DriverKind::Process], span(raw.serve.as_ref()), raw.serve.is_some()),
+            ("files", &[DriverKind::Compose], first_span(raw.files.as_ref()), raw.files.is_some()),
+            ("project", &[DriverKind::Compose], span(raw.project.as_ref()), raw.project.is_some()),
+            ("service", &[DriverKind::Compose], span(raw.service.as_ref()), raw.service.is_some()),
+            ("image", &[DriverKind::Compose, DriverKind::Kubernetes], span(raw.image.as_ref()), raw.image.is_some()),
+            (
+                "namespace",
+                &[DriverKind::Kubernetes, DriverKind::Helm],
+                span(raw.namespace.as_ref()),
+                raw.namespace.is_some(),
+            ),
+            ("deployment", &[DriverKind::Kubernetes], span(raw.deployment.as_ref()), raw.deployment.is_some()),
+            ("container", &[DriverKind::Kubernetes], span(raw.container.as_ref()), raw.container.is_some()),
+            ("release", &[DriverKind::Helm], span(raw.release.as_ref()), raw.release.is_some()),
+            ("chart", &[DriverKind::Helm], span(raw.chart.as_ref()), raw.chart.is_some()),
+            ("chart_version", &[DriverKind::Helm], span(raw.chart_version.as_ref()), raw.chart_version.is_some()),
+            ("values", &[DriverKind::Helm], first_span(raw.values.as_ref()), raw.values.is_some()),
+            ("set", &[DriverKind::Helm], raw.set.values().next().map(Spanned::span), !raw.set.is_empty()),
+            ("tests", &[DriverKind::Helm], None, raw.tests.is_some() || raw.timeout.is_some()),
+        ];
+        for (key, drivers, at, present) in keys {
+            if present && !drivers.contains(&raw.driver) {
+                let owners = drivers.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(" and ");
+                let key = if key == "tests" && raw.tests.is_none() { "timeout" } else { key };
+                return Err(self.error(
+                    at.or_else(|| Some(raw.name.span())),
+                    format!(
+                        "component `{name}`: `{key}` is a setting of the {owners} driver, but this component uses the {} driver",
+                        raw.driver.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A required key of a driver, its `${VAR}` kept.
+    fn required(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        at_name: Option<Range<usize>>,
+        (name, driver, key): (&str, &str, &str),
+    ) -> Result<String, ManifestError> {
+        match value {
+            Some(value) => self.component_template(value),
+            None => Err(self.error(at_name, format!("component `{name}` uses the {driver} driver but has no `{key}`"))),
+        }
+    }
+
+    fn strings(&mut self, values: Option<&[Spanned<String>]>) -> Result<Vec<String>, ManifestError> {
+        values.unwrap_or_default().iter().map(|v| self.component_template(v)).collect()
     }
 
     fn health(
@@ -645,9 +894,7 @@ impl Loader<'_> {
         let probe = if let Some(path) = raw.http {
             Probe::Http { path, status: raw.status, body: raw.body }
         } else if let Some(command) = raw.command {
-            Probe::Command(
-                command.iter().map(|arg| self.template(arg, COMPONENT_PLACEHOLDERS)).collect::<Result<_, _>>()?,
-            )
+            Probe::Command(command.iter().map(|arg| self.component_template(arg)).collect::<Result<_, _>>()?)
         } else {
             Probe::Tcp
         };
@@ -837,7 +1084,10 @@ config_changed = [{ name = "workers", from = "1", to = "2", why = "throughput" }
         assert_eq!(m.components.len(), 2);
         let api = &m.components[0];
         assert_eq!(api.strategy, Strategy::BlueGreen);
-        assert_eq!(api.env["DATABASE_URL"], "sqlite:app.db");
+        // Kept unexpanded for the journal; expanded when it runs.
+        let process = api.process().unwrap();
+        assert_eq!(process.env["DATABASE_URL"], "${DATABASE_URL}");
+        assert_eq!(m.expand(&process.env["DATABASE_URL"]).unwrap(), "sqlite:app.db");
         let health = api.health.as_ref().unwrap();
         assert_eq!((health.interval, health.healthy_after), (Duration::from_millis(250), 3));
         assert!(matches!(m.components[1].health.as_ref().unwrap().probe, Probe::Command(_)));

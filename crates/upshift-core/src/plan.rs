@@ -41,8 +41,8 @@ pub enum PlanError {
     Migrate(#[from] upshift_migrate::Error),
 }
 
-/// How deep an undo goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// How deep an undo goes, least destructive first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum UndoDepth {
     /// Nothing was changed.
@@ -116,6 +116,8 @@ pub struct Plan {
     pub expand: Vec<String>,
     /// Ids of the contract revisions, in order.
     pub contract: Vec<String>,
+    /// `--no-backup`: the backup step takes none.
+    pub no_backup: bool,
     /// The steps.
     pub steps: Vec<PlanStep>,
 }
@@ -190,10 +192,10 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             missing: config.missing.into_iter().map(|m| m.name).collect(),
         });
     }
-    if let Some(component) = manifest.components.iter().find(|c| c.driver != DriverKind::Process) {
+    if let Some(component) = manifest.components.iter().find(|c| c.driver.kind() != DriverKind::Process) {
         return Err(PlanError::Driver {
             component: component.name.clone(),
-            driver: format!("{:?}", component.driver).to_lowercase(),
+            driver: component.driver.kind().as_str().to_owned(),
         });
     }
 
@@ -255,6 +257,7 @@ fn build(
         to: input.target.clone(),
         expand: builder.expand,
         contract: builder.contract,
+        no_backup: input.no_backup,
         steps: builder.steps,
     }
 }
@@ -363,9 +366,12 @@ impl Builder<'_> {
     fn deploy(&mut self) {
         let manifest = self.input.manifest;
         for component in &manifest.components {
-            let mut details = vec![format!("run: {}", manifest.redact(&component.run.join(" ")))];
-            if let Some(serve) = &component.serve {
-                details.push(format!("serve: {serve} (the agent's proxy)"));
+            let mut details = Vec::new();
+            if let Some(process) = component.process() {
+                details.push(format!("run: {}", manifest.redact(&process.run.join(" "))));
+                if let Some(serve) = &process.serve {
+                    details.push(format!("serve: {serve} (the agent's proxy)"));
+                }
             }
             if let Some(health) = &component.health {
                 let probe = match &health.probe {
@@ -375,7 +381,12 @@ impl Builder<'_> {
                 };
                 details.push(format!("health-gated: {probe} within {}", humantime::format_duration(health.deadline)));
             }
-            let title = format!("deploy {} (process, {})", component.name, component.strategy.as_str());
+            let title = format!(
+                "deploy {} ({}, {})",
+                component.name,
+                component.driver.kind().as_str(),
+                component.strategy.as_str()
+            );
             let on_failure = self.after_code();
             self.push(StepKind::Deploy, title, details, on_failure);
             self.steps.last_mut().expect("just pushed").component = Some(component.name.clone());

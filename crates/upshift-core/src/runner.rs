@@ -1,22 +1,31 @@
-//! The runner: an upgrade as a saga over the plan's steps, journaled.
+//! The runner: upgrades and rollbacks as sagas, journaled.
 //!
-//! Each step's intent is in the journal before it starts and its outcome after; what a step
-//! did (the backup id, each revision applied, the deployment it replaced) is written as it
-//! happens. The undo is computed from the journal alone, so a failure, an interrupt, and a
-//! crash followed by `upshift abort` all undo the same way: the least destructive depth that
-//! restores the old state (code only; code + `down` of the expand revisions; a restore of
-//! the run's backup). `upshift resume` continues a crashed run from its first unfinished
-//! step, re-running that step (every step is safe to re-run).
+//! An upgrade runs the plan's steps; each step's intent is in the journal before it starts
+//! (with what it sets out to do: the revisions it will apply, the deployment it replaces)
+//! and its outcome after. When a step fails (or SIGINT/SIGTERM arrive, or `upshift abort`
+//! runs after a crash), the undo is planned from what the journal says was done, checked
+//! against the database's own applied set, and checked whole before it touches anything
+//! (the backup present and verified, the down sections, what is put back). Then it is
+//! journaled as a list of actions and the run turns `undoing`: from there it only goes on
+//! undoing, whatever command picks it up. Every action is safe to run again, so a crash
+//! mid-undo is finished by running the actions not yet done.
+//!
+//! A rollback returns to the release deployed before the current one, by revision: it
+//! undoes the upgrades after it, newest first, by the same rules, and is itself a run that
+//! starts `undoing` with all its actions.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
 use upshift_backup::{CreateOptions, RestoreOptions, Retention, Store};
 use upshift_migrate::{DatabaseUrl, DownTarget, Migrator, UpTarget};
 
-use crate::driver::{Deployed, Driver};
-use crate::journal::{Journal, JournalError, NewRelease, StepRow};
+use crate::driver::{Deployed, Drivers};
+use crate::journal::{
+    ActionState, Journal, JournalError, NewRelease, ReleaseRow, ReleaseStatus, Replaced, RollbackPlan, RunKind,
+    RunPlan, RunRow, RunState, SmokeResult, StepDetail, StepRow, StepState, StoredStepKind, UndoAction, UndoChoice,
+};
 use crate::manifest::{Component, Manifest};
 use crate::plan::{Plan, PlanStep, StepKind, UndoDepth};
 
@@ -24,26 +33,46 @@ use crate::plan::{Plan, PlanStep, StepKind, UndoDepth};
 #[derive(Debug)]
 pub enum Outcome {
     /// The release is deployed (exit 0).
-    Succeeded { revision: i64 },
-    /// A step failed and everything was undone (exit 3).
-    RolledBack { depth: UndoDepth, why: String, failure: String },
+    Succeeded {
+        /// Its revision.
+        revision: i64,
+    },
+    /// The run was undone (exit 3 after a failure; 0 for `abort`; 1 when nothing had
+    /// changed).
+    RolledBack {
+        /// How deep the undo went.
+        depth: UndoDepth,
+        /// Why that depth.
+        why: String,
+        /// What failed, or why it was undone.
+        failure: String,
+    },
     /// A step failed and the undo failed too: the run stays in the journal (exit 4).
-    Stuck { failure: String, undo_failure: String },
+    Stuck {
+        /// What failed first.
+        failure: String,
+        /// Why the undo failed.
+        undo_failure: String,
+    },
 }
 
-/// A failure before anything changed (exit 1; the journal refusals say what to do).
+/// A failure before anything changed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The journal refused (another run, a run in flight) or failed.
+    /// The journal refused (another run, a run in flight), failed, or is damaged.
     #[error(transparent)]
     Journal(#[from] JournalError),
     /// The plan was refused (unknown target, downgrade, unmet `upgrade_from`, bad files):
     /// bad input, exit 2.
     #[error(transparent)]
     Plan(#[from] crate::plan::PlanError),
-    /// A preflight check failed.
+    /// A check before the first action failed; nothing was changed (exit 1).
     #[error("preflight: {0}")]
     Preflight(String),
+    /// The request cannot be done (no earlier release to roll back to, a revision that was
+    /// never deployed): bad usage, exit 2, nothing changed.
+    #[error("{0}")]
+    Refused(String),
     /// Nothing to resume or abort.
     #[error("{0}")]
     Nothing(String),
@@ -55,24 +84,33 @@ pub struct Context<'a> {
     pub manifest: &'a Manifest,
     /// The database, when the application has one.
     pub database: Option<&'a DatabaseUrl>,
-    /// Runs the components.
-    pub driver: &'a mut dyn Driver,
+    /// Run the components, one driver per kind.
+    pub drivers: &'a mut Drivers,
     /// Hears of progress, for people.
     pub say: &'a dyn Fn(&str),
     /// Set by SIGINT/SIGTERM: the run stops at the next step boundary and undoes.
     pub interrupted: &'a AtomicBool,
-    /// Test-only fault switch: called after each finished step with its number; a crash
-    /// simulation aborts the process there.
-    pub after_step: &'a dyn Fn(usize),
     /// How long migrations wait for the database lock.
     pub lock_timeout: Duration,
 }
 
-/// A step failure, for people.
-type StepResult = Result<(), String>;
+/// An error with its causes, for people: `what: cause: cause`.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
+}
 
 fn migrator(ctx: &Context<'_>) -> Result<Migrator, String> {
-    Migrator::load(&ctx.manifest.migrations_dir).map_err(|e| e.to_string())
+    Migrator::load(&ctx.manifest.migrations_dir).map_err(|e| chain(&e))
 }
 
 fn component<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Component, String> {
@@ -87,75 +125,89 @@ fn store(manifest: &Manifest) -> Store {
     Store::new(manifest.backup.dir.clone())
 }
 
-/// Runs `up` to `target`, writing each applied revision into the step's detail as it
-/// commits, so a crash mid-step still knows what was applied.
+/// Applies `ids` (in order), recording each in the step's detail as it commits.
 fn migrate_up(
     ctx: &Context<'_>,
-    journal: &Journal,
+    journal: &mut Journal,
     run: &str,
     seq: usize,
-    target: &UpTarget,
-    detail: &mut serde_json::Value,
-) -> StepResult {
+    ids: &[String],
+    detail: &mut StepDetail,
+) -> Result<(), String> {
     let Some(url) = ctx.database else { return Ok(()) };
-    let migrator = migrator(ctx)?;
-    let mut engine = upshift_migrate::connect(url, true).map_err(|e| e.to_string())?;
-    let mut applied: Vec<String> = detail["applied"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-        .unwrap_or_default();
-    let mut journal_error = None;
-    let result = migrator.up(engine.as_mut(), target, ctx.lock_timeout, &mut |revision, duration| {
-        (ctx.say)(&format!("  applied {} {} ({} ms)", revision.id, revision.name, duration.as_millis()));
-        applied.push(revision.id.clone());
-        detail["applied"] = json!(applied);
-        if let Err(e) = journal.step_detail(run, seq, detail) {
-            journal_error = Some(e);
-        }
-    });
-    if let Some(e) = journal_error {
-        return Err(e.to_string());
+    if ids.is_empty() {
+        return Ok(());
     }
-    result.map_err(|e| e.to_string())
+    let migrator = migrator(ctx)?;
+    let mut engine = upshift_migrate::connect(url, true).map_err(|e| chain(&e))?;
+    for id in ids {
+        let mut journal_error = None;
+        let result = migrator.up(
+            engine.as_mut(),
+            &UpTarget::Revision(id.clone()),
+            ctx.lock_timeout,
+            &mut |revision, duration| {
+                (ctx.say)(&format!("  applied {} {} ({} ms)", revision.id, revision.name, duration.as_millis()));
+                if !detail.applied.contains(&revision.id) {
+                    detail.applied.push(revision.id.clone());
+                }
+                if let Err(e) = journal.step_detail(run, seq, detail) {
+                    journal_error = Some(e);
+                }
+            },
+        );
+        if let Some(e) = journal_error {
+            return Err(chain(&e));
+        }
+        result.map_err(|e| chain(&e))?;
+    }
+    Ok(())
 }
 
-fn run_smoke(ctx: &Context<'_>, version: &str, detail: &mut serde_json::Value) -> StepResult {
-    let mut outputs = Vec::new();
+fn run_smoke(ctx: &Context<'_>, version: &str, detail: &mut StepDetail) -> Result<(), String> {
+    detail.smoke.clear();
     for command in &ctx.manifest.verify.smoke {
         let argv: Vec<String> = command.iter().map(|a| a.replace("{version}", version)).collect();
         let shown = ctx.manifest.redact(&argv.join(" "));
         let result = crate::command::run(&argv, ctx.manifest.verify.timeout);
-        outputs.push(json!({ "command": shown, "ok": result.is_ok(), "output": ctx.manifest.redact(result.as_ref().unwrap_or_else(|e| e)) }));
-        detail["smoke"] = json!(outputs);
+        let output = ctx.manifest.redact(result.as_ref().unwrap_or_else(|e| e));
+        detail.smoke.push(SmokeResult { command: shown.clone(), ok: result.is_ok(), output });
         result.map_err(|e| format!("smoke `{shown}` failed: {}", ctx.manifest.redact(&e)))?;
         (ctx.say)(&format!("  smoke ok: {shown}"));
     }
     Ok(())
 }
 
-/// Runs one step of the plan. `detail` is the journal's record of it (kept from a previous
-/// attempt when resuming).
+/// Runs one step of the plan (not the record). `detail` is the journal's record of it,
+/// kept from an earlier attempt when resuming.
 fn execute(
     ctx: &mut Context<'_>,
     journal: &mut Journal,
     run: &str,
     plan: &Plan,
     step: &PlanStep,
-    detail: &mut serde_json::Value,
-) -> StepResult {
+    detail: &mut StepDetail,
+) -> Result<(), String> {
     let seq = step.number;
     let version = plan.to.to_string();
     match step.kind {
-        StepKind::Preflight => Ok(()),
+        StepKind::Preflight | StepKind::Record => Ok(()),
         StepKind::Backup => {
-            if step.title.contains("--no-backup") {
+            if plan.no_backup {
+                return Ok(());
+            }
+            // A backup recorded by an attempt that crashed before finishing the step is
+            // kept (it was taken before anything changed).
+            if let Some(id) = &detail.backup
+                && store(ctx.manifest).load(id).is_ok()
+            {
                 return Ok(());
             }
             let manifest = ctx.manifest;
             // A first deploy may find no SQLite file yet: the empty database is created (as
             // `migrate up` would) so the backup records, and a restore brings back, that state.
             if let Some(url @ DatabaseUrl::Sqlite { .. }) = ctx.database {
-                upshift_migrate::connect(url, true).map_err(|e| format!("backup: {e}"))?;
+                upshift_migrate::connect(url, true).map_err(|e| format!("backup: {}", chain(&e)))?;
             }
             let backup = upshift_backup::create(
                 &store(manifest),
@@ -169,164 +221,207 @@ fn execute(
                     codec: upshift_backup::Codec::default(),
                 },
             )
-            .map_err(|e| format!("backup: {e}"))?;
+            .map_err(|e| format!("backup: {}", chain(&e)))?;
             (ctx.say)(&format!("  backup {} ({} bytes)", backup.id, backup.size_bytes()));
-            detail["backup"] = json!(backup.id);
-            journal.step_detail(run, seq, detail).map_err(|e| e.to_string())?;
-            journal.set_backup(run, &backup.id).map_err(|e| e.to_string())
+            detail.backup = Some(backup.id);
+            journal.step_detail(run, seq, detail).map_err(|e| chain(&e))
         }
-        StepKind::Expand => {
-            // Up to each expand revision: none of them follows a pending contract one.
-            for id in &plan.expand {
-                migrate_up(ctx, journal, run, seq, &UpTarget::Revision(id.clone()), detail)?;
-            }
-            Ok(())
-        }
+        StepKind::Expand => migrate_up(ctx, journal, run, seq, &plan.expand, detail),
+        StepKind::Contract => migrate_up(ctx, journal, run, seq, &plan.contract, detail),
         StepKind::Deploy => {
             let name = step.component.as_deref().ok_or("a deploy step without a component")?;
             let component = component(ctx.manifest, name)?;
-            // The deployment it replaces, recorded before anything is stopped (kept when
-            // this step is re-run by `resume`).
-            if detail.get("previous").is_none() {
-                let previous = ctx.driver.current(component).map_err(|e| e.to_string())?;
-                detail["previous"] = json!(previous);
-                journal.step_detail(run, seq, detail).map_err(|e| e.to_string())?;
+            let driver = ctx.drivers.get(component).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
+            // What it replaces, recorded before anything is stopped (kept when this step is
+            // re-run by `resume`).
+            if detail.replaced.is_none() {
+                let previous = driver.current(component).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
+                detail.replaced = Some(Replaced { previous, component: component.clone() });
+                journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
             }
-            ctx.driver.deploy(component, &version, ctx.say).map_err(|e| format!("deploy {name}: {e}"))?;
+            driver.deploy(component, &version, ctx.say).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
             (ctx.say)(&format!("  {name} {version} is up"));
             Ok(())
         }
         StepKind::Verify => {
             for component in &ctx.manifest.components {
                 if component.health.is_some() {
-                    ctx.driver.check_health(component).map_err(|e| format!("verify: {e}"))?;
+                    let driver = ctx.drivers.get(component).map_err(|e| format!("verify: {}", chain(&e)))?;
+                    driver.check_health(component).map_err(|e| format!("verify: {}", chain(&e)))?;
                     (ctx.say)(&format!("  {} is healthy", component.name));
                 }
             }
-            run_smoke(ctx, &version, detail)
+            let result = run_smoke(ctx, &version, detail);
+            journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
+            result
         }
-        StepKind::Contract => {
-            let release = ctx.manifest.release(&plan.to).ok_or("the target release left the manifest")?;
-            let target = release.migrate_to.clone().map_or(UpTarget::Heads, UpTarget::Revision);
-            migrate_up(ctx, journal, run, seq, &target, detail)
-        }
-        StepKind::Record => record(ctx, journal, run, plan),
     }
 }
 
-/// What the steps of a run did, read back from the journal.
+/// What an upgrade run did, read back from its steps.
+#[derive(Default)]
 struct Done {
     backup: Option<String>,
+    /// Revisions the expand and contract steps set out to apply (or applied).
     expand: Vec<String>,
     contract: Vec<String>,
-    /// Deploy steps that started, in order: the component and what it replaced.
-    deployed: Vec<(String, Option<Deployed>)>,
+    /// Deploy steps that recorded what they replace, in order.
+    deployed: Vec<Replaced>,
 }
 
-fn ids(detail: &serde_json::Value) -> Vec<String> {
-    detail["applied"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
-        .unwrap_or_default()
-}
-
-fn done(plan: &Plan, steps: &[StepRow]) -> Done {
-    let mut done = Done { backup: None, expand: Vec::new(), contract: Vec::new(), deployed: Vec::new() };
+fn done(steps: &[StepRow]) -> Done {
+    let mut done = Done::default();
+    let union = |detail: &StepDetail| {
+        let mut ids = detail.intends.clone();
+        ids.extend(detail.applied.iter().filter(|id| !detail.intends.contains(id)).cloned());
+        ids
+    };
     for row in steps {
-        let Some(step) = plan.steps.iter().find(|s| i64::try_from(s.number).ok() == Some(row.seq)) else { continue };
-        match step.kind {
-            StepKind::Backup => done.backup = row.detail["backup"].as_str().map(str::to_owned),
-            StepKind::Expand => done.expand = ids(&row.detail),
-            StepKind::Contract => done.contract = ids(&row.detail),
-            StepKind::Deploy => {
-                if let (Some(name), Some(previous)) = (&step.component, row.detail.get("previous")) {
-                    done.deployed.push((name.clone(), serde_json::from_value(previous.clone()).unwrap_or(None)));
-                }
-            }
-            _ => {}
+        match row.kind {
+            StoredStepKind::Backup => done.backup.clone_from(&row.detail.backup),
+            StoredStepKind::Expand => done.expand = union(&row.detail),
+            StoredStepKind::Contract => done.contract = union(&row.detail),
+            StoredStepKind::Deploy => done.deployed.extend(row.detail.replaced.clone()),
+            StoredStepKind::Preflight | StoredStepKind::Verify | StoredStepKind::Record => {}
         }
     }
     done
 }
 
-/// The depth an undo of `done` needs, and why.
-fn depth(ctx: &Context<'_>, done: &Done) -> (UndoDepth, String) {
-    let restore = |why: String| {
-        if done.backup.is_some() {
-            (UndoDepth::Restore, format!("{why}: the run's backup is restored"))
-        } else {
-            (UndoDepth::Impossible, format!("{why}, and the run has no backup to restore"))
+/// The database's applied set now.
+fn applied_now(ctx: &Context<'_>) -> Result<BTreeSet<String>, String> {
+    let Some(url) = ctx.database else { return Ok(BTreeSet::new()) };
+    let mut engine = upshift_migrate::connect(url, false).map_err(|e| chain(&e))?;
+    Ok(engine.applied().map_err(|e| chain(&e))?.into_iter().map(|r| r.id).collect())
+}
+
+/// An undo: its depth, why, and its actions.
+struct Undo {
+    choice: UndoChoice,
+    actions: Vec<UndoAction>,
+}
+
+/// What undoing one release (or one run) takes, from what it did: the least destructive
+/// depth that restores the old state.
+fn undo_of(
+    ctx: &Context<'_>,
+    backup: Option<&str>,
+    expand_applied: &[String],
+    contract_applied: &[String],
+    deployed: &[Replaced],
+) -> Result<Undo, String> {
+    let restore = |why: String| -> Result<(UndoDepth, String), String> {
+        match backup {
+            Some(_) => Ok((UndoDepth::Restore, format!("{why}: the backup taken before it is restored"))),
+            None => Err(format!("{why}, and there is no backup to restore (--no-backup)")),
         }
     };
-    if !done.contract.is_empty() {
-        return restore(format!("contract revisions ran ({})", done.contract.join(", ")));
-    }
-    if !done.expand.is_empty() {
-        let reversible = migrator(ctx).is_ok_and(|m| {
-            done.expand.iter().all(|id| m.graph().find(id).is_some_and(|i| m.graph().revision(i).down.is_some()))
-        });
-        return if reversible {
+    let (depth, why) = if !contract_applied.is_empty() {
+        restore(format!("contract revisions ran ({})", contract_applied.join(", ")))?
+    } else if !expand_applied.is_empty() {
+        let migrator = migrator(ctx)?;
+        let graph = migrator.graph();
+        let irreversible: Vec<&String> = expand_applied
+            .iter()
+            .filter(|id| graph.find(id).is_none_or(|i| graph.revision(i).down.is_none()))
+            .collect();
+        if irreversible.is_empty() {
             (
                 UndoDepth::CodeAndDown,
-                format!("expand revisions ran ({}) and all have down sections", done.expand.join(", ")),
+                format!("expand revisions ran ({}) and all have down sections", expand_applied.join(", ")),
             )
         } else {
-            restore(format!("an expand revision of {} has no down section", done.expand.join(", ")))
-        };
-    }
-    if done.deployed.is_empty() {
-        (UndoDepth::Nothing, "nothing was changed".to_owned())
-    } else {
-        (UndoDepth::Code, "no migration ran: only code changed".to_owned())
-    }
-}
-
-/// Undoes what the journal says the run did, and marks its steps undone. Returns the depth
-/// used and why.
-fn undo(ctx: &mut Context<'_>, journal: &Journal, run: &str, plan: &Plan) -> Result<(UndoDepth, String), String> {
-    let steps = journal.steps(run).map_err(|e| e.to_string())?;
-    let result = undo_done(ctx, &done(plan, &steps))?;
-    for row in &steps {
-        if row.state != "undone" {
-            journal.step_finished(run, usize::try_from(row.seq).unwrap_or(0), "undone").map_err(|e| e.to_string())?;
+            restore(format!(
+                "expand revision {} has no down section",
+                irreversible.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            ))?
         }
-    }
-    Ok(result)
-}
-
-/// Undoes `done` at the least destructive depth that restores the old state.
-fn undo_done(ctx: &mut Context<'_>, done: &Done) -> Result<(UndoDepth, String), String> {
-    let (depth, why) = depth(ctx, done);
-    (ctx.say)(&format!("undoing ({}): {why}", depth_name(depth)));
-    if depth == UndoDepth::Impossible {
-        return Err(why);
-    }
-    // Code first, newest first. For code and code + down the old code goes back at once:
-    // expand revisions keep it working. For a restore the new code is only stopped here, and
-    // the old code starts on the restored data below.
-    for (name, previous) in done.deployed.iter().rev() {
-        let component = component(ctx.manifest, name)?;
-        let previous = if depth == UndoDepth::Restore { None } else { previous.as_ref() };
-        ctx.driver.put_back(component, previous).map_err(|e| format!("putting {name} back: {e}"))?;
-        (ctx.say)(&format!(
-            "  {name}: {}",
-            previous.map_or_else(|| "stopped".to_owned(), |p| format!("{} is back", p.version))
-        ));
-    }
+    } else if !deployed.is_empty() {
+        (UndoDepth::Code, "no migration ran: only code changed".to_owned())
+    } else {
+        (UndoDepth::Nothing, "nothing was changed".to_owned())
+    };
+    let put_back = |r: &Replaced| UndoAction::PutBack { component: r.component.clone(), previous: r.previous.clone() };
+    let mut actions: Vec<UndoAction> = Vec::new();
     match depth {
+        UndoDepth::Code => actions.extend(deployed.iter().rev().map(put_back)),
         UndoDepth::CodeAndDown => {
-            let url = ctx.database.ok_or("no database to revert")?;
-            let migrator = migrator(ctx)?;
-            let mut engine = upshift_migrate::connect(url, true).map_err(|e| e.to_string())?;
-            let count = done.expand.len();
-            migrator
-                .down(engine.as_mut(), &DownTarget::Last(count), ctx.lock_timeout, &mut |revision, _| {
-                    (ctx.say)(&format!("  reverted {} {}", revision.id, revision.name));
-                })
-                .map_err(|e| format!("reverting the expand revisions: {e}"))?;
+            // The old code goes back first: the expand revisions keep it working.
+            actions.extend(deployed.iter().rev().map(put_back));
+            actions.push(UndoAction::Revert { revisions: expand_applied.to_vec() });
         }
         UndoDepth::Restore => {
-            let backup = done.backup.as_deref().expect("a restore has a backup");
+            // The new code stops, the data goes back, then the old code starts on it.
+            actions.extend(
+                deployed.iter().rev().map(|r| UndoAction::PutBack { component: r.component.clone(), previous: None }),
+            );
+            actions.push(UndoAction::Restore { backup: backup.expect("a restore has a backup").to_owned() });
+            actions.extend(deployed.iter().filter(|r| r.previous.is_some()).map(put_back));
+        }
+        UndoDepth::Nothing | UndoDepth::Impossible => {}
+    }
+    Ok(Undo { choice: UndoChoice { depth, why }, actions })
+}
+
+/// Checks that every action can be done, changing nothing: the backup is there and its
+/// checksums pass, every revision to revert has its down section, every deployment to put
+/// back can start.
+fn check_actions(ctx: &mut Context<'_>, actions: &[UndoAction]) -> Result<(), String> {
+    for action in actions {
+        match action {
+            UndoAction::Restore { backup } => {
+                upshift_backup::verify(&store(ctx.manifest), backup, false, None, None)
+                    .map_err(|e| format!("the backup {backup} cannot be restored: {}", chain(&e)))?;
+            }
+            UndoAction::Revert { revisions } => {
+                let migrator = migrator(ctx)?;
+                for id in revisions {
+                    let index = migrator
+                        .graph()
+                        .find(id)
+                        .ok_or_else(|| format!("revision {id}'s file is gone: it cannot be reverted"))?;
+                    if migrator.graph().revision(index).down.is_none() {
+                        return Err(format!("revision {id} has no down section: it cannot be reverted"));
+                    }
+                }
+            }
+            UndoAction::PutBack { component, previous: Some(previous) } => {
+                let driver = ctx.drivers.get(component).map_err(|e| chain(&e))?;
+                driver.check_put_back(previous, component).map_err(|e| {
+                    format!("{} {} cannot be put back: {}", component.name, previous.version, chain(&e))
+                })?;
+            }
+            UndoAction::PutBack { previous: None, .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Does one undo action. Each is safe to do again.
+fn act(ctx: &mut Context<'_>, action: &UndoAction) -> Result<(), String> {
+    match action {
+        UndoAction::PutBack { component, previous } => {
+            let driver = ctx.drivers.get(component).map_err(|e| chain(&e))?;
+            driver
+                .put_back(component, previous.as_ref())
+                .map_err(|e| format!("putting {} back: {}", component.name, chain(&e)))?;
+            (ctx.say)(&format!(
+                "  {}: {}",
+                component.name,
+                previous.as_ref().map_or_else(|| "stopped".to_owned(), |p| format!("{} is back", p.version))
+            ));
+        }
+        UndoAction::Revert { revisions } => {
+            let url = ctx.database.ok_or("no database to revert")?;
+            let migrator = migrator(ctx)?;
+            let mut engine = upshift_migrate::connect(url, true).map_err(|e| chain(&e))?;
+            migrator
+                .down(engine.as_mut(), &DownTarget::Exactly(revisions.clone()), ctx.lock_timeout, &mut |revision, _| {
+                    (ctx.say)(&format!("  reverted {} {}", revision.id, revision.name));
+                })
+                .map_err(|e| format!("reverting {}: {}", revisions.join(", "), chain(&e)))?;
+        }
+        UndoAction::Restore { backup } => {
             upshift_backup::restore(
                 &store(ctx.manifest),
                 backup,
@@ -337,22 +432,14 @@ fn undo_done(ctx: &mut Context<'_>, done: &Done) -> Result<(UndoDepth, String), 
                     identities: None,
                 },
             )
-            .map_err(|e| format!("restoring backup {backup}: {e}"))?;
+            .map_err(|e| format!("restoring backup {backup}: {}", chain(&e)))?;
             (ctx.say)(&format!("  restored backup {backup}"));
-            for (name, previous) in &done.deployed {
-                let component = component(ctx.manifest, name)?;
-                ctx.driver.put_back(component, previous.as_ref()).map_err(|e| format!("restarting {name}: {e}"))?;
-                if let Some(previous) = previous {
-                    (ctx.say)(&format!("  {name}: {} is back", previous.version));
-                }
-            }
         }
-        UndoDepth::Code | UndoDepth::Nothing | UndoDepth::Impossible => {}
     }
-    Ok((depth, why))
+    Ok(())
 }
 
-fn depth_name(depth: UndoDepth) -> &'static str {
+pub(crate) fn depth_name(depth: UndoDepth) -> &'static str {
     match depth {
         UndoDepth::Nothing => "nothing to undo",
         UndoDepth::Code => "code only",
@@ -362,34 +449,157 @@ fn depth_name(depth: UndoDepth) -> &'static str {
     }
 }
 
-fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan) -> StepResult {
-    let steps = journal.steps(run).map_err(|e| e.to_string())?;
-    let done = done(plan, &steps);
-    let row = journal.run(run).map_err(|e| e.to_string())?.ok_or("the run left the journal")?;
-    let deployments: serde_json::Map<String, serde_json::Value> =
-        done.deployed.iter().map(|(name, previous)| (name.clone(), json!(previous))).collect();
-    journal
-        .record_release(&NewRelease {
-            version: &plan.to.to_string(),
-            status: "deployed",
-            replaced_status: "superseded",
-            started_at: &row.started_at,
-            run_id: run,
-            backup_id: done.backup.as_deref(),
-            expand: &done.expand,
-            contract: &done.contract,
-            deployments: &serde_json::Value::Object(deployments),
-        })
-        .map_err(|e| e.to_string())?;
+/// How a run ends once its undo is done.
+enum Ending {
+    /// An upgrade undone: its release is recorded as failed.
+    Undone { state: RunState, version: String },
+    /// A rollback: the release it returns to is deployed again.
+    RolledBackTo(RollbackPlan),
+}
+
+/// Plans the undo of an upgrade run from its journal, checks it, and turns the run
+/// `undoing`; then does it. A plan or check that fails leaves the run stuck, untouched.
+fn start_undo(
+    ctx: &mut Context<'_>,
+    journal: &mut Journal,
+    run: &str,
+    failure: &str,
+    ending: Ending,
+) -> Result<Outcome, RunError> {
+    (ctx.say)(&format!("failed: {failure}"));
+    let planned = (|| {
+        let done = done(&journal.steps(run).map_err(|e| chain(&e))?);
+        let applied =
+            if done.expand.is_empty() && done.contract.is_empty() { BTreeSet::new() } else { applied_now(ctx)? };
+        let expand: Vec<String> = done.expand.iter().filter(|id| applied.contains(*id)).cloned().collect();
+        let contract: Vec<String> = done.contract.iter().filter(|id| applied.contains(*id)).cloned().collect();
+        let undo = undo_of(ctx, done.backup.as_deref(), &expand, &contract, &done.deployed)?;
+        check_actions(ctx, &undo.actions)?;
+        Ok::<Undo, String>(undo)
+    })();
+    match planned {
+        Ok(undo) => {
+            (ctx.say)(&format!("undoing ({}): {}", depth_name(undo.choice.depth), undo.choice.why));
+            journal.begin_undo(run, failure, &undo.choice, &undo.actions)?;
+            finish_undo(ctx, journal, run, ending)
+        }
+        Err(undo_failure) => {
+            let message = format!("{failure}; the undo cannot start: {undo_failure}");
+            journal.set_stuck(run, Some(failure), &message)?;
+            Ok(Outcome::Stuck { failure: failure.to_owned(), undo_failure })
+        }
+    }
+}
+
+/// Does the undo actions not yet done, then ends the run.
+fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: Ending) -> Result<Outcome, RunError> {
+    let row = journal.run(run)?.ok_or_else(|| RunError::Nothing(format!("run {run} left the journal")))?;
+    let failure = row.failure.clone().unwrap_or_default();
+    for action in journal.undo_actions(run)? {
+        if action.state == ActionState::Done {
+            continue;
+        }
+        journal.action_state(run, action.seq, ActionState::Started)?;
+        if let Err(undo_failure) = act(ctx, &action.action) {
+            journal.set_stuck(run, None, &format!("undo failed at {}: {undo_failure}", action.action.describe()))?;
+            return Ok(Outcome::Stuck { failure, undo_failure });
+        }
+        journal.action_state(run, action.seq, ActionState::Done)?;
+    }
+    let choice = row.undo.clone().unwrap_or(UndoChoice { depth: UndoDepth::Nothing, why: String::new() });
+    let none = BTreeMap::new();
+    match ending {
+        Ending::Undone { state, version } => {
+            let previous = journal.deployed()?.map(|r| r.revision);
+            let backup = journal.steps(run)?.into_iter().find_map(|s| s.detail.backup);
+            journal.finish_run(
+                run,
+                state,
+                Some(&failure),
+                Some(&NewRelease {
+                    version: &version,
+                    status: ReleaseStatus::Failed,
+                    replaced_status: ReleaseStatus::Superseded,
+                    previous,
+                    returns_to: None,
+                    backup_id: backup.as_deref(),
+                    expand: &[],
+                    contract: &[],
+                    deployments: &none,
+                }),
+                None,
+            )?;
+            Ok(Outcome::RolledBack { depth: choice.depth, why: choice.why, failure })
+        }
+        Ending::RolledBackTo(plan) => {
+            let releases = journal.releases()?;
+            let target = release(&releases, plan.target_revision)?;
+            let returns_to = release(&releases, plan.returns_to)?;
+            let revision = journal
+                .finish_run(
+                    run,
+                    RunState::Succeeded,
+                    Some(&format!("rolled back to {} ({})", target.version, choice.why)),
+                    Some(&NewRelease {
+                        version: &target.version,
+                        status: ReleaseStatus::Deployed,
+                        replaced_status: ReleaseStatus::RolledBack,
+                        previous: returns_to.previous,
+                        returns_to: Some(plan.returns_to),
+                        backup_id: None,
+                        expand: &[],
+                        contract: &[],
+                        deployments: &none,
+                    }),
+                    None,
+                )?
+                .unwrap_or(0);
+            Ok(Outcome::Succeeded { revision })
+        }
+    }
+}
+
+fn release(releases: &[ReleaseRow], revision: i64) -> Result<&ReleaseRow, RunError> {
+    releases
+        .iter()
+        .find(|r| r.revision == revision)
+        .ok_or_else(|| RunError::Nothing(format!("release revision {revision} is not in the journal")))
+}
+
+/// Records the release and ends the run in one journal write, then prunes backups.
+fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan, seq: usize) -> Result<Outcome, RunError> {
+    let done = done(&journal.steps(run)?);
+    let previous = journal.deployed()?.map(|r| r.revision);
+    let deployments: BTreeMap<String, Option<Deployed>> =
+        done.deployed.iter().map(|r| (r.component.name.clone(), r.previous.clone())).collect();
+    let revision = journal
+        .finish_run(
+            run,
+            RunState::Succeeded,
+            None,
+            Some(&NewRelease {
+                version: &plan.to.to_string(),
+                status: ReleaseStatus::Deployed,
+                replaced_status: ReleaseStatus::Superseded,
+                previous,
+                returns_to: None,
+                backup_id: done.backup.as_deref(),
+                expand: &plan.expand,
+                contract: &plan.contract,
+                deployments: &deployments,
+            }),
+            Some(seq),
+        )?
+        .unwrap_or(0);
     if ctx.manifest.backup.keep_last.is_some() || ctx.manifest.backup.keep_within.is_some() {
         let retention =
             Retention { keep_last: ctx.manifest.backup.keep_last, keep_within: ctx.manifest.backup.keep_within };
         // A failed prune does not fail a deployed release: the backups stay.
         if let Err(e) = store(ctx.manifest).prune(retention, std::time::SystemTime::now()) {
-            (ctx.say)(&format!("  warning: pruning backups failed: {e}"));
+            (ctx.say)(&format!("  warning: pruning backups failed: {}", chain(&e)));
         }
     }
-    Ok(())
+    Ok(Outcome::Succeeded { revision })
 }
 
 /// Runs the plan's steps from `first`, then undoes on failure.
@@ -401,138 +611,187 @@ fn drive(
     first: usize,
 ) -> Result<Outcome, RunError> {
     let mut failure = None;
+    let mut earlier: BTreeMap<usize, StepDetail> = journal.steps(run)?.into_iter().map(|s| (s.seq, s.detail)).collect();
     for step in plan.steps.iter().filter(|s| s.number >= first) {
         if ctx.interrupted.load(Ordering::SeqCst) {
             failure = Some("interrupted (SIGINT/SIGTERM)".to_owned());
             break;
         }
         (ctx.say)(&format!("{:>2}. {}", step.number, step.title));
-        let mut detail = journal
-            .steps(run)?
-            .into_iter()
-            .find(|s| i64::try_from(step.number).ok() == Some(s.seq))
-            .map_or_else(|| json!({}), |s| if s.detail.is_object() { s.detail } else { json!({}) });
-        journal.step_started(run, step.number, &format!("{:?}", step.kind).to_lowercase(), &step.title)?;
-        journal.step_detail(run, step.number, &detail)?;
+        let mut detail = earlier.remove(&step.number).unwrap_or_default();
+        match step.kind {
+            StepKind::Expand => detail.intends.clone_from(&plan.expand),
+            StepKind::Contract => detail.intends.clone_from(&plan.contract),
+            _ => {}
+        }
+        journal.step_started(run, step.number, step.kind, &step.title, &detail)?;
+        if step.kind == StepKind::Record {
+            return record(ctx, journal, run, plan, step.number);
+        }
         match execute(ctx, journal, run, plan, step, &mut detail) {
-            Ok(()) => {
-                journal.step_finished(run, step.number, "done")?;
-                (ctx.after_step)(step.number);
-            }
+            Ok(()) => journal.step_finished(run, step.number, StepState::Done)?,
             Err(message) => {
-                journal.step_finished(run, step.number, "failed")?;
+                journal.step_finished(run, step.number, StepState::Failed)?;
                 failure = Some(message);
                 break;
             }
         }
     }
-    let Some(failure) = failure else {
-        let revision = journal.deployed()?.map_or(0, |r| r.revision);
-        journal.finish_run(run, "succeeded", None)?;
-        return Ok(Outcome::Succeeded { revision });
-    };
-    (ctx.say)(&format!("failed: {failure}"));
-    match undo(ctx, journal, run, plan) {
-        Ok((depth, why)) => {
-            let started = journal.run(run)?.map(|r| r.started_at).unwrap_or_default();
-            let no_ids: Vec<String> = Vec::new();
-            journal.record_release(&NewRelease {
-                version: &plan.to.to_string(),
-                status: "failed",
-                replaced_status: "superseded",
-                started_at: &started,
-                run_id: run,
-                backup_id: journal.run(run)?.and_then(|r| r.backup_id).as_deref(),
-                expand: &no_ids,
-                contract: &no_ids,
-                deployments: &json!({}),
-            })?;
-            journal.finish_run(run, "rolled-back", Some(&failure))?;
-            Ok(Outcome::RolledBack { depth, why, failure })
-        }
-        Err(undo_failure) => {
-            journal.finish_run(run, "stuck", Some(&format!("{failure}; undo failed: {undo_failure}")))?;
-            Ok(Outcome::Stuck { failure, undo_failure })
-        }
-    }
+    let failure = failure.unwrap_or_else(|| "the plan has no record step".to_owned());
+    start_undo(
+        ctx,
+        journal,
+        run,
+        &failure,
+        Ending::Undone { state: RunState::RolledBack, version: plan.to.to_string() },
+    )
 }
 
-/// Checks before a run touches anything.
-fn preflight(ctx: &mut Context<'_>, journal: &Journal) -> Result<(), RunError> {
+/// Checks before an upgrade touches anything.
+fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<(), RunError> {
     journal.refuse_in_flight()?;
+    let deployed = journal.deployed()?;
     for component in &ctx.manifest.components {
-        if ctx.driver.current(component).map_err(|e| RunError::Preflight(e.to_string()))?.is_some()
-            && component.health.is_some()
-        {
-            ctx.driver
-                .check_health(component)
-                .map_err(|e| RunError::Preflight(format!("{e}; fix it before upgrading (a rollback may help)")))?;
+        let driver = ctx.drivers.get(component).map_err(|e| RunError::Preflight(chain(&e)))?;
+        let current = driver.current(component).map_err(|e| RunError::Preflight(chain(&e)))?;
+        match (&current, &deployed) {
+            (Some(running), None) => {
+                return Err(RunError::Preflight(format!(
+                    "component {} already runs {}, but the journal records no deployed release; upshift will not treat this as a first deploy. If the journal was moved or deleted, put it back; else stop what runs (`upshift agent stop`) first",
+                    component.name, running.version
+                )));
+            }
+            (Some(running), Some(release)) if running.version != release.version => {
+                return Err(RunError::Preflight(format!(
+                    "the journal says {} is deployed but component {} runs {}; `upshift status` shows what runs",
+                    release.version, component.name, running.version
+                )));
+            }
+            _ => {}
+        }
+        if current.is_some() && component.health.is_some() {
+            driver.check_health(component).map_err(|e| {
+                RunError::Preflight(format!("{}; fix it before upgrading (a rollback may help)", chain(&e)))
+            })?;
         }
     }
     if let Some(url) = ctx.database {
         upshift_migrate::connect(url, false)
             .and_then(|mut engine| engine.server_version())
-            .map_err(|e| RunError::Preflight(format!("the database {url} is not reachable: {e}")))?;
+            .map_err(|e| RunError::Preflight(format!("the database {url} is not reachable: {}", chain(&e))))?;
+    }
+    if plan.from.as_ref().map(ToString::to_string) != deployed.map(|r| r.version) {
+        return Err(RunError::Preflight("the deployed release changed since the plan was made; plan again".into()));
     }
     Ok(())
 }
 
 /// Upgrades to the plan's target.
-pub fn upgrade(
-    ctx: &mut Context<'_>,
-    journal: &mut Journal,
-    plan: &Plan,
-    no_backup: bool,
-) -> Result<Outcome, RunError> {
+pub fn upgrade(ctx: &mut Context<'_>, journal: &mut Journal, plan: &Plan) -> Result<Outcome, RunError> {
     journal.lock()?;
-    preflight(ctx, journal)?;
-    let run = journal.begin_run("upgrade", plan, no_backup)?;
+    preflight(ctx, journal, plan)?;
+    let from = plan.from.as_ref().map(ToString::to_string);
+    let run = journal.begin_run(
+        &RunPlan::Upgrade { plan: plan.clone() },
+        &plan.to.to_string(),
+        from.as_deref(),
+        plan.no_backup,
+        None,
+    )?;
     drive(ctx, journal, &run, plan, 1)
 }
 
-/// Finishes the run a crash left in the journal, from its first unfinished step.
+/// The run in flight, adopted by this process.
+fn adopt(journal: &mut Journal, what: &str) -> Result<(RunRow, RunPlan), RunError> {
+    journal.lock()?;
+    let run =
+        journal.in_flight()?.ok_or_else(|| RunError::Nothing(format!("no run to {what}: nothing is in flight")))?;
+    journal.adopt_run(&run.id)?;
+    let plan = journal.plan(&run.id)?;
+    Ok((run, plan))
+}
+
+/// Finishes the run a crash left in the journal: a run still going forward goes on from
+/// its first unfinished step; a run that was undoing (or stuck) finishes its undo. It
+/// never runs forward once an undo began.
 pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
-    journal.lock()?;
-    let run = journal.running()?.ok_or_else(|| RunError::Nothing("no run to resume: nothing is in flight".into()))?;
-    if run.state == "stuck" {
-        return Err(RunError::Nothing(format!(
-            "run {} failed and its undo failed too ({}); fix the cause, then `upshift abort` retries the undo",
-            run.id,
-            run.message.unwrap_or_default()
-        )));
+    let (run, run_plan) = adopt(journal, "resume")?;
+    match run_plan {
+        RunPlan::Upgrade { plan } => {
+            let ending = Ending::Undone { state: RunState::RolledBack, version: plan.to.to_string() };
+            if run.undo.is_some() {
+                (ctx.say)(&format!("resuming the undo of run {} (upgrade to {})", run.id, run.target));
+                return finish_undo(ctx, journal, &run.id, ending);
+            }
+            if run.state != RunState::Running {
+                let failure = run.failure.unwrap_or_else(|| "the run's undo could not start".into());
+                return start_undo(ctx, journal, &run.id, &failure, ending);
+            }
+            let steps = journal.steps(&run.id)?;
+            let first = steps.iter().find(|s| s.state != StepState::Done).map_or(steps.len() + 1, |s| s.seq);
+            (ctx.say)(&format!("resuming run {} (upgrade to {}) at step {first}", run.id, run.target));
+            drive(ctx, journal, &run.id, &plan, first)
+        }
+        RunPlan::Rollback { plan } => {
+            (ctx.say)(&format!("resuming run {} (rollback to {})", run.id, run.target));
+            finish_undo(ctx, journal, &run.id, Ending::RolledBackTo(plan))
+        }
     }
-    journal.adopt_run(&run.id)?;
-    let plan = journal.plan(&run.id)?;
-    let steps = journal.steps(&run.id)?;
-    let first =
-        steps.iter().find(|s| s.state != "done").map_or(steps.len() + 1, |s| usize::try_from(s.seq).unwrap_or(1));
-    (ctx.say)(&format!("resuming run {} ({} to {}) at step {first}", run.id, run.kind, run.target));
-    drive(ctx, journal, &run.id, &plan, first)
 }
 
-/// Undoes the run a crash (or a failed undo) left in the journal.
+/// Undoes the run a crash (or a failed undo) left in the journal. A rollback in flight can
+/// only be finished: its undo of the newer releases goes on.
 pub fn abort(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
-    journal.lock()?;
-    let run = journal.running()?.ok_or_else(|| RunError::Nothing("no run to abort: nothing is in flight".into()))?;
-    journal.adopt_run(&run.id)?;
-    let plan = journal.plan(&run.id)?;
-    (ctx.say)(&format!("aborting run {} ({} to {})", run.id, run.kind, run.target));
-    let failure = "aborted by `upshift abort`".to_owned();
-    match undo(ctx, journal, &run.id, &plan) {
-        Ok((depth, why)) => {
-            journal.finish_run(&run.id, "aborted", Some(&failure))?;
-            Ok(Outcome::RolledBack { depth, why, failure })
+    let (run, run_plan) = adopt(journal, "abort")?;
+    match run_plan {
+        RunPlan::Upgrade { plan } => {
+            (ctx.say)(&format!("aborting run {} (upgrade to {})", run.id, run.target));
+            let ending = Ending::Undone { state: RunState::Aborted, version: plan.to.to_string() };
+            if run.undo.is_some() {
+                return finish_undo(ctx, journal, &run.id, ending);
+            }
+            let failure = run.failure.unwrap_or_else(|| "aborted by `upshift abort`".to_owned());
+            start_undo(ctx, journal, &run.id, &failure, ending)
         }
-        Err(undo_failure) => {
-            journal.finish_run(&run.id, "stuck", Some(&undo_failure))?;
-            Ok(Outcome::Stuck { failure, undo_failure })
+        RunPlan::Rollback { plan } => {
+            (ctx.say)(&format!(
+                "run {} is a rollback to {}: finishing it (a rollback cannot go back)",
+                run.id, run.target
+            ));
+            finish_undo(ctx, journal, &run.id, Ending::RolledBackTo(plan))
         }
     }
 }
 
-/// Rolls the deployed release back to the one before it, or to revision `to_revision`:
-/// each release after the target is undone, newest first, by the rules of an undo (code;
-/// code + `down` of its expand revisions; or a restore of the backup taken before it).
+/// The undo of one upgrade release, from its record.
+fn undo_release(ctx: &Context<'_>, release: &ReleaseRow, applied: &BTreeSet<String>) -> Result<Undo, String> {
+    let expand: Vec<String> = release.expand.iter().filter(|id| applied.contains(*id)).cloned().collect();
+    let contract: Vec<String> = release.contract.iter().filter(|id| applied.contains(*id)).cloned().collect();
+    let deployed: Vec<Replaced> = release
+        .deployments
+        .iter()
+        .map(|(name, previous)| {
+            // What runs now for it: the manifest's component, else the one recorded.
+            let now = ctx
+                .manifest
+                .components
+                .iter()
+                .find(|c| &c.name == name)
+                .cloned()
+                .or_else(|| previous.as_ref().and_then(|p| p.component.clone()))
+                .ok_or_else(|| format!("component {name} is neither in the manifest nor in the journal's record"))?;
+            Ok(Replaced { previous: previous.clone(), component: now })
+        })
+        .collect::<Result<_, String>>()?;
+    undo_of(ctx, release.backup_id.as_deref(), &expand, &contract, &deployed)
+        .map_err(|e| format!("release {} (revision {}): {e}", release.version, release.revision))
+}
+
+/// Rolls the deployed release back to the one deployed before it, or to revision
+/// `to_revision`: each upgrade after the target is undone, newest first, by the rules of
+/// an undo (code; code + `down` of its expand revisions; or a restore of the backup taken
+/// before it). Everything the undo needs is checked before the first action; the rollback
+/// is recorded as a new revision (like `helm rollback`).
 pub fn rollback(ctx: &mut Context<'_>, journal: &mut Journal, to_revision: Option<i64>) -> Result<Outcome, RunError> {
     journal.lock()?;
     journal.refuse_in_flight()?;
@@ -540,79 +799,99 @@ pub fn rollback(ctx: &mut Context<'_>, journal: &mut Journal, to_revision: Optio
     let current = releases
         .iter()
         .rev()
-        .find(|r| r.status == "deployed")
-        .ok_or_else(|| RunError::Nothing("nothing is deployed: there is nothing to roll back".into()))?;
-    let was_deployed = |r: &&crate::journal::ReleaseRow| {
-        matches!(r.status.as_str(), "superseded" | "rolled-back") && r.revision < current.revision
-    };
-    let target = match to_revision {
-        Some(n) => releases.iter().filter(was_deployed).find(|r| r.revision == n).ok_or_else(|| {
-            RunError::Nothing(format!("revision {n} is not an earlier deployed release; `upshift history` lists them"))
-        })?,
-        None => releases.iter().rev().find(|r| r.status == "superseded" && r.revision < current.revision).ok_or_else(
-            || {
-                RunError::Nothing(format!(
-                    "{} is the first release: there is no earlier one to roll back to",
-                    current.version
-                ))
-            },
-        )?,
-    };
-    // The releases to undo: every deployed one after the target, newest first.
-    let chain: Vec<&crate::journal::ReleaseRow> = releases
-        .iter()
-        .rev()
-        .filter(|r| r.revision > target.revision && matches!(r.status.as_str(), "deployed" | "superseded"))
-        .collect();
-    let plan = Plan {
-        from: current.version.parse().ok(),
-        to: target
-            .version
-            .parse()
-            .map_err(|e| RunError::Nothing(format!("the journal's version {} is not semver: {e}", target.version)))?,
-        expand: Vec::new(),
-        contract: Vec::new(),
-        steps: Vec::new(),
-    };
-    let run = journal.begin_run("rollback", &plan, true)?;
-    let mut last = (UndoDepth::Nothing, String::new());
-    for release in &chain {
-        (ctx.say)(&format!("rolling back {} (revision {})", release.version, release.revision));
-        let done = Done {
-            backup: release.backup_id.clone(),
-            expand: release.expand.clone(),
-            contract: release.contract.clone(),
-            deployed: release
-                .deployments
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(name, previous)| {
-                            (name.clone(), serde_json::from_value(previous.clone()).unwrap_or(None))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
-        };
-        match undo_done(ctx, &done) {
-            Ok(result) => last = result,
-            Err(undo_failure) => {
-                journal.finish_run(&run, "stuck", Some(&undo_failure))?;
-                return Ok(Outcome::Stuck { failure: format!("rolling back {}", release.version), undo_failure });
-            }
-        }
+        .find(|r| r.status == ReleaseStatus::Deployed)
+        .ok_or_else(|| RunError::Refused("nothing is deployed: there is nothing to roll back".into()))?;
+    let (target, undoes) = rollback_target(&releases, current, to_revision)?;
+    let applied = applied_now(ctx).map_err(RunError::Preflight)?;
+    let mut actions = Vec::new();
+    let mut depth = UndoDepth::Nothing;
+    let mut why = Vec::new();
+    for revision in &undoes {
+        let undo = undo_release(ctx, release(&releases, *revision)?, &applied).map_err(RunError::Preflight)?;
+        depth = depth.max(undo.choice.depth);
+        why.push(format!("{} ({})", release(&releases, *revision)?.version, undo.choice.why));
+        actions.extend(undo.actions);
     }
-    let revision = journal.record_release(&NewRelease {
-        version: &target.version,
-        status: "deployed",
-        replaced_status: "rolled-back",
-        started_at: &journal.run(&run)?.map(|r| r.started_at).unwrap_or_default(),
-        run_id: &run,
-        backup_id: target.backup_id.as_deref(),
-        expand: &target.expand,
-        contract: &target.contract,
-        deployments: &target.deployments,
-    })?;
-    journal.finish_run(&run, "succeeded", Some(&format!("rolled back to {} ({})", target.version, last.1)))?;
-    Ok(Outcome::Succeeded { revision })
+    check_actions(ctx, &actions).map_err(|e| RunError::Preflight(format!("{e}; nothing was changed")))?;
+    let choice = UndoChoice { depth, why: format!("undoing {}", why.join("; ")) };
+    (ctx.say)(&format!("rolling back to {} (revision {}): {}", target.version, target.revision, choice.why));
+    let plan = RollbackPlan {
+        from_revision: current.revision,
+        target_revision: target.revision,
+        returns_to: target.state_revision(),
+        undoes,
+    };
+    let run = journal.begin_run(
+        &RunPlan::Rollback { plan: plan.clone() },
+        &target.version,
+        Some(&current.version),
+        false,
+        Some((&choice, &actions)),
+    )?;
+    finish_undo(ctx, journal, &run, Ending::RolledBackTo(plan))
+}
+
+/// The release a rollback returns to and the upgrade revisions it undoes (newest first).
+/// Releases form a line through `previous`: an upgrade follows the release it replaced, a
+/// rollback has the state of the upgrade it returns to. A rollback goes back along that
+/// line only.
+pub fn rollback_target<'r>(
+    releases: &'r [ReleaseRow],
+    current: &ReleaseRow,
+    to_revision: Option<i64>,
+) -> Result<(&'r ReleaseRow, Vec<i64>), RunError> {
+    let find = |revision: i64| releases.iter().find(|r| r.revision == revision);
+    let from_state = current.state_revision();
+    // The line behind what is deployed: upgrade revisions, newest first.
+    let mut line = vec![from_state];
+    while let Some(previous) = find(*line.last().expect("not empty")).and_then(|r| r.previous) {
+        let state = find(previous).map_or(previous, ReleaseRow::state_revision);
+        if line.contains(&state) {
+            break;
+        }
+        line.push(state);
+    }
+    let target = match to_revision {
+        None => {
+            let previous = find(from_state).and_then(|r| r.previous).ok_or_else(|| {
+                RunError::Refused(format!(
+                    "{} (revision {}) is the first release in its line: there is no earlier release to roll back to; nothing was changed",
+                    current.version, current.revision
+                ))
+            })?;
+            find(previous).ok_or_else(|| RunError::Refused(format!("revision {previous} is not in the journal")))?
+        }
+        Some(n) => {
+            let row = find(n).ok_or_else(|| {
+                RunError::Refused(format!("revision {n} does not exist; `upshift history` lists the revisions"))
+            })?;
+            if row.status == ReleaseStatus::Failed {
+                return Err(RunError::Refused(format!(
+                    "revision {n} ({}) failed: it was never deployed, so there is nothing to return to",
+                    row.version
+                )));
+            }
+            if row.state_revision() == from_state {
+                return Err(RunError::Refused(format!(
+                    "revision {n} ({}) is what is deployed now; nothing to roll back",
+                    row.version
+                )));
+            }
+            if !line.contains(&row.state_revision()) {
+                return Err(RunError::Refused(format!(
+                    "revision {n} ({}) is not an earlier release of what is deployed (it was rolled back or replaced since); `upshift upgrade --to {}` goes to it",
+                    row.version, row.version
+                )));
+            }
+            row
+        }
+    };
+    let stop = target.state_revision();
+    let undoes = line.into_iter().take_while(|r| *r != stop).collect();
+    Ok((target, undoes))
+}
+
+/// The kind of a run, for people.
+pub fn kind_name(kind: RunKind) -> &'static str {
+    kind.as_str()
 }

@@ -46,14 +46,6 @@ fn http(addr: &str, path: &str, status: Option<u16>, body: Option<&str>, timeout
     Ok(())
 }
 
-/// The probe of an instance of `version` at `addr`: a command's placeholders filled.
-pub fn filled(probe: &Probe, version: &str, addr: Option<&str>) -> Probe {
-    match probe {
-        Probe::Command(argv) => Probe::Command(argv.iter().map(|a| crate::process::fill(a, version, addr)).collect()),
-        other => other.clone(),
-    }
-}
-
 /// One check.
 pub fn once(probe: &Probe, addr: Option<&str>, timeout: Duration) -> Result<(), String> {
     let need_addr = || addr.ok_or_else(|| "this check needs an address and the component has none".to_owned());
@@ -88,20 +80,5 @@ pub fn wait(health: &Health, probe: &Probe, addr: Option<&str>) -> Result<(), St
             }
         }
         std::thread::sleep(health.interval);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn command_probes_get_every_placeholder() {
-        let probe = Probe::Command(vec!["check".into(), "{version}".into(), "{addr}".into(), "{port}".into()]);
-        assert_eq!(
-            filled(&probe, "2.0.0", Some("127.0.0.1:9000")),
-            Probe::Command(vec!["check".into(), "2.0.0".into(), "127.0.0.1:9000".into(), "9000".into()])
-        );
-        assert_eq!(filled(&Probe::Tcp, "2.0.0", None), Probe::Tcp);
     }
 }

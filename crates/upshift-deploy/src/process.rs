@@ -19,10 +19,14 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use upshift_agent::{Client, Request, Response, RouteStatus, Spec, Upstream};
-use upshift_core::driver::{Deployed, Driver, DriverError};
-use upshift_core::manifest::{Component, Strategy};
+use upshift_core::Manifest;
+use upshift_core::driver::{
+    ComponentStatus, Deployed, Driver, DriverError, InstanceStatus, VersionStatus, WindowStatus,
+};
+use upshift_core::manifest::{Component, DriverKind, ProcessSpec, Strategy};
 
 use crate::health;
+use upshift_core::manifest::Probe;
 
 /// Whether the component is served through the agent's proxy.
 fn behind_proxy(component: &Component) -> bool {
@@ -92,10 +96,29 @@ pub struct ProcessDriver {
     client: Client,
     /// Where processes run (the manifest's folder).
     cwd: PathBuf,
+    /// Expands the `${VAR}` that components keep.
+    manifest: Manifest,
 }
 
+/// A refusal (a spec it cannot run).
 fn error(message: impl Into<String>) -> DriverError {
-    DriverError(message.into())
+    DriverError::Refused(message.into())
+}
+
+/// The agent failed to answer.
+fn agent(e: &upshift_agent::ClientError) -> DriverError {
+    DriverError::Unavailable(e.to_string())
+}
+
+/// The process driver's settings of a component.
+fn process(component: &Component) -> Result<&ProcessSpec, DriverError> {
+    component.process().ok_or_else(|| {
+        error(format!(
+            "component {} uses the {} driver, not the process driver",
+            component.name,
+            component.driver.kind().as_str()
+        ))
+    })
 }
 
 /// Fills `{version}`, `{addr}` and `{port}`.
@@ -104,8 +127,8 @@ pub(crate) fn fill(text: &str, version: &str, addr: Option<&str>) -> String {
     text.replace("{version}", version).replace("{addr}", addr.unwrap_or("")).replace("{port}", port)
 }
 
-fn uses_address(component: &Component) -> bool {
-    component.run.iter().chain(component.env.values()).any(|v| v.contains("{addr}") || v.contains("{port}"))
+fn uses_address(spec: &ProcessSpec) -> bool {
+    spec.run.iter().chain(spec.env.values()).any(|v| v.contains("{addr}") || v.contains("{port}"))
 }
 
 fn free_address() -> Result<String, DriverError> {
@@ -114,22 +137,27 @@ fn free_address() -> Result<String, DriverError> {
 }
 
 impl ProcessDriver {
-    /// Connects to the agent of `state_dir`, starting it with `program agent` when needed,
-    /// and has it serve its Prometheus metrics on `metrics` when given.
-    pub fn new(
-        state_dir: &Path,
-        program: &Path,
-        cwd: &Path,
-        metrics: Option<&str>,
-    ) -> Result<ProcessDriver, DriverError> {
-        let mut client = Client::connect_or_start(state_dir, program).map_err(|e| error(e.to_string()))?;
-        if let Some(listen) = metrics {
-            client.request(&Request::Metrics { listen: listen.to_owned() }).map_err(|e| error(e.to_string()))?;
+    /// Connects to the agent of the manifest's state dir, starting it with `program agent`
+    /// when needed, and has it serve its Prometheus metrics when `[agent] metrics` is set.
+    pub fn new(manifest: &Manifest, program: &Path) -> Result<ProcessDriver, DriverError> {
+        let mut client = Client::connect_or_start(&manifest.state_dir, program).map_err(|e| agent(&e))?;
+        if let Some(listen) = &manifest.agent.metrics {
+            client.request(&Request::Metrics { listen: listen.clone() }).map_err(|e| agent(&e))?;
         }
+        ProcessDriver::with_client(client, manifest)
+    }
+
+    /// Connects to the agent only when it already runs (for `status`, which starts nothing).
+    pub fn connect(manifest: &Manifest) -> Option<ProcessDriver> {
+        let client = Client::connect(&manifest.state_dir).ok()?;
+        ProcessDriver::with_client(client, manifest).ok()
+    }
+
+    fn with_client(client: Client, manifest: &Manifest) -> Result<ProcessDriver, DriverError> {
         // The agent runs elsewhere: it needs an absolute folder ("" is the manifest's own
         // folder when upshift.toml is in the current one).
-        let cwd = std::env::current_dir().map_err(|e| error(e.to_string()))?.join(cwd);
-        Ok(ProcessDriver { client, cwd })
+        let cwd = std::env::current_dir().map_err(|e| error(e.to_string()))?.join(&manifest.base_dir);
+        Ok(ProcessDriver { client, cwd, manifest: manifest.clone() })
     }
 
     /// The component's instances (spec, running) and the proxy's upstreams for it.
@@ -141,7 +169,7 @@ impl ProcessDriver {
 
     /// The component's instances (spec, running) and its route in the proxy.
     fn observe(&mut self, component: &Component) -> Result<Observed, DriverError> {
-        match self.client.request(&Request::Status).map_err(|e| error(e.to_string()))? {
+        match self.client.request(&Request::Status).map_err(|e| agent(&e))? {
             Response::Status { instances, mut routes, .. } => Ok((
                 instances
                     .into_iter()
@@ -201,7 +229,7 @@ impl ProcessDriver {
         let grace_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
         match self.client.request(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
             Ok(_) | Err(upshift_agent::ClientError::Refused(_)) => Ok(()),
-            Err(e) => Err(error(e.to_string())),
+            Err(e) => Err(agent(&e)),
         }
     }
 
@@ -210,9 +238,9 @@ impl ProcessDriver {
     fn start_healthy(&mut self, component: &Component, version: &str, slot: &str) -> Result<Spec, DriverError> {
         self.stop_slot(component, slot)?;
         let addr = free_address()?;
-        let spec = self.spec(component, version, Some(&addr), slot);
+        let spec = self.spec(component, version, Some(&addr), slot)?;
         self.start(spec.clone())?;
-        Self::wait_healthy(component, &spec)?;
+        self.wait_healthy(component, &spec)?;
         Ok(spec)
     }
 
@@ -245,7 +273,7 @@ impl ProcessDriver {
             self.route(component, upstreams)?;
             std::thread::sleep(component.step_interval);
             let (_, route) = self.observe(component)?;
-            let verdict = judge(component, version, share, route.as_ref()).map_err(error)?;
+            let verdict = judge(component, version, share, route.as_ref()).map_err(DriverError::Breached)?;
             say(&format!("  {} {verdict}", component.name));
         }
         self.route(component, news.iter().map(|s| upstream(s, 1)).collect())?;
@@ -258,14 +286,14 @@ impl ProcessDriver {
     /// Points the proxy at `upstreams`, waiting for the ones it leaves to drain.
     fn route(&mut self, component: &Component, upstreams: Vec<Upstream>) -> Result<(), DriverError> {
         let listen = component
-            .serve
-            .clone()
+            .serve()
+            .map(str::to_owned)
             .ok_or_else(|| error(format!("component {} has no `serve` address", component.name)))?;
         let drain_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
         self.client
             .request(&Request::Route { component: component.name.clone(), listen, upstreams, drain_ms })
             .map(drop)
-            .map_err(|e| error(e.to_string()))
+            .map_err(|e| agent(&e))
     }
 
     /// Starts `version` in a free slot on a free port, health-gated, switches the proxy to
@@ -287,19 +315,30 @@ impl ProcessDriver {
     }
 
     fn start(&mut self, spec: Spec) -> Result<(), DriverError> {
-        self.client.request(&Request::Start { spec }).map(drop).map_err(|e| error(e.to_string()))
+        self.client.request(&Request::Start { spec }).map(drop).map_err(|e| agent(&e))
     }
 
-    fn spec(&self, component: &Component, version: &str, addr: Option<&str>, slot: &str) -> Spec {
-        Spec {
+    /// A component's string as it runs: `${VAR}` expanded, then placeholders filled.
+    fn expand(&self, text: &str, version: &str, addr: Option<&str>) -> Result<String, DriverError> {
+        let expanded = self.manifest.expand(text).map_err(error)?;
+        Ok(fill(&expanded, version, addr))
+    }
+
+    fn spec(&self, component: &Component, version: &str, addr: Option<&str>, slot: &str) -> Result<Spec, DriverError> {
+        let process = process(component)?;
+        Ok(Spec {
             component: component.name.clone(),
             slot: slot.into(),
             version: version.to_owned(),
-            command: component.run.iter().map(|a| fill(a, version, addr)).collect(),
-            env: component.env.iter().map(|(k, v)| (k.clone(), fill(v, version, addr))).collect::<BTreeMap<_, _>>(),
+            command: process.run.iter().map(|a| self.expand(a, version, addr)).collect::<Result<_, _>>()?,
+            env: process
+                .env
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), self.expand(v, version, addr)?)))
+                .collect::<Result<BTreeMap<_, _>, DriverError>>()?,
             cwd: self.cwd.clone(),
             addr: addr.map(str::to_owned),
-        }
+        })
     }
 
     fn put_back_behind_proxy(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
@@ -330,11 +369,15 @@ impl ProcessDriver {
                 }
                 Ok(())
             }
-            Some(previous) if component.strategy == Strategy::Rolling => self.roll_to(component, &previous.version),
-            Some(previous) if component.strategy == Strategy::Canary => {
-                self.canary_to(component, &previous.version, &[], &|_| {})
+            // The previous version starts again from its own recorded spec.
+            Some(previous) => {
+                let old = previous.spec(component).clone();
+                match old.strategy {
+                    Strategy::Rolling => self.roll_to(&old, &previous.version),
+                    Strategy::Canary => self.canary_to(&old, &previous.version, &[], &|_| {}),
+                    Strategy::BlueGreen | Strategy::Recreate => self.switch_to(&old, &previous.version),
+                }
             }
-            Some(previous) => self.switch_to(component, &previous.version),
             None => {
                 if !routed.is_empty() {
                     self.route(component, Vec::new())?;
@@ -347,26 +390,47 @@ impl ProcessDriver {
         }
     }
 
-    fn wait_healthy(component: &Component, spec: &Spec) -> Result<(), DriverError> {
-        match &component.health {
-            Some(health) => {
-                let probe = health::filled(&health.probe, &spec.version, spec.addr.as_deref());
-                health::wait(health, &probe, spec.addr.as_deref())
-                    .map_err(|m| error(format!("{} {}: {m}", component.name, spec.version)))
-            }
-            None => Ok(()),
+    /// The probe of an instance: a command's `${VAR}` expanded and placeholders filled.
+    fn probe(&self, component: &Component, spec: &Spec) -> Result<Option<Probe>, DriverError> {
+        let Some(health) = &component.health else { return Ok(None) };
+        Ok(Some(match &health.probe {
+            Probe::Command(argv) => Probe::Command(
+                argv.iter().map(|a| self.expand(a, &spec.version, spec.addr.as_deref())).collect::<Result<_, _>>()?,
+            ),
+            other => other.clone(),
+        }))
+    }
+
+    fn wait_healthy(&self, component: &Component, spec: &Spec) -> Result<(), DriverError> {
+        match (&component.health, self.probe(component, spec)?) {
+            (Some(health), Some(probe)) => health::wait(health, &probe, spec.addr.as_deref())
+                .map_err(|m| DriverError::Unhealthy(format!("{} {}: {m}", component.name, spec.version))),
+            _ => Ok(()),
+        }
+    }
+
+    /// One health check of an instance, no waiting.
+    fn healthy_now(&self, component: &Component, spec: &Spec) -> bool {
+        match (&component.health, self.probe(component, spec)) {
+            (Some(health), Ok(Some(probe))) => health::once(&probe, spec.addr.as_deref(), health.timeout).is_ok(),
+            (Some(_), _) => false,
+            (None, _) => true,
         }
     }
 }
 
 impl Driver for ProcessDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Process
+    }
+
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
-        // Only the version and the address: the command and its environment (which may hold
-        // secrets from ${VAR}) are rebuilt from the manifest, and never reach the journal.
-        Ok(self.live(component)?.map(|(spec, _)| Deployed {
-            version: spec.version.clone(),
-            detail: serde_json::json!({ "addr": spec.addr }),
-        }))
+        // The component as the manifest has it (its ${VAR} unexpanded: no secret reaches the
+        // journal) and the address the instance has. The agent's spec holds the expanded
+        // command; it stays in the owner-only agent.json.
+        Ok(self
+            .live(component)?
+            .map(|(spec, _)| Deployed::new(&spec.version, component, serde_json::json!({ "addr": spec.addr }))))
     }
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
@@ -378,30 +442,56 @@ impl Driver for ProcessDriver {
         }
         let previous = self.live(component)?.map(|(spec, _)| spec);
         // Recreate reuses the address: the stable one, or the one the old instance had.
-        let addr = match (&component.serve, previous.as_ref().and_then(|s| s.addr.clone())) {
-            (Some(serve), _) => Some(serve.clone()),
+        let addr = match (component.serve(), previous.as_ref().and_then(|s| s.addr.clone())) {
+            (Some(serve), _) => Some(serve.to_owned()),
             (None, Some(old)) => Some(old),
-            (None, None) if uses_address(component) => Some(free_address()?),
+            (None, None) if uses_address(process(component)?) => Some(free_address()?),
             (None, None) => None,
         };
+        let spec = self.spec(component, version, addr.as_deref(), LIVE)?;
         self.stop(component)?;
-        let spec = self.spec(component, version, addr.as_deref(), LIVE);
         self.start(spec.clone())?;
-        Self::wait_healthy(component, &spec)
+        self.wait_healthy(component, &spec)
     }
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         if behind_proxy(component) {
             return self.put_back_behind_proxy(component, previous);
         }
-        self.stop(component)?;
-        if let Some(previous) = previous {
-            let addr = previous.detail["addr"].as_str();
-            let spec = self.spec(component, &previous.version, addr, LIVE);
-            self.start(spec.clone())?;
-            Self::wait_healthy(component, &spec)?;
+        let Some(previous) = previous else { return self.stop(component) };
+        let old = previous.spec(component).clone();
+        // Already back (an undo run again): nothing to do.
+        if let Some((live, true)) = self.live(component)?
+            && live.version == previous.version
+            && self.healthy_now(&old, &live)
+        {
+            return Ok(());
         }
-        Ok(())
+        let addr = previous.detail["addr"].as_str();
+        let spec = self.spec(&old, &previous.version, addr, LIVE)?;
+        self.stop(component)?;
+        self.start(spec.clone())?;
+        self.wait_healthy(&old, &spec)
+    }
+
+    fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {
+        let old = previous.spec(fallback);
+        let spec = self.spec(old, &previous.version, previous.detail["addr"].as_str(), LIVE)?;
+        let program = spec.command.first().ok_or_else(|| error(format!("{} has an empty `run`", old.name)))?;
+        let path = Path::new(program);
+        let found = if path.components().count() > 1 {
+            self.cwd.join(path).is_file()
+        } else {
+            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(path).is_file()))
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(error(format!(
+                "its program {program} is not there (in {}); put the release's files back first",
+                self.cwd.display()
+            )))
+        }
     }
 
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
@@ -413,13 +503,75 @@ impl Driver for ProcessDriver {
             if serving.is_empty() {
                 return Err(error(format!("{} is not deployed", component.name)));
             }
-            return serving.iter().try_for_each(|spec| Self::wait_healthy(component, spec));
+            return serving.iter().try_for_each(|spec| self.wait_healthy(component, spec));
         }
         match self.live(component)? {
-            Some((spec, true)) => Self::wait_healthy(component, &spec),
-            Some((spec, false)) => Err(error(format!("{} {} is not running", component.name, spec.version))),
-            None => Err(error(format!("{} is not deployed", component.name))),
+            Some((spec, true)) => self.wait_healthy(component, &spec),
+            Some((spec, false)) => {
+                Err(DriverError::Unhealthy(format!("{} {} is not running", component.name, spec.version)))
+            }
+            None => Err(DriverError::Unhealthy(format!("{} is not deployed", component.name))),
         }
+    }
+
+    fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
+        let (instances, route) = self.observe(component)?;
+        let live = if behind_proxy(component) {
+            let routed: Vec<String> =
+                route.iter().flat_map(|r| r.upstreams.iter().map(|u| u.upstream.addr.clone())).collect();
+            instances.iter().find(|(s, running)| *running && serves(s, &routed))
+        } else {
+            instances.iter().find(|(s, running)| *running && s.slot == LIVE)
+        };
+        let healthy = live.is_some_and(|(spec, _)| self.healthy_now(component, spec));
+        let all = match self.client.request(&Request::Status).map_err(|e| agent(&e))? {
+            Response::Status { instances, .. } => instances,
+            other => return Err(error(format!("unexpected answer from the agent: {other:?}"))),
+        };
+        let listed = all
+            .into_iter()
+            .filter(|i| i.spec.component == component.name)
+            .map(|i| {
+                let figures = route.as_ref().and_then(|r| {
+                    r.upstreams.iter().find(|u| {
+                        Some(&u.upstream.addr) == i.spec.addr.as_ref() && u.upstream.version == i.spec.version
+                    })
+                });
+                InstanceStatus {
+                    version: i.spec.version.clone(),
+                    slot: i.spec.slot.clone(),
+                    addr: i.spec.addr.clone(),
+                    pid: i.pid,
+                    running: i.running,
+                    restarts: i.restarts,
+                    serving: route.as_ref().map_or(i.running, |_| figures.is_some_and(|f| f.upstream.weight > 0)),
+                    weight: figures.map(|f| f.upstream.weight),
+                    requests: figures.map(|f| f.requests),
+                    errors: figures.map(|f| f.errors),
+                    p99_ms: figures.and_then(|f| f.window.p99_ms),
+                }
+            })
+            .collect();
+        let versions = route
+            .iter()
+            .flat_map(|r| r.versions.iter())
+            .map(|v| VersionStatus {
+                version: v.version.clone(),
+                share: v.share,
+                window: WindowStatus {
+                    seconds: v.window.seconds,
+                    requests: v.window.requests,
+                    errors: v.window.errors,
+                    p99_ms: v.window.p99_ms,
+                },
+            })
+            .collect();
+        Ok(ComponentStatus {
+            healthy,
+            version: live.map(|(spec, _)| spec.version.clone()),
+            instances: listed,
+            versions,
+        })
     }
 }
 

@@ -32,6 +32,11 @@ pub enum DownTarget {
     Last(usize),
     /// Revert everything applied that does not lead to this revision; it stays applied.
     Revision(String),
+    /// Revert exactly these revisions where they are still applied (an undo of a run that
+    /// recorded what it applied): one already reverted is skipped, so reverting twice does
+    /// nothing the second time. Refused when an applied revision outside the set follows
+    /// one of them.
+    Exactly(Vec<String>),
 }
 
 fn count(text: &str, what: &str) -> Result<usize, Error> {
@@ -218,6 +223,21 @@ impl Migrator {
                 }
                 order.into_iter().take(*n).collect()
             }
+            DownTarget::Exactly(ids) => {
+                let wanted: BTreeSet<usize> = ids.iter().map(|id| self.find(id)).collect::<Result<BTreeSet<_>, _>>()?;
+                let revert: BTreeSet<usize> = set.intersection(&wanted).copied().collect();
+                for &index in &revert {
+                    let blocker = set.difference(&revert).find(|&&other| self.graph.ancestors(other).contains(&index));
+                    if let Some(&other) = blocker {
+                        return Err(Error::Target(format!(
+                            "revision {} cannot be reverted alone: {} follows it and stays applied",
+                            self.graph.revision(index).id,
+                            self.graph.revision(other).id
+                        )));
+                    }
+                }
+                self.revert_order(revert, &applied_at)
+            }
             DownTarget::Revision(id) => {
                 let index = self.find(id)?;
                 if !set.contains(&index) {
@@ -306,8 +326,10 @@ impl Migrator {
         lock_timeout: Duration,
         done: &mut dyn FnMut(&Revision, Duration),
     ) -> Result<(), Error> {
-        if let DownTarget::Revision(id) = target {
-            self.find(id)?;
+        match target {
+            DownTarget::Revision(id) => drop(self.find(id)?),
+            DownTarget::Exactly(ids) => ids.iter().try_for_each(|id| self.find(id).map(drop))?,
+            DownTarget::Base | DownTarget::Last(_) => {}
         }
         self.run_locked(engine, lock_timeout, Direction::Down, |applied| self.plan_down(applied, target), done)
     }

@@ -26,7 +26,9 @@ pub(crate) fn code(error: &anyhow::Error) -> u8 {
         if cause.is::<Stuck>() {
             return 4;
         }
-        if let Some(upshift_core::runner::RunError::Plan(_)) = cause.downcast_ref() {
+        if let Some(upshift_core::runner::RunError::Plan(_) | upshift_core::runner::RunError::Refused(_)) =
+            cause.downcast_ref()
+        {
             return 2;
         }
         if let Some(e) = cause.downcast_ref::<upshift_migrate::Error>() {

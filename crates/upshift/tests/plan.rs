@@ -13,6 +13,7 @@ struct PlanJson {
     to: String,
     expand: Vec<String>,
     contract: Vec<String>,
+    no_backup: bool,
     steps: Vec<Step>,
 }
 
@@ -161,7 +162,7 @@ fn irreversible_expand_means_restore_and_no_backup_means_exit_4() {
     assert_eq!(undo_of(&plan_with_backup, "deploy"), "restore");
     let without = plan(&ctx, &["--to", "2.0.0", "--no-backup"]);
     assert_eq!(undo_of(&without, "deploy"), "impossible");
-    assert!(without.steps[1].title.contains("--no-backup"));
+    assert!(without.no_backup && without.steps[1].title.contains("--no-backup"));
 }
 
 #[test]
@@ -186,19 +187,18 @@ fn refused_plans_exit_2() {
 
     // Deployed 2.0.0: going down is refused with a pointer to rollback; an unmet
     // upgrade_from is refused too.
-    std::fs::create_dir_all(ctx.join(".upshift")).unwrap();
+    drop(upshift_core::journal::Journal::open(&ctx.join(".upshift")).unwrap());
     let journal = rusqlite::Connection::open(ctx.join(".upshift/journal.db")).unwrap();
-    journal.execute_batch(upshift_core::journal::RELEASES_TABLE).unwrap();
     journal
         .execute(
-            "INSERT INTO releases (revision, version, status, started_at) VALUES (1, '0.9.0', 'deployed', 'x')",
+            "INSERT INTO releases (revision, version, kind, status, started_at, expand, contract, deployments) VALUES (1, '0.9.0', 'upgrade', 'deployed', 'x', '[]', '[]', '{}')",
             [],
         )
         .unwrap();
     ctx.run(&["plan", "--to", "2.0.0"]).code(2).stderr_has("upgrades from >=1.0.0, but 0.9.0 is deployed");
     journal
         .execute(
-            "INSERT INTO releases (revision, version, status, started_at) VALUES (2, '2.0.0', 'deployed', 'x')",
+            "INSERT INTO releases (revision, version, kind, status, started_at, expand, contract, deployments) VALUES (2, '2.0.0', 'upgrade', 'deployed', 'x', '[]', '[]', '{}')",
             [],
         )
         .unwrap();

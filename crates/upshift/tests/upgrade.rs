@@ -242,6 +242,21 @@ migrate_to = "20260202000000"
         (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
     }
 
+    /// Writes a note if the api answers now (it may be between two versions).
+    fn try_note(&self, body: &str) -> bool {
+        let Ok(mut stream) = TcpStream::connect(self.address()) else { return false };
+        let payload = format!(r#"{{"title": "t", "body": "{body}"}}"#);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let request = format!(
+            "POST /api/notes HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+            payload.len()
+        );
+        let mut response = String::new();
+        stream.write_all(request.as_bytes()).is_ok()
+            && stream.read_to_string(&mut response).is_ok()
+            && response.starts_with("HTTP/1.1 201")
+    }
+
     fn count(&self, sql: &str) -> i64 {
         match &self.postgres {
             Some(name) => upshift_testing::postgres().connect(name).query_one(sql, &[]).unwrap().get(0),
@@ -408,9 +423,87 @@ fn rollback_to_the_previous_release_and_to_a_revision() {
             (3, "1.0.0".into(), "deployed".into())
         ]
     );
-    app.run(&["rollback", "--to-revision", "7"]).code(1).stderr_has("not an earlier deployed release");
+    app.run(&["rollback", "--to-revision", "7"]).code(2).stderr_has("revision 7 does not exist");
     app.upgrade("2.0.0").success();
     app.run(&["rollback", "--to-revision", "3"]).success();
+    app.assert_at_one();
+}
+
+/// Regression: a second `rollback` once "undid" the rollback row (which copied 1.0.0's
+/// data), stopped the service and reverted `create_notes`: the note was gone.
+#[test]
+fn a_second_rollback_is_refused_and_the_data_stays() {
+    let app = App::sqlite();
+    app.at_one();
+    app.upgrade("2.0.0").success();
+    app.run(&["rollback"]).success();
+    app.assert_at_one();
+    app.run(&["rollback"]).code(2).stderr_has("no earlier release to roll back to");
+    app.assert_at_one();
+    assert_eq!(app.history().last().unwrap(), &(3, "1.0.0".into(), "deployed".into()));
+}
+
+/// Regression: a rollback whose backup was missing or damaged stopped the service first,
+/// then failed (exit 4), and `abort` then said "nothing was changed" over a dead proxy.
+#[test]
+fn a_rollback_with_a_missing_or_damaged_backup_touches_nothing() {
+    let app = App::sqlite();
+    app.at_one();
+    app.upgrade("2.0.0").success();
+    let backups = app.ctx.join(".upshift/backups");
+    // The backup taken before 2.0.0, which the rollback restores, as the journal names it.
+    let journal = rusqlite::Connection::open(app.ctx.join(".upshift/journal.db")).unwrap();
+    let id: String =
+        journal.query_row("SELECT backup_id FROM releases WHERE status = 'deployed'", [], |r| r.get(0)).unwrap();
+    let backup = backups.join(id);
+    let aside = app.ctx.join("aside");
+    std::fs::rename(&backup, &aside).unwrap();
+    app.run(&["rollback"]).code(1).stderr_has("cannot be restored").stderr_has("nothing was changed");
+    app.assert_at_two();
+    // Damaged: one byte of the dump changed.
+    std::fs::rename(&aside, &backup).unwrap();
+    let dump = std::fs::read_dir(backup.join("db")).unwrap().flatten().next().unwrap().path();
+    let mut bytes = std::fs::read(&dump).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&dump, bytes).unwrap();
+    app.run(&["rollback"]).code(1).stderr_has("cannot be restored");
+    app.assert_at_two();
+    app.run(&["abort"]).code(1).stderr_has("nothing is in flight");
+}
+
+/// Regression: a journal truncated to 0 bytes read as "nothing deployed", and an upgrade to
+/// 1.0.0 over the running release was taken for a first deploy.
+#[test]
+fn a_damaged_or_missing_journal_is_never_nothing_deployed() {
+    let app = App::sqlite();
+    app.at_one();
+    let journal = app.ctx.join(".upshift/journal.db");
+    let saved = std::fs::read(&journal).unwrap();
+    std::fs::write(&journal, b"").unwrap();
+    app.run(&["status"]).code(1).stderr_has("journal.db is damaged").stderr_has("empty");
+    app.upgrade("2.0.0").code(1).stderr_has("is damaged");
+    app.run(&["history"]).code(1).stderr_has("is damaged");
+    // Gone altogether: the running 1.0.0 is not taken for nothing.
+    std::fs::remove_file(&journal).unwrap();
+    app.upgrade("1.0.0").code(1).stderr_has("already runs 1.0.0, but the journal records no deployed release");
+    std::fs::write(&journal, saved).unwrap();
+    app.assert_at_one();
+}
+
+/// Regression: `upgrade` said only "backup: could not copy the SQLite database" where the
+/// cause said what to fix.
+#[test]
+fn a_failed_step_keeps_its_cause() {
+    let app = App::sqlite();
+    app.at_one();
+    let manifest = app.ctx.read("upshift.toml");
+    app.ctx.write("not-a-folder", "");
+    app.ctx.write("upshift.toml", &manifest.replace("[backup]\n", "[backup]\ndir = \"not-a-folder/backups\"\n"));
+    let outcome: RunResult = app.upgrade("2.0.0").code(1).json();
+    let failure = outcome.failure.unwrap();
+    assert!(failure.contains("backup") && failure.contains("Not a directory"), "{failure}");
+    app.ctx.write("upshift.toml", &manifest);
     app.assert_at_one();
 }
 
@@ -443,59 +536,104 @@ fn bad_input_is_refused_before_anything_runs() {
     app.assert_at_one();
 }
 
-/// Crash right after step `step` (the test fault switch aborts the process, like kill -9).
-fn crash_after(app: &App, step: usize) {
+/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
+/// `write`-th write; false when the run finished before it.
+fn crash_at_write(app: &App, version: &str, write: u64) -> bool {
     let output = app
         .command()
-        .args(["upgrade", "--to", "2.0.0"])
-        .env("UPSHIFT_TEST_CRASH_AFTER_STEP", step.to_string())
+        .args(["upgrade", "--to", version, "--output", "json"])
+        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
         .output()
         .unwrap();
-    assert!(
-        output.status.code().is_none(),
-        "the run did not die at step {step}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    output.status.code().is_none()
+}
+
+/// After a recovery: nothing in flight, what the journal says runs is what runs, healthy,
+/// with its schema; the first note always there, `extra` too unless a backup was restored.
+fn assert_converged(app: &App, extra: Option<&str>, restored: bool, context: &str) -> String {
     let status = app.status();
-    let run = status.run.expect("the crashed run is in the journal");
-    assert_eq!((run.target.as_str(), run.state.as_str()), ("2.0.0", "running"));
-    assert!(!run.id.is_empty() && run.step.is_some());
-}
-
-#[test]
-fn crashes_at_each_step_are_resumed() {
-    // Steps: 1 preflight, 2 backup, 3 expand, 4 deploy, 5 verify, 6 contract, 7 record.
-    for step in [2, 3, 4, 6] {
-        let app = App::sqlite();
-        app.at_one();
-        crash_after(&app, step);
-        let outcome: RunResult = app.run(&["resume", "--output", "json"]).success().json();
-        assert_eq!(outcome.outcome, "succeeded", "step {step}");
-        app.assert_at_two();
+    assert!(status.run.is_none(), "{context}: {status:?}");
+    let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+    assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+    assert!(status.components[0].healthy, "{context}: {status:?}");
+    match version.as_str() {
+        "1.0.0" => assert!(app.has_title() && !app.has_table("tags"), "{context}: not 1.0.0's schema"),
+        "2.0.0" => assert!(!app.has_title() && app.has_table("tags"), "{context}: not 2.0.0's schema"),
+        other => panic!("{context}: {other} deployed"),
     }
-}
-
-#[test]
-fn crashes_at_each_step_are_aborted() {
-    for step in [2, 3, 4, 5] {
-        let app = App::sqlite();
-        app.at_one();
-        crash_after(&app, step);
-        app.run(&["upgrade", "--to", "2.0.0"]).code(1).stderr_has("did not finish");
-        app.run(&["abort"]).success();
-        app.assert_at_one();
-        app.run(&["abort"]).code(1).stderr_has("nothing is in flight");
+    let (code, body) = app.http("GET", "/api/notes", "");
+    assert_eq!(code, 200, "{context}");
+    assert!(body.contains("kept across everything"), "{context}: {body}");
+    if let Some(extra) = extra.filter(|_| !restored) {
+        assert!(body.contains(extra), "{context}: the note written after the crash is gone: {body}");
     }
+    version
 }
 
-#[test]
-fn a_contract_crash_is_aborted_by_restore() {
+/// The crash-at-every-write suite on the process driver, through the real binary: the
+/// upgrade 1.0.0 -> 2.0.0 (`fail_smoke`: failing its verify, so undone with down) is
+/// killed after each of its journal writes in turn, then `recovery` runs; the state must
+/// converge. Returns the number of crash points.
+fn crash_at_every_write(recovery: &str, fail_smoke: bool) -> u64 {
     let app = App::sqlite();
     app.at_one();
-    crash_after(&app, 6);
-    let outcome: RunResult = app.run(&["abort", "--output", "json"]).success().json();
-    assert_eq!(outcome.undo.as_deref(), Some("restore"));
-    app.assert_at_one();
+    if fail_smoke {
+        app.ctx.write("fail-smoke-2.0.0", "");
+    }
+    let mut write = 1;
+    while crash_at_write(&app, "2.0.0", write) {
+        let context = format!("killed at write {write}, then {recovery}");
+        // `status` tells the truth about the run the kill left (none: it had finished).
+        if let Some(run) = app.status().run {
+            assert_eq!(run.target, "2.0.0", "{context}");
+            assert!(!run.id.is_empty() && ["running", "undoing"].contains(&run.state.as_str()), "{context}: {run:?}");
+        }
+        let extra = format!("written after crash {write}");
+        let written = app.try_note(&extra);
+        let run = app.run(&[recovery, "--output", "json"]);
+        let restored = if run.code == 1 && run.stderr.contains("nothing is in flight") {
+            false
+        } else {
+            assert!([0, 3].contains(&run.code), "{context}: {recovery} exited {}: {}", run.code, run.stderr);
+            run.json::<RunResult>().undo.as_deref() == Some("restore")
+        };
+        let version = assert_converged(&app, written.then_some(extra.as_str()), restored, &context);
+        // Undoing twice is a no-op.
+        app.run(&["abort"]).code(1).stderr_has("nothing is in flight");
+        assert_eq!(assert_converged(&app, None, restored, &context), version);
+        if fail_smoke {
+            assert_eq!(version, "1.0.0", "{context}: a failing upgrade was resumed forward");
+        }
+        if version == "2.0.0" {
+            app.run(&["rollback"]).success();
+            assert_converged(&app, None, true, &format!("{context}, then rollback"));
+        }
+        write += 1;
+    }
+    assert!(write > 10, "only {} journal writes", write - 1);
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("process driver, {recovery} (failing verify: {fail_smoke}): {} crash points converged", write - 1);
+    }
+    write - 1
+}
+
+#[test]
+fn killed_at_every_journal_write_then_resumed() {
+    crash_at_every_write("resume", false);
+}
+
+#[test]
+fn killed_at_every_journal_write_then_aborted() {
+    crash_at_every_write("abort", false);
+}
+
+/// Regression: a crash during an undo left the run `running`, and `resume` ran it forward
+/// (contract migration under the old code). Every write of the failing run's undo is a
+/// crash point here, and `resume` must finish the undo.
+#[test]
+fn killed_at_every_write_of_a_failing_upgrade_then_resumed() {
+    crash_at_every_write("resume", true);
 }
 
 /// A real kill -9 of the whole CLI (its process group) in the middle of a run.

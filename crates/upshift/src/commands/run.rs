@@ -9,7 +9,9 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use serde::Serialize;
 use upshift_core::Manifest;
-use upshift_core::journal::Journal;
+use upshift_core::driver::{ComponentStatus, DriverError, Drivers};
+use upshift_core::journal::{Journal, ReleaseRow, RunRow};
+use upshift_core::manifest::DriverKind;
 use upshift_core::plan::PlanInput;
 use upshift_core::runner::{self, Context, Outcome};
 use upshift_deploy::ProcessDriver;
@@ -20,16 +22,27 @@ use crate::exit::{RolledBack, Stuck, UsageError};
 use crate::printer::Printer;
 use crate::settings::{database_url, required_manifest};
 
-/// Test-only fault switch: the runner aborts the process (like kill -9) right after step K.
-const CRASH_AFTER_STEP: &str = "UPSHIFT_TEST_CRASH_AFTER_STEP";
+/// Test-only fault switch: the process aborts (like kill -9) right after the journal's
+/// Nth committed write.
+const CRASH_AT_WRITE: &str = "UPSHIFT_TEST_CRASH_AT_WRITE";
 
 fn database(database: &DatabaseArgs, manifest: &Manifest) -> anyhow::Result<Option<DatabaseUrl>> {
     Ok(database_url(database, Some(manifest)).map(|text| DatabaseUrl::parse(&text)).transpose()?)
 }
 
-fn driver(manifest: &Manifest) -> anyhow::Result<ProcessDriver> {
+/// The drivers this build has, each made when a component first needs it (the process
+/// driver starts the agent then).
+fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
     let program = std::env::current_exe().context("finding the upshift binary")?;
-    Ok(ProcessDriver::new(&manifest.state_dir, &program, &manifest.base_dir, manifest.agent.metrics.as_deref())?)
+    let mut drivers = Drivers::new();
+    let manifest = manifest.clone();
+    drivers.register_lazy(
+        DriverKind::Process,
+        Box::new(move || {
+            Ok(Box::new(ProcessDriver::new(&manifest, &program)?) as Box<dyn upshift_core::driver::Driver>)
+        }),
+    );
+    Ok(drivers)
 }
 
 /// SIGINT and SIGTERM set the flag; the runner stops at the next step boundary and undoes.
@@ -41,8 +54,8 @@ fn interrupt_flag() -> anyhow::Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-fn crash_after() -> Option<usize> {
-    std::env::var(CRASH_AFTER_STEP).ok().and_then(|v| v.parse().ok())
+fn crash_at_write() -> Option<u64> {
+    std::env::var(CRASH_AT_WRITE).ok().and_then(|v| v.parse().ok())
 }
 
 #[derive(Serialize)]
@@ -64,23 +77,23 @@ fn with_runner(
 ) -> anyhow::Result<()> {
     let manifest = required_manifest(global)?;
     let url = database(database_args, &manifest)?;
-    let mut driver = driver(&manifest)?;
+    let mut drivers = drivers(&manifest)?;
     let mut journal = Journal::open(&manifest.state_dir)?;
+    if let Some(crash) = crash_at_write() {
+        journal.set_write_hook(Box::new(move |write| {
+            if write == crash {
+                std::process::abort();
+            }
+        }));
+    }
     let interrupted = interrupt_flag()?;
-    let crash = crash_after();
     let say = |line: &str| printer.progress(&manifest.redact(line));
-    let after_step = |step: usize| {
-        if crash == Some(step) {
-            std::process::abort();
-        }
-    };
     let mut context = Context {
         manifest: &manifest,
         database: url.as_ref(),
-        driver: &mut driver,
+        drivers: &mut drivers,
         say: &say,
         interrupted: &interrupted,
-        after_step: &after_step,
         lock_timeout: std::time::Duration::from_mins(1),
     };
     let outcome = work(&mut context, &mut journal, &manifest)?;
@@ -176,7 +189,7 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
             no_backup,
             options: &upshift_core::config::options_set(manifest),
         })?;
-        runner::upgrade(context, journal, &plan, no_backup)
+        runner::upgrade(context, journal, &plan)
     })
 }
 
@@ -205,34 +218,14 @@ struct StatusRun<'a> {
     id: &'a str,
     target: &'a str,
     state: &'a str,
-    step: Option<i64>,
+    step: Option<usize>,
 }
 
 #[derive(Serialize)]
 struct StatusComponent<'a> {
     name: &'a str,
-    healthy: bool,
-    version: Option<String>,
-    instances: Vec<StatusInstance>,
-    /// The proxy's figures per version (behind the proxy only).
-    versions: Vec<upshift_agent::VersionStatus>,
-}
-
-/// One process of a component, with what the proxy measured of it (when it serves
-/// through the proxy).
-#[derive(Serialize)]
-struct StatusInstance {
-    version: String,
-    slot: String,
-    addr: Option<String>,
-    pid: Option<u32>,
-    running: bool,
-    restarts: u32,
-    serving: bool,
-    weight: Option<u32>,
-    requests: Option<u64>,
-    errors: Option<u64>,
-    p99_ms: Option<f64>,
+    #[serde(flatten)]
+    status: ComponentStatus,
 }
 
 #[derive(Serialize)]
@@ -247,25 +240,31 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
     let manifest = required_manifest(global)?;
     let journal = Journal::open_existing(&manifest.state_dir)?;
     let deployed = journal.as_ref().map(Journal::deployed).transpose()?.flatten();
-    let running = journal.as_ref().map(Journal::running).transpose()?.flatten();
+    let running = journal.as_ref().map(Journal::in_flight).transpose()?.flatten();
     let step = match (&journal, &running) {
         (Some(journal), Some(run)) => journal.current_step(&run.id)?.map(|s| s.seq),
         _ => None,
     };
-    let (instances, routes) = upshift_agent::Client::connect(&manifest.state_dir)
-        .ok()
-        .and_then(|mut client| match client.request(&upshift_agent::Request::Status) {
-            Ok(upshift_agent::Response::Status { instances, routes, .. }) => Some((instances, routes)),
-            _ => None,
+    // Status starts nothing: without a running agent, process components show as down.
+    let mut drivers = Drivers::new();
+    if let Some(process) = ProcessDriver::connect(&manifest) {
+        drivers.register(Box::new(process));
+    }
+    let components: Vec<StatusComponent<'_>> = manifest
+        .components
+        .iter()
+        .map(|component| StatusComponent {
+            name: &component.name,
+            status: drivers
+                .get(component)
+                .and_then(|driver| driver.status(component))
+                .unwrap_or_else(|_: DriverError| ComponentStatus::default()),
         })
-        .unwrap_or_default();
-    let agent = AgentView { instances: &instances, routes: &routes };
-    let components: Vec<StatusComponent<'_>> =
-        manifest.components.iter().map(|component| component_status(component, &agent)).collect();
+        .collect();
     let json = StatusJson {
         version: deployed.as_ref().map(|r| r.version.as_str()),
         revision: deployed.as_ref().map(|r| r.revision),
-        run: running.as_ref().map(|r| StatusRun { id: &r.id, target: &r.target, state: &r.state, step }),
+        run: running.as_ref().map(|r| StatusRun { id: &r.id, target: &r.target, state: r.state.as_str(), step }),
         components,
     };
     printer.result(&json, || render_status(&json, deployed.as_ref(), running.as_ref(), step))
@@ -288,7 +287,7 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
         .map(|r| HistoryEntry {
             revision: r.revision,
             version: &r.version,
-            status: &r.status,
+            status: r.status.as_str(),
             started_at: &r.started_at,
             finished_at: r.finished_at.as_deref(),
         })
@@ -302,68 +301,12 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
     })
 }
 
-/// What the agent reported, for `status`.
-struct AgentView<'a> {
-    instances: &'a [upshift_agent::InstanceStatus],
-    routes: &'a std::collections::BTreeMap<String, upshift_agent::RouteStatus>,
-}
-
-/// One component's health, version and processes, with the proxy's figures.
-fn component_status<'a>(
-    component: &'a upshift_core::manifest::Component,
-    agent: &AgentView<'_>,
-) -> StatusComponent<'a> {
-    let instances = agent.instances;
-
-    let live = instances.iter().find(|i| i.spec.component == component.name && i.running);
-    let healthy = live.is_some_and(|instance| match &component.health {
-        Some(health) => {
-            let probe =
-                upshift_deploy::health::filled(&health.probe, &instance.spec.version, instance.spec.addr.as_deref());
-            upshift_deploy::health::once(&probe, instance.spec.addr.as_deref(), health.timeout).is_ok()
-        }
-        None => true,
-    });
-    let proxied = agent.routes.get(&component.name);
-    let processes = instances
-        .iter()
-        .filter(|i| i.spec.component == component.name)
-        .map(|i| {
-            let figures = proxied.and_then(|r| {
-                r.upstreams
-                    .iter()
-                    .find(|u| Some(&u.upstream.addr) == i.spec.addr.as_ref() && u.upstream.version == i.spec.version)
-            });
-            StatusInstance {
-                version: i.spec.version.clone(),
-                slot: i.spec.slot.clone(),
-                addr: i.spec.addr.clone(),
-                pid: i.pid,
-                running: i.running,
-                restarts: i.restarts,
-                serving: proxied.map_or(i.running, |_| figures.is_some_and(|f| f.upstream.weight > 0)),
-                weight: figures.map(|f| f.upstream.weight),
-                requests: figures.map(|f| f.requests),
-                errors: figures.map(|f| f.errors),
-                p99_ms: figures.and_then(|f| f.window.p99_ms),
-            }
-        })
-        .collect();
-    StatusComponent {
-        name: &component.name,
-        healthy,
-        version: live.map(|i| i.spec.version.clone()),
-        instances: processes,
-        versions: proxied.map(|r| r.versions.clone()).unwrap_or_default(),
-    }
-}
-
 /// `status` for people.
 fn render_status(
     json: &StatusJson<'_>,
-    deployed: Option<&upshift_core::journal::ReleaseRow>,
-    running: Option<&upshift_core::journal::RunRow>,
-    step: Option<i64>,
+    deployed: Option<&ReleaseRow>,
+    running: Option<&RunRow>,
+    step: Option<usize>,
 ) -> String {
     let mut out = match deployed {
         Some(r) => format!("deployed  {} (revision {})\n", r.version, r.revision),
@@ -373,9 +316,9 @@ fn render_status(
         let _ = writeln!(
             out,
             "in flight {} to {} ({}, step {}): `upshift resume` finishes it, `upshift abort` undoes it",
-            run.kind,
+            run.kind.as_str(),
             run.target,
-            run.state,
+            run.state.as_str(),
             step.map_or_else(|| "?".to_owned(), |s| s.to_string())
         );
     }
@@ -384,10 +327,10 @@ fn render_status(
             out,
             "{:<10}{} {}",
             c.name,
-            c.version.as_deref().unwrap_or("-"),
-            if c.healthy { "healthy" } else { "NOT healthy" }
+            c.status.version.as_deref().unwrap_or("-"),
+            if c.status.healthy { "healthy" } else { "NOT healthy" }
         );
-        for i in &c.instances {
+        for i in &c.status.instances {
             let figures = match (i.requests, i.errors) {
                 (Some(requests), Some(errors)) => format!(
                     ", {requests} requests, {errors} errors, p99 {}",
@@ -406,7 +349,7 @@ fn render_status(
                 figures
             );
         }
-        for v in &c.versions {
+        for v in &c.status.versions {
             let _ = writeln!(
                 out,
                 "  {} gets {:.0}% of requests; since the last switch ({:.0}s): {} requests, {} errors, p99 {}",
