@@ -4,5 +4,6 @@
 
 pub mod health;
 mod process;
+pub mod rollout;
 
 pub use process::ProcessDriver;
