@@ -574,14 +574,13 @@ fn assert_converged(app: &App, extra: Option<&str>, restored: bool, context: &st
 /// upgrade 1.0.0 -> 2.0.0 (`fail_smoke`: failing its verify, so undone with down) is
 /// killed after each of its journal writes in turn, then `recovery` runs; the state must
 /// converge. Returns the number of crash points.
-fn crash_at_every_write(recovery: &str, fail_smoke: bool) -> u64 {
-    let app = App::sqlite();
+fn crash_at_every_write(app: &App, recovery: &str, fail_smoke: bool) -> u64 {
     app.at_one();
     if fail_smoke {
         app.ctx.write("fail-smoke-2.0.0", "");
     }
     let mut write = 1;
-    while crash_at_write(&app, "2.0.0", write) {
+    while crash_at_write(app, "2.0.0", write) {
         let context = format!("killed at write {write}, then {recovery}");
         // `status` tells the truth about the run the kill left (none: it had finished).
         if let Some(run) = app.status().run {
@@ -597,16 +596,16 @@ fn crash_at_every_write(recovery: &str, fail_smoke: bool) -> u64 {
             assert!([0, 3].contains(&run.code), "{context}: {recovery} exited {}: {}", run.code, run.stderr);
             run.json::<RunResult>().undo.as_deref() == Some("restore")
         };
-        let version = assert_converged(&app, written.then_some(extra.as_str()), restored, &context);
+        let version = assert_converged(app, written.then_some(extra.as_str()), restored, &context);
         // Undoing twice is a no-op.
         app.run(&["abort"]).code(1).stderr_has("nothing is in flight");
-        assert_eq!(assert_converged(&app, None, restored, &context), version);
+        assert_eq!(assert_converged(app, None, restored, &context), version);
         if fail_smoke {
             assert_eq!(version, "1.0.0", "{context}: a failing upgrade was resumed forward");
         }
         if version == "2.0.0" {
             app.run(&["rollback"]).success();
-            assert_converged(&app, None, true, &format!("{context}, then rollback"));
+            assert_converged(app, None, true, &format!("{context}, then rollback"));
         }
         write += 1;
     }
@@ -620,12 +619,73 @@ fn crash_at_every_write(recovery: &str, fail_smoke: bool) -> u64 {
 
 #[test]
 fn killed_at_every_journal_write_then_resumed() {
-    crash_at_every_write("resume", false);
+    crash_at_every_write(&App::sqlite(), "resume", false);
 }
 
 #[test]
 fn killed_at_every_journal_write_then_aborted() {
-    crash_at_every_write("abort", false);
+    crash_at_every_write(&App::sqlite(), "abort", false);
+}
+
+#[test]
+fn postgres_killed_at_every_journal_write_then_aborted() {
+    crash_at_every_write(&App::postgres(), "abort", false);
+}
+
+/// `rollback` (by restore, 2.0.0 -> 1.0.0) killed after each of its journal writes, then
+/// `resume` or `abort` in turn: either finishes the rollback.
+#[test]
+fn a_rollback_killed_at_every_journal_write_is_finished() {
+    let app = App::sqlite();
+    app.at_one();
+    app.upgrade("2.0.0").success();
+    let mut write = 1;
+    loop {
+        let output = app.command().args(["rollback"]).env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string()).output();
+        if output.unwrap().status.code().is_some() {
+            break;
+        }
+        let recovery = if write % 2 == 0 { "abort" } else { "resume" };
+        let context = format!("rollback killed at write {write}, then {recovery}");
+        let run = app.run(&[recovery]);
+        assert!(run.code == 0 || run.stderr.contains("nothing is in flight"), "{context}: {}", run.stderr);
+        assert_eq!(assert_converged(&app, None, true, &context), "1.0.0");
+        app.upgrade("2.0.0").success();
+        write += 1;
+    }
+    assert!(write > 5, "only {} journal writes", write - 1);
+}
+
+/// An upgrade killed during its verify step, then `abort` killed after its 1st, 2nd, ...
+/// write in turn (each abort takes the undo further), until one finishes.
+#[test]
+fn an_abort_killed_at_each_of_its_writes_still_converges() {
+    let app = App::sqlite();
+    app.at_one();
+    app.ctx.write("slow-smoke", "0.5");
+    // Find a write at which the run is in its verify step (5): the deploy happened.
+    let mut write = 1;
+    loop {
+        assert!(crash_at_write(&app, "2.0.0", write), "the run finished before its verify step");
+        if app.status().run.and_then(|r| r.step) == Some(5) {
+            break;
+        }
+        app.run(&["abort"]).success();
+        write += 1;
+    }
+    let mut abort_write = 1;
+    loop {
+        let output = app.command().args(["abort"]).env("UPSHIFT_TEST_CRASH_AT_WRITE", abort_write.to_string()).output();
+        if output.unwrap().status.code().is_some() {
+            break;
+        }
+        abort_write += 1;
+        // None: killed right after its last write, the run is finished.
+        let Some(run) = app.status().run else { break };
+        assert!(["running", "undoing"].contains(&run.state.as_str()), "{run:?}");
+    }
+    assert!(abort_write > 3, "the abort made only {} writes", abort_write - 1);
+    assert_eq!(assert_converged(&app, None, false, "aborts killed in turn"), "1.0.0");
 }
 
 /// Regression: a crash during an undo left the run `running`, and `resume` ran it forward
@@ -633,7 +693,7 @@ fn killed_at_every_journal_write_then_aborted() {
 /// crash point here, and `resume` must finish the undo.
 #[test]
 fn killed_at_every_write_of_a_failing_upgrade_then_resumed() {
-    crash_at_every_write("resume", true);
+    crash_at_every_write(&App::sqlite(), "resume", true);
 }
 
 /// A real kill -9 of the whole CLI (its process group) in the middle of a run.
