@@ -109,8 +109,13 @@ impl Driver for FakeDriver {
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
         let version = self.with(|w| w.running.get(&component.name).cloned());
-        let healthy = self.check_health(component).is_ok();
-        Ok(ComponentStatus { healthy, version, ..ComponentStatus::default() })
+        let health = self.check_health(component);
+        Ok(ComponentStatus {
+            healthy: health.is_ok(),
+            problem: health.err().map(|e| e.to_string()),
+            version,
+            ..ComponentStatus::default()
+        })
     }
 }
 
@@ -181,12 +186,24 @@ version = "3.0.0"
 migrate_to = "4"
 "#;
 
-/// A test's folder: the manifest, migrations, database, journal and backups.
+/// Makes the drivers a lab's runs use.
+pub type LabDrivers = Arc<dyn Fn(&Lab) -> Drivers + Send + Sync>;
+
+/// A test's folder: the manifest, migrations, database, journal and backups, and the
+/// drivers its runs use (the fake driver unless [`Lab::with_drivers`] says otherwise).
 pub struct Lab {
     /// The folder.
     pub dir: PathBuf,
     /// The fake driver's world.
     pub world: Arc<Mutex<FakeWorld>>,
+    drivers: LabDrivers,
+}
+
+/// The fake driver over the lab's world.
+fn fake_drivers(lab: &Lab) -> Drivers {
+    let mut drivers = Drivers::new();
+    drivers.register(Box::new(FakeDriver { world: Arc::clone(&lab.world) }));
+    drivers
 }
 
 /// Stops a run after the journal's Nth write, as a crash would (the panic unwinds to the
@@ -227,7 +244,15 @@ impl Lab {
         for (name, text) in MIGRATIONS {
             std::fs::write(dir.join("migrations").join(name), text).expect("lab migration");
         }
-        Lab { dir: dir.to_path_buf(), world: Arc::default() }
+        Lab { dir: dir.to_path_buf(), world: Arc::default(), drivers: Arc::new(fake_drivers) }
+    }
+
+    /// A lab whose runs use the drivers `make` gives (a real driver under the contract);
+    /// its manifest's components must suit them.
+    #[must_use]
+    pub fn with_drivers(mut self, make: LabDrivers) -> Lab {
+        self.drivers = make;
+        self
     }
 
     /// A copy of this lab in `dir`: files and the fake world.
@@ -235,7 +260,7 @@ impl Lab {
     pub fn fork(&self, dir: &Path) -> Lab {
         copy_tree(&self.dir, dir);
         let world = self.world.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        Lab { dir: dir.to_path_buf(), world: Arc::new(Mutex::new(world)) }
+        Lab { dir: dir.to_path_buf(), world: Arc::new(Mutex::new(world)), drivers: Arc::clone(&self.drivers) }
     }
 
     /// The lab's manifest.
@@ -254,8 +279,7 @@ impl Lab {
         let mut manifest = self.manifest();
         manifest.database_url = Some(self.url().to_string());
         let url = self.url();
-        let mut drivers = Drivers::new();
-        drivers.register(Box::new(FakeDriver { world: Arc::clone(&self.world) }));
+        let mut drivers = (self.drivers)(self);
         let interrupted = AtomicBool::new(false);
         let writes = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&writes);
@@ -341,8 +365,7 @@ impl Lab {
             return Err(format!("run {} is still {}", run.id, run.state.as_str()));
         }
         let deployed = journal.deployed().map_err(|e| e.to_string())?.map(|r| r.version);
-        let mut drivers = Drivers::new();
-        drivers.register(Box::new(FakeDriver { world: Arc::clone(&self.world) }));
+        let mut drivers = (self.drivers)(self);
         for component in &manifest.components {
             let runs = drivers
                 .get(component)

@@ -120,6 +120,8 @@ pub struct VersionStatus {
 pub struct ComponentStatus {
     /// Whether what serves passes its health check now (one check).
     pub healthy: bool,
+    /// Why it is not healthy, when it is not.
+    pub problem: Option<String>,
     /// The version that serves.
     pub version: Option<String>,
     /// Every instance.

@@ -263,6 +263,13 @@ fn build(
 }
 
 impl Builder<'_> {
+    /// A command as the plan shows it: `{version}` filled with the target (addresses are
+    /// only known when it runs), values from the environment redacted.
+    fn shown(&self, argv: &[String]) -> String {
+        let target = self.input.target.to_string();
+        self.input.manifest.redact(&argv.join(" ").replace("{version}", &target))
+    }
+
     fn push(&mut self, kind: StepKind, title: String, details: Vec<String>, on_failure: OnFailure) {
         self.steps.push(PlanStep { number: self.steps.len() + 1, kind, title, details, on_failure, component: None });
     }
@@ -368,7 +375,7 @@ impl Builder<'_> {
         for component in &manifest.components {
             let mut details = Vec::new();
             if let Some(process) = component.process() {
-                details.push(format!("run: {}", manifest.redact(&process.run.join(" "))));
+                details.push(format!("run: {}", self.shown(&process.run)));
                 if let Some(serve) = &process.serve {
                     details.push(format!("serve: {serve} (the agent's proxy)"));
                 }
@@ -377,7 +384,7 @@ impl Builder<'_> {
                 let probe = match &health.probe {
                     Probe::Http { path, .. } => format!("GET {path}"),
                     Probe::Tcp => "TCP connect".to_owned(),
-                    Probe::Command(command) => manifest.redact(&command.join(" ")),
+                    Probe::Command(command) => self.shown(command),
                 };
                 details.push(format!("health-gated: {probe} within {}", humantime::format_duration(health.deadline)));
             }
@@ -401,9 +408,7 @@ impl Builder<'_> {
             .filter(|c| c.health.is_some())
             .map(|c| format!("health of {}", c.name))
             .collect();
-        checks.extend(
-            manifest.verify.smoke.iter().map(|command| format!("smoke: {}", manifest.redact(&command.join(" ")))),
-        );
+        checks.extend(manifest.verify.smoke.iter().map(|command| format!("smoke: {}", self.shown(command))));
         let on_failure = self.after_code();
         self.push(StepKind::Verify, "verify".to_owned(), checks, on_failure);
     }

@@ -111,6 +111,15 @@ impl ProcessDriver {
         })
     }
 
+    /// One health check of an instance, and why it failed.
+    fn health_now(&self, component: &Component, instance: &Instance) -> Result<(), String> {
+        match (&component.health, self.probe(component, instance)) {
+            (Some(health), Ok(Some(probe))) => health::once(&probe, instance.addr.as_deref(), health.timeout),
+            (Some(_), Err(e)) => Err(e.to_string()),
+            (Some(_), Ok(None)) | (None, _) => Ok(()),
+        }
+    }
+
     /// The probe of an instance: a command's `${VAR}` expanded and placeholders filled.
     fn probe(&self, component: &Component, instance: &Instance) -> Result<Option<Probe>, DriverError> {
         let Some(health) = &component.health else { return Ok(None) };
@@ -162,11 +171,7 @@ impl Instances for ProcessDriver {
     }
 
     fn healthy_now(&self, component: &Component, instance: &Instance) -> bool {
-        match (&component.health, self.probe(component, instance)) {
-            (Some(health), Ok(Some(probe))) => health::once(&probe, instance.addr.as_deref(), health.timeout).is_ok(),
-            (Some(_), _) => false,
-            (None, _) => true,
-        }
+        self.health_now(component, instance).is_ok()
     }
 
     fn route(&mut self, component: &Component, upstreams: Vec<Upstream>) -> Result<(), DriverError> {
@@ -241,7 +246,12 @@ impl Driver for ProcessDriver {
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
         let live = rollout::live(self, component)?.filter(|i| i.running);
-        let healthy = live.as_ref().is_some_and(|i| self.healthy_now(component, i));
+        let health = match &live {
+            Some(instance) => self.health_now(component, instance).map_err(|e| {
+                format!("{} {} at {}: {e}", component.name, instance.version, instance.addr.as_deref().unwrap_or("-"))
+            }),
+            None => Err(format!("no instance of {} runs and serves", component.name)),
+        };
         let (all, mut routes) = self.agent_status()?;
         let route = routes.remove(&component.name);
         let listed = all
@@ -282,7 +292,13 @@ impl Driver for ProcessDriver {
                 },
             })
             .collect();
-        Ok(ComponentStatus { healthy, version: live.map(|i| i.version), instances: listed, versions })
+        Ok(ComponentStatus {
+            healthy: health.is_ok(),
+            problem: health.err(),
+            version: live.map(|i| i.version),
+            instances: listed,
+            versions,
+        })
     }
 }
 

@@ -94,9 +94,9 @@ pub(crate) enum Command {
         /// Where to write it
         #[arg(long, value_name = "D", default_value = "upshift-demo")]
         dir: PathBuf,
-        /// The port the service is served on
-        #[arg(long, value_name = "P", default_value_t = 18080)]
-        port: u16,
+        /// The port the service is served on [default: 18080, or a free one when it is taken]
+        #[arg(long, value_name = "P")]
+        port: Option<u16>,
         /// A PostgreSQL database to use instead of a SQLite file
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
@@ -217,7 +217,7 @@ pub(crate) enum BackupCommand {
 /// Which database.
 #[derive(Debug, Args)]
 pub(crate) struct DatabaseArgs {
-    /// postgres://user:pass@host:port/db or sqlite:PATH [else `DATABASE_URL`, then the manifest]
+    /// postgres://user:pass@host:port/db or sqlite:PATH [else the manifest's, then `DATABASE_URL`]
     #[arg(long, global = true, value_name = "URL", env = "UPSHIFT_DATABASE_URL", hide_env_values = true)]
     pub(crate) database_url: Option<String>,
 }

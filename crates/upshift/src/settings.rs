@@ -9,6 +9,7 @@ use upshift_migrate::DatabaseUrl;
 
 use crate::cli::{BackupArgs, ConnectArgs, DatabaseArgs, GlobalArgs};
 use crate::exit::UsageError;
+use crate::printer::Printer;
 
 /// Reads the manifest: the one `--config` names (which must exist), else `./upshift.toml`
 /// when there is one. A manifest that exists is always checked, so a broken one stops
@@ -29,13 +30,33 @@ pub(crate) fn required_manifest(global: &GlobalArgs) -> anyhow::Result<Manifest>
     })
 }
 
-/// The database URL: the flag (or `UPSHIFT_DATABASE_URL`), then `DATABASE_URL`, then the
-/// manifest. Unparsed: commands that do not need one must not fail on it.
-pub(crate) fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>) -> Option<String> {
-    args.database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
-        .or_else(|| manifest.and_then(|m| m.database_url.clone()))
+/// The database URL: `--database-url` (or `UPSHIFT_DATABASE_URL`, which names upshift's
+/// database on purpose), then the manifest's `[database] url`, then `DATABASE_URL`.
+///
+/// `DATABASE_URL` is read by many tools, so it may be left exported from other work; it
+/// never silently redirects a manifest that names its own database (a manifest that wants it
+/// says `url = "${DATABASE_URL}"`). When it is set and differs, a warning names both,
+/// redacted. Unparsed: commands that do not need a URL must not fail on it.
+pub(crate) fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>, printer: &Printer) -> Option<String> {
+    let environment = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
+    if let Some(url) = &args.database_url {
+        return Some(url.clone());
+    }
+    match (manifest.and_then(|m| m.database_url.as_ref().map(|url| (m, url))), environment) {
+        (Some((manifest, url)), Some(environment)) => {
+            if &environment != url {
+                printer.warn(&format!(
+                    "DATABASE_URL ({}) is ignored: {} sets [database] url ({}); use --database-url or UPSHIFT_DATABASE_URL to override it",
+                    upshift_migrate::redact(&environment),
+                    manifest.path.display(),
+                    manifest.redact(&upshift_migrate::redact(url))
+                ));
+            }
+            Some(url.clone())
+        }
+        (Some((_, url)), None) => Some(url.clone()),
+        (None, environment) => environment,
+    }
 }
 
 /// The database URL, or a usage error saying where to put one.
@@ -56,9 +77,13 @@ pub(crate) struct MigrateSettings {
 }
 
 impl MigrateSettings {
-    pub(crate) fn resolve(global: &GlobalArgs, connect: &ConnectArgs) -> anyhow::Result<MigrateSettings> {
+    pub(crate) fn resolve(
+        global: &GlobalArgs,
+        connect: &ConnectArgs,
+        printer: &Printer,
+    ) -> anyhow::Result<MigrateSettings> {
         let manifest = manifest(global)?;
-        let url = database_url(&connect.database, manifest.as_ref());
+        let url = database_url(&connect.database, manifest.as_ref(), printer);
         let dir = connect
             .dir
             .clone()
@@ -91,7 +116,7 @@ pub(crate) struct BackupSettings {
 }
 
 impl BackupSettings {
-    pub(crate) fn resolve(global: &GlobalArgs, args: &BackupArgs) -> anyhow::Result<BackupSettings> {
+    pub(crate) fn resolve(global: &GlobalArgs, args: &BackupArgs, printer: &Printer) -> anyhow::Result<BackupSettings> {
         let manifest = manifest(global)?;
         let settings = manifest.as_ref().map(|m| m.backup.clone()).unwrap_or_default();
         let manifest_path = manifest.as_ref().map_or_else(|| PathBuf::from("upshift.toml"), |m| m.path.clone());
@@ -114,7 +139,7 @@ impl BackupSettings {
             .unwrap_or_else(|| PathBuf::from(".upshift/backups"));
         Ok(BackupSettings {
             store: upshift_backup::Store::new(dir),
-            url: database_url(&args.database, manifest.as_ref()),
+            url: database_url(&args.database, manifest.as_ref(), printer),
             base: manifest.as_ref().map_or_else(|| PathBuf::from("."), |m| m.base_dir.clone()),
             paths: settings.paths,
             retention: upshift_backup::Retention { keep_last: settings.keep_last, keep_within: settings.keep_within },

@@ -165,8 +165,9 @@ fn sqlite_backup_is_consistent_under_a_concurrent_writer() {
             .unwrap();
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let stop = Arc::clone(&stop);
+        let (stop, progress) = (Arc::clone(&stop), Arc::clone(&progress));
         let path = path.clone();
         std::thread::spawn(move || {
             let mut connection = rusqlite::Connection::open(&path).unwrap();
@@ -178,13 +179,20 @@ fn sqlite_backup_is_consistent_under_a_concurrent_writer() {
                 tx.execute("INSERT INTO b VALUES (?1)", [written]).unwrap();
                 tx.commit().unwrap();
                 written += 1;
+                progress.store(written, Ordering::SeqCst);
             }
             written
         })
     };
     let mut ids = Vec::new();
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(50));
+        // Each backup starts after the writer committed more pairs since the last one.
+        let before = progress.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while progress.load(Ordering::SeqCst) < before + 10 {
+            assert!(std::time::Instant::now() < deadline, "the writer stopped writing");
+            std::thread::yield_now();
+        }
         ids.push(create(&ctx, &["--database-url", "sqlite:app.db"]).id);
     }
     stop.store(true, Ordering::Relaxed);

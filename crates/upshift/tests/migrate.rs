@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::Context;
+use common::{Context, Run};
 use serde::Deserialize;
 
 /// A database the tests can look into.
@@ -599,4 +599,37 @@ fn manifest_supplies_url_and_folder() {
     ctx.write("upshift.toml", "[database]\nurl = \"sqlite:x.db\"\nmigratons = \"m\"\n");
     ctx.run(&["migrate", "status"]).code(2).stderr_has("upshift.toml:3:1").stderr_has("unknown field `migratons`");
     ctx.run(&["--config", "missing.toml", "migrate", "heads"]).code(2).stderr_has("missing.toml");
+}
+
+/// `DATABASE_URL` left exported from other work never silently redirects a manifest that
+/// names its own database: the manifest's wins and a warning names both (redacted);
+/// `UPSHIFT_DATABASE_URL` and `--database-url` still override it on purpose.
+#[test]
+fn database_url_from_the_environment_does_not_override_the_manifest() {
+    let ctx = Context::new();
+    linear_three(&ctx);
+    ctx.write("upshift.toml", "[database]\nurl = \"sqlite:manifest.db\"\n");
+    let run = Run::from(
+        &ctx.command()
+            .args(["migrate", "up"])
+            .env("DATABASE_URL", "postgres://me:s3cret@elsewhere/db")
+            .output()
+            .unwrap(),
+    );
+    run.success()
+        .stderr_has("DATABASE_URL (postgres://me:***@elsewhere/db) is ignored")
+        .stderr_has("[database] url (sqlite:manifest.db)");
+    assert!(!run.stderr.contains("s3cret"), "{}", run.stderr);
+    assert!(ctx.join("manifest.db").exists());
+    // The same value: nothing to say.
+    let same = Run::from(
+        &ctx.command().args(["migrate", "status"]).env("DATABASE_URL", "sqlite:manifest.db").output().unwrap(),
+    );
+    assert!(!same.success().stderr.contains("ignored"), "{}", same.stderr);
+    // UPSHIFT_DATABASE_URL is meant for upshift: it wins, quietly.
+    let chosen = Run::from(
+        &ctx.command().args(["migrate", "up"]).env("UPSHIFT_DATABASE_URL", "sqlite:chosen.db").output().unwrap(),
+    );
+    assert!(!chosen.success().stderr.contains("ignored"));
+    assert!(ctx.join("chosen.db").exists());
 }

@@ -140,6 +140,12 @@ fn plan_lists_every_step_in_order_with_its_undo() {
     assert_eq!(plan.steps[3].component.as_deref(), Some("api"));
     assert!(plan.steps[2].component.is_none());
     assert!(plan.steps[2].details.iter().any(|d| d.contains("migrations/2_tags.sql")));
+    // Commands show the version they will run, not `{version}`; addresses come at run time.
+    assert!(
+        plan.steps[3].details.iter().any(|d| d == "run: releases/2.0.0/notes --listen {addr}"),
+        "{:?}",
+        plan.steps[3]
+    );
     assert!(plan.steps[5].details.iter().any(|d| d.starts_with("smoke: curl")));
     assert!(plan.steps[7].details.iter().any(|d| d.contains("keep the last 3")));
     assert_eq!(undo_of(&plan, "preflight"), "nothing");

@@ -154,6 +154,8 @@ fn slow(request: &Request) -> Response {
     let Some(ms) = ms.parse::<u64>().ok().filter(|ms| *ms <= MAX_SLOW_MS) else {
         return Response::error(400, format!("`ms` must be a whole number from 0 to {MAX_SLOW_MS}"));
     };
+    // Said aloud, so a test can wait until a slow request is in flight.
+    crate::server::log(format_args!("notes: slow request sleeping {ms} ms"));
     thread::sleep(Duration::from_millis(ms));
     Response::json(200, &json!({ "slept_ms": ms }))
 }

@@ -91,7 +91,7 @@ impl Service {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (listening, address) = mpsc::channel();
         let lines = Arc::clone(&log);
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some((_, address)) = line.split_once(" listening on ") {
@@ -105,8 +105,8 @@ impl Service {
         }
         let _ = child.kill();
         let status = child.wait().unwrap();
-        // Let the reader thread collect the last lines.
-        thread::sleep(Duration::from_millis(100));
+        // The reader ends at the end of stderr: every line is collected.
+        let _ = reader.join();
         Err(format!("notes did not start ({status}):\n{}", log.lock().unwrap().join("\n")))
     }
 
@@ -529,9 +529,9 @@ fn sigterm_lets_a_request_in_flight_finish_then_exits_0() {
         let response = client.send("GET", "/slow?ms=1500", &[], None);
         (response, started.elapsed(), client.is_closed())
     });
-    // Give the slow request time to arrive, then ask the service to stop.
+    // Once the slow request is being served, ask the service to stop.
     wait_accepted.recv().unwrap();
-    thread::sleep(Duration::from_millis(300));
+    service.wait_for_log("slow request sleeping 1500 ms");
     service.terminate();
     service.wait_for_log("waiting for 1 open connection");
     // The listener is closed: new connections are refused while the old request finishes.

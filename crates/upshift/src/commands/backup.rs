@@ -12,7 +12,7 @@ use crate::printer::Printer;
 use crate::settings::BackupSettings;
 
 pub(crate) fn run(global: &GlobalArgs, args: &BackupArgs, printer: &Printer) -> anyhow::Result<()> {
-    let settings = BackupSettings::resolve(global, args)?;
+    let settings = BackupSettings::resolve(global, args, printer)?;
     match &args.command {
         BackupCommand::Create { label, paths } => create(&settings, label.clone(), paths, printer),
         BackupCommand::List => list(&settings, printer),

@@ -22,7 +22,8 @@ use crate::printer::Printer;
 /// What the demo was asked to do.
 pub(crate) struct DemoArgs<'a> {
     pub(crate) dir: &'a Path,
-    pub(crate) port: u16,
+    /// `--port`; none: 18080, or a free port when 18080 is taken.
+    pub(crate) port: Option<u16>,
     pub(crate) database_url: Option<&'a str>,
     pub(crate) prepare_only: bool,
 }
@@ -84,7 +85,35 @@ fn install_binary(program: &Path, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn prepare(args: &DemoArgs<'_>) -> anyhow::Result<String> {
+/// The port used when `--port` is not given.
+const DEFAULT_PORT: u16 = 18080;
+
+/// Whether something already listens on 127.0.0.1:`port`.
+fn taken(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_err()
+}
+
+/// The port to serve on: `--port` when it is free (else refused before anything is
+/// written), else 18080, else a free one, said aloud.
+fn choose_port(asked: Option<u16>, printer: &Printer) -> anyhow::Result<u16> {
+    match asked {
+        Some(port) if taken(port) => Err(UsageError(format!(
+            "port {port} is taken on 127.0.0.1; pick another with --port, or leave --port out to get a free one"
+        ))
+        .into()),
+        Some(port) => Ok(port),
+        None if !taken(DEFAULT_PORT) => Ok(DEFAULT_PORT),
+        None => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+            let port = listener.local_addr().context("finding a free port")?.port();
+            printer
+                .warn(&format!("port {DEFAULT_PORT} is taken: the demo serves on {port} instead (--port picks one)"));
+            Ok(port)
+        }
+    }
+}
+
+fn prepare(args: &DemoArgs<'_>, port: u16) -> anyhow::Result<String> {
     let dir = args.dir;
     if dir.join("upshift.toml").exists() && dir.join(".upshift/journal.db").exists() {
         return Err(UsageError(format!(
@@ -105,8 +134,17 @@ fn prepare(args: &DemoArgs<'_>) -> anyhow::Result<String> {
     for (name, text) in notes::MIGRATIONS {
         fs::write(migrations.join(name), text).with_context(|| format!("writing {name}"))?;
     }
-    fs::write(dir.join("upshift.toml"), manifest(&url, args.port)).context("writing upshift.toml")?;
+    fs::write(dir.join("upshift.toml"), manifest(&url, port)).context("writing upshift.toml")?;
     Ok(url)
+}
+
+/// How to get `upshift` on PATH, when it is not.
+fn install_hint(on_path: bool) -> String {
+    if on_path {
+        String::new()
+    } else {
+        "`upshift` is not on your PATH: `cargo install --path crates/upshift` puts it in ~/.cargo/bin.\n".to_owned()
+    }
 }
 
 /// Requests of one phase of the story.
@@ -208,8 +246,15 @@ fn upshift(dir: &Path, args: &[&str]) -> anyhow::Result<i32> {
 }
 
 pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> {
+    let port = choose_port(args.port, printer)?;
     fs::create_dir_all(args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
-    let url = prepare(args)?;
+    let url = prepare(args, port)?;
+    // The commands to run there by hand: `upshift` when it is on PATH, else this binary.
+    let program = std::env::current_exe().context("finding the upshift binary")?;
+    let on_path = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|d| d.join("upshift").canonicalize().ok() == program.canonicalize().ok())
+    });
+    let upshift_command = if on_path { "upshift".to_owned() } else { program.display().to_string() };
     let dir = std::path::absolute(args.dir).unwrap_or_else(|_| args.dir.to_path_buf());
     printer.progress(&format!(
         "wrote the notes deployment into {} (database {})",
@@ -217,11 +262,16 @@ pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> 
         upshift_migrate::redact(&url)
     ));
     if args.prepare_only {
-        return printer.result(&serde_json::json!({ "dir": dir, "prepared": true }), || {
-            format!("prepared {}\nnext: cd {} && upshift upgrade --to 1.0.0\n", dir.display(), dir.display())
+        return printer.result(&serde_json::json!({ "dir": dir, "prepared": true, "port": port }), || {
+            format!(
+                "prepared {}\nnext: cd {} && {upshift_command} upgrade --to 1.0.0\n{}",
+                dir.display(),
+                dir.display(),
+                install_hint(on_path)
+            )
         });
     }
-    let addr = format!("127.0.0.1:{}", args.port);
+    let addr = format!("127.0.0.1:{port}");
     let story: [(&str, &[&str], i32); 4] = [
         ("deploy 1.0.0", &["upgrade", "--to", "1.0.0"], 0),
         ("upgrade to 2.0.0", &["upgrade", "--to", "2.0.0"], 0),
@@ -290,9 +340,11 @@ pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> 
              old one and gets traffic only once healthy, so 3.0.0 never serves a request. The\n\
              rollback restores the backup taken before 2.0.0 (its contract migration dropped a\n\
              column): the service is down while the database is restored, and the requests of\n\
-             that window fail. The deployment is in {}; `upshift history` there shows it all.",
+             that window fail. The deployment is in {}; `cd {} && {upshift_command} history` shows it all.",
+            dir.display(),
             dir.display()
         );
+        out.push_str(&install_hint(on_path));
         out
     })
 }

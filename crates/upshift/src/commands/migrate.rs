@@ -19,7 +19,7 @@ use crate::printer::Printer;
 use crate::settings::MigrateSettings;
 
 pub(crate) fn run(global: &GlobalArgs, args: &MigrateArgs, printer: &Printer) -> anyhow::Result<()> {
-    let settings = MigrateSettings::resolve(global, &args.connect)?;
+    let settings = MigrateSettings::resolve(global, &args.connect, printer)?;
     match &args.command {
         MigrateCommand::New { slug, phase } => new(&settings, slug, *phase, printer),
         MigrateCommand::Merge { message } => merge(&settings, message.as_deref(), printer),

@@ -26,8 +26,8 @@ use crate::settings::{database_url, required_manifest};
 /// Nth committed write.
 const CRASH_AT_WRITE: &str = "UPSHIFT_TEST_CRASH_AT_WRITE";
 
-fn database(database: &DatabaseArgs, manifest: &Manifest) -> anyhow::Result<Option<DatabaseUrl>> {
-    Ok(database_url(database, Some(manifest)).map(|text| DatabaseUrl::parse(&text)).transpose()?)
+fn database(database: &DatabaseArgs, manifest: &Manifest, printer: &Printer) -> anyhow::Result<Option<DatabaseUrl>> {
+    Ok(database_url(database, Some(manifest), printer).map(|text| DatabaseUrl::parse(&text)).transpose()?)
 }
 
 /// The drivers this build has, each made when a component first needs it (the process
@@ -76,7 +76,7 @@ fn with_runner(
     work: impl FnOnce(&mut Context<'_>, &mut Journal, &Manifest) -> Result<Outcome, runner::RunError>,
 ) -> anyhow::Result<()> {
     let manifest = required_manifest(global)?;
-    let url = database(database_args, &manifest)?;
+    let url = database(database_args, &manifest, printer)?;
     let mut drivers = drivers(&manifest)?;
     let mut journal = Journal::open(&manifest.state_dir)?;
     if let Some(crash) = crash_at_write() {
@@ -247,18 +247,25 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
     };
     // Status starts nothing: without a running agent, process components show as down.
     let mut drivers = Drivers::new();
-    if let Some(process) = ProcessDriver::connect(&manifest) {
-        drivers.register(Box::new(process));
+    match ProcessDriver::connect(&manifest) {
+        Some(process) => drivers.register(Box::new(process)),
+        None => drivers.register_lazy(
+            DriverKind::Process,
+            Box::new(|| {
+                Err(DriverError::Unavailable(
+                    "the agent does not run (`upshift agent --detach` starts it; `upshift upgrade` does too)".into(),
+                ))
+            }),
+        ),
     }
     let components: Vec<StatusComponent<'_>> = manifest
         .components
         .iter()
         .map(|component| StatusComponent {
             name: &component.name,
-            status: drivers
-                .get(component)
-                .and_then(|driver| driver.status(component))
-                .unwrap_or_else(|_: DriverError| ComponentStatus::default()),
+            status: drivers.get(component).and_then(|driver| driver.status(component)).unwrap_or_else(
+                |e: DriverError| ComponentStatus { problem: Some(e.to_string()), ..ComponentStatus::default() },
+            ),
         })
         .collect();
     let json = StatusJson {
@@ -328,7 +335,11 @@ fn render_status(
             "{:<10}{} {}",
             c.name,
             c.status.version.as_deref().unwrap_or("-"),
-            if c.status.healthy { "healthy" } else { "NOT healthy" }
+            match (&c.status.healthy, &c.status.problem) {
+                (true, _) => "healthy".to_owned(),
+                (false, Some(problem)) => format!("NOT healthy: {problem}"),
+                (false, None) => "NOT healthy".to_owned(),
+            }
         );
         for i in &c.status.instances {
             let figures = match (i.requests, i.errors) {
@@ -340,12 +351,18 @@ fn render_status(
             };
             let _ = writeln!(
                 out,
-                "  {} {} at {}: {}{}{}",
+                "  {} {} at {} (pid {}): {}{}{}{}",
                 i.slot,
                 i.version,
                 i.addr.as_deref().unwrap_or("-"),
+                i.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                 if i.running { "running" } else { "stopped" },
                 if i.serving { ", serving" } else { "" },
+                match i.restarts {
+                    0 => String::new(),
+                    1 => ", restarted once".to_owned(),
+                    n => format!(", restarted {n} times"),
+                },
                 figures
             );
         }
