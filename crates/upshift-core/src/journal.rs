@@ -801,8 +801,12 @@ impl Journal {
         Ok(value)
     }
 
-    /// Takes the run lock; fails naming the holder when another run has it.
+    /// Takes the run lock (once; again is a no-op); fails naming the holder when another run
+    /// has it.
     pub fn lock(&mut self) -> Result<(), JournalError> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
         let lock_path = self.path.with_file_name("run.lock");
         let file = OpenOptions::new()
             .create(true)

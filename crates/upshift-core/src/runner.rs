@@ -787,13 +787,47 @@ fn undo_release(ctx: &Context<'_>, release: &ReleaseRow, applied: &BTreeSet<Stri
         .map_err(|e| format!("release {} (revision {}): {e}", release.version, release.revision))
 }
 
-/// Rolls the deployed release back to the one deployed before it, or to revision
-/// `to_revision`: each upgrade after the target is undone, newest first, by the rules of
-/// an undo (code; code + `down` of its expand revisions; or a restore of the backup taken
-/// before it). Everything the undo needs is checked before the first action; the rollback
-/// is recorded as a new revision (like `helm rollback`).
-pub fn rollback(ctx: &mut Context<'_>, journal: &mut Journal, to_revision: Option<i64>) -> Result<Outcome, RunError> {
-    journal.lock()?;
+/// A rollback worked out, before anything is done: what it returns to, and its undo.
+pub struct RollbackPreview {
+    /// The deployed release.
+    pub from: ReleaseRow,
+    /// The release it returns to.
+    pub target: ReleaseRow,
+    /// What it undoes, newest first, and the depth and why.
+    pub choice: UndoChoice,
+    /// Its actions, in order.
+    pub actions: Vec<UndoAction>,
+    plan: RollbackPlan,
+}
+
+impl RollbackPreview {
+    /// What the rollback will do, for people (the confirmation prompt): each action, and
+    /// for a restore the backup's age and that data written since is lost.
+    pub fn describe(&self, manifest: &Manifest) -> String {
+        let mut lines = vec![format!(
+            "Roll back from {} (revision {}) to {} (revision {}): {}",
+            self.from.version, self.from.revision, self.target.version, self.target.revision, self.choice.why
+        )];
+        for action in &self.actions {
+            lines.push(format!("  - {}", action.describe()));
+            if let UndoAction::Restore { backup } = action {
+                let taken = store(manifest).load(backup).map_or_else(|_| "?".into(), |b| b.created_at);
+                lines.push(format!(
+                    "    taken {taken}: everything written to the database (and saved paths) since then is lost"
+                ));
+            }
+        }
+        lines.join("\n")
+    }
+}
+
+/// Works out a rollback to the release deployed before the current one (or to revision
+/// `to_revision`) and checks every action it needs, changing nothing.
+pub fn preview_rollback(
+    ctx: &mut Context<'_>,
+    journal: &Journal,
+    to_revision: Option<i64>,
+) -> Result<RollbackPreview, RunError> {
     journal.refuse_in_flight()?;
     let releases = journal.releases()?;
     let current = releases
@@ -807,24 +841,52 @@ pub fn rollback(ctx: &mut Context<'_>, journal: &mut Journal, to_revision: Optio
     let mut depth = UndoDepth::Nothing;
     let mut why = Vec::new();
     for revision in &undoes {
-        let undo = undo_release(ctx, release(&releases, *revision)?, &applied).map_err(RunError::Preflight)?;
+        let undone = release(&releases, *revision)?;
+        let undo = undo_release(ctx, undone, &applied).map_err(RunError::Preflight)?;
         depth = depth.max(undo.choice.depth);
-        why.push(format!("{} ({})", release(&releases, *revision)?.version, undo.choice.why));
+        why.push(format!("{} ({})", undone.version, undo.choice.why));
         actions.extend(undo.actions);
     }
     check_actions(ctx, &actions).map_err(|e| RunError::Preflight(format!("{e}; nothing was changed")))?;
-    let choice = UndoChoice { depth, why: format!("undoing {}", why.join("; ")) };
-    (ctx.say)(&format!("rolling back to {} (revision {}): {}", target.version, target.revision, choice.why));
     let plan = RollbackPlan {
         from_revision: current.revision,
         target_revision: target.revision,
         returns_to: target.state_revision(),
         undoes,
     };
+    Ok(RollbackPreview {
+        from: current.clone(),
+        target: target.clone(),
+        choice: UndoChoice { depth, why: format!("undoing {}", why.join("; ")) },
+        actions,
+        plan,
+    })
+}
+
+/// Rolls the deployed release back to the one deployed before it, or to revision
+/// `to_revision`: each upgrade after the target is undone, newest first, by the rules of
+/// an undo (code; code + `down` of its expand revisions; or a restore of the backup taken
+/// before it). Everything the undo needs is checked before the first action; the rollback
+/// is recorded as a new revision (like `helm rollback`).
+pub fn rollback(ctx: &mut Context<'_>, journal: &mut Journal, to_revision: Option<i64>) -> Result<Outcome, RunError> {
+    journal.lock()?;
+    let preview = preview_rollback(ctx, journal, to_revision)?;
+    run_rollback(ctx, journal, preview)
+}
+
+/// Runs a rollback worked out by [`preview_rollback`] (under the run lock).
+pub fn run_rollback(
+    ctx: &mut Context<'_>,
+    journal: &mut Journal,
+    preview: RollbackPreview,
+) -> Result<Outcome, RunError> {
+    journal.lock()?;
+    let RollbackPreview { from, target, choice, actions, plan } = preview;
+    (ctx.say)(&format!("rolling back to {} (revision {}): {}", target.version, target.revision, choice.why));
     let run = journal.begin_run(
         &RunPlan::Rollback { plan: plan.clone() },
         &target.version,
-        Some(&current.version),
+        Some(&from.version),
         false,
         Some((&choice, &actions)),
     )?;

@@ -31,6 +31,9 @@ pub(crate) struct GlobalArgs {
     /// Answer yes to every confirmation
     #[arg(long, global = true)]
     pub(crate) yes: bool,
+    /// Colour on stderr: `auto` on a terminal unless `NO_COLOR` is set
+    #[arg(long, global = true, value_enum, value_name = "WHEN", default_value_t = ColorChoice::Auto)]
+    pub(crate) color: ColorChoice,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -39,8 +42,23 @@ pub(crate) enum Output {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// Print a shell completion script (e.g. `upshift completions bash > /etc/bash_completion.d/upshift`)
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (e.g. `upshift man | man -l -`)
+    Man,
     /// The schema engine on its own (also usable without a manifest)
     Migrate(MigrateArgs),
     /// The backup engine on its own

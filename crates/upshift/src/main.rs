@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         return notes::main();
     }
     let cli = cli::Cli::parse();
-    let printer = printer::Printer::new(cli.global.output, cli.global.verbose);
+    let printer = printer::Printer::new(cli.global.output, cli.global.verbose, cli.global.color);
     match commands::run(&cli, &printer) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -1,5 +1,6 @@
-//! All output goes through here: data on stdout, messages for people on stderr, colour
-//! only on a terminal and never when `NO_COLOR` is set or in json mode.
+//! All output goes through here: data on stdout, messages for people on stderr. Colour
+//! follows `--color` (`auto`: a terminal, human mode, `NO_COLOR` unset); progress lines are
+//! drawn on a terminal in human mode (`NO_COLOR` is about colour only).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::io::{IsTerminal, Write};
@@ -8,24 +9,29 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::cli::Output;
+use crate::cli::{ColorChoice, Output};
 
 pub(crate) struct Printer {
     output: Output,
     verbose: u8,
     color: bool,
-    /// Progress lines are drawn: human mode, stderr a terminal, `NO_COLOR` unset.
+    /// Progress lines are drawn: human mode, stderr a terminal.
     live: bool,
 }
 
 impl Printer {
-    pub(crate) fn new(output: Output, verbose: u8) -> Printer {
+    pub(crate) fn new(output: Output, verbose: u8, color: ColorChoice) -> Printer {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-        let live = output == Output::Human && !no_color && std::io::stderr().is_terminal();
-        Printer { output, verbose, color: live, live }
+        let live = output == Output::Human && std::io::stderr().is_terminal();
+        let color = match color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => live && !no_color,
+        };
+        Printer { output, verbose, color, live }
     }
 
-    /// A progress display on stderr, when output is live (a terminal, human mode, no `NO_COLOR`).
+    /// A progress display on stderr, when output is live (a terminal, human mode).
     pub(crate) fn progress_bar(&self) -> Option<Arc<ProgressLine>> {
         self.live.then(|| Arc::new(ProgressLine { state: Mutex::new(None) }))
     }
@@ -38,6 +44,20 @@ impl Printer {
     /// A reader that went away (`upshift ... | head`) is not an error.
     pub(crate) fn result<T: Serialize>(&self, json: &T, human: impl FnOnce() -> String) -> anyhow::Result<()> {
         match self.write_result(json, human) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            result => Ok(result?),
+        }
+    }
+
+    /// Prints a generated document (a completion script, a manual page) on stdout as it is,
+    /// or in json mode as `{"document": "..."}`; a reader that went away is not an error.
+    pub(crate) fn document(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        if self.is_json() {
+            let text = String::from_utf8_lossy(bytes);
+            return self.result(&serde_json::json!({ "document": text }), String::new);
+        }
+        let mut stdout = std::io::stdout().lock();
+        match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             result => Ok(result?),
         }

@@ -451,6 +451,40 @@ fn a_second_rollback_is_refused_and_the_data_stays() {
     assert_eq!(app.history().last().unwrap(), &(3, "1.0.0".into(), "deployed".into()));
 }
 
+/// On a terminal, `upgrade` and `rollback` show what they will do before asking: the plan
+/// with each step's undo; the backup to restore, its age, and that later data is lost.
+/// Answering no changes nothing.
+#[test]
+fn prompts_show_what_is_about_to_happen() {
+    let app = App::sqlite();
+    app.at_one();
+    let on_a_terminal = |args: &str, answer: &str| {
+        // `script` gives the command a terminal; the answer is typed into it.
+        let line = format!("{} {args}", env!("CARGO_BIN_EXE_upshift"));
+        let mut command = std::process::Command::new("script");
+        command
+            .args(["-qec", &line, "/dev/null"])
+            .current_dir(app.ctx.path())
+            .env("NOTES_DB", &app.url)
+            .env("NO_COLOR", "1");
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut running = command.spawn().unwrap();
+        running.stdin.take().unwrap().write_all(answer.as_bytes()).unwrap();
+        let output = running.wait_with_output().unwrap();
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let shown = on_a_terminal("upgrade --to 2.0.0", "n\n");
+    assert!(shown.contains("Upgrade 1.0.0 to 2.0.0:") && shown.contains("4. deploy api (process, recreate)  (on failure: code-and-down)"), "{shown}");
+    assert!(shown.contains("Upgrade to 2.0.0? [y/N]") && shown.contains("cancelled; nothing was done"), "{shown}");
+    app.assert_at_one();
+    app.upgrade("2.0.0").success();
+    let shown = on_a_terminal("rollback", "n\n");
+    assert!(shown.contains("Roll back from 2.0.0 (revision 2) to 1.0.0 (revision 1)"), "{shown}");
+    assert!(shown.contains("restore backup") && shown.contains("since then is lost"), "{shown}");
+    assert!(shown.contains("Roll back? [y/N]"), "{shown}");
+    app.assert_at_two();
+}
+
 /// Regression: a rollback whose backup was missing or damaged stopped the service first,
 /// then failed (exit 4), and `abort` then said "nothing was changed" over a dead proxy.
 #[test]

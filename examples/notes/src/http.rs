@@ -14,7 +14,7 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Largest request body.
 const MAX_BODY: usize = 1024 * 1024;
 /// How long an idle keep-alive connection stays open.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const IDLE_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long a client may take to send one whole request once it started.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a blocked read wakes up to look at the stop flag.

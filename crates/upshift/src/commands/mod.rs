@@ -23,6 +23,17 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
         Command::Config { command: crate::cli::ConfigCommand::Check { to, env_file } } => {
             guide::config_check(&cli.global, to, env_file.as_deref(), printer)
         }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut command, "upshift", &mut script);
+            printer.document(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
+            printer.document(&page)
+        }
         Command::Demo { dir, port, database_url, prepare_only } => demo::run(
             &demo::DemoArgs { dir, port: *port, database_url: database_url.as_deref(), prepare_only: *prepare_only },
             printer,

@@ -143,20 +143,33 @@ fn with_runner(
     }
 }
 
-fn confirm(global: &GlobalArgs, question: &str) -> anyhow::Result<()> {
+/// On a terminal without `--yes`: shows what is about to happen, then asks.
+fn confirm(global: &GlobalArgs, what: impl FnOnce() -> String, question: &str) -> Result<(), runner::RunError> {
     if global.yes || !std::io::stdin().is_terminal() {
         return Ok(());
     }
+    let cancelled = || runner::RunError::Refused("cancelled; nothing was done".into());
     let mut stderr = std::io::stderr();
-    write!(stderr, "{question} [y/N] ")?;
-    stderr.flush()?;
+    write!(stderr, "{}\n{question} [y/N] ", what()).map_err(|_| cancelled())?;
+    stderr.flush().map_err(|_| cancelled())?;
     let mut answer = String::new();
-    std::io::stdin().lock().read_line(&mut answer)?;
-    if matches!(answer.trim(), "y" | "Y" | "yes") {
-        Ok(())
-    } else {
-        Err(UsageError("cancelled; nothing was done".into()).into())
+    std::io::stdin().lock().read_line(&mut answer).map_err(|_| cancelled())?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") { Ok(()) } else { Err(cancelled()) }
+}
+
+/// The plan in a few lines: each step and what a failure there would undo.
+fn plan_summary(plan: &upshift_core::Plan) -> String {
+    let mut out = format!(
+        "Upgrade {} to {}:\n",
+        plan.from.as_ref().map_or_else(|| "(nothing deployed)".to_owned(), ToString::to_string),
+        plan.to
+    );
+    for step in &plan.steps {
+        let undo = serde_json::to_value(step.on_failure.undo).ok().and_then(|v| v.as_str().map(str::to_owned));
+        let _ = writeln!(out, "  {:>2}. {}  (on failure: {})", step.number, step.title, undo.unwrap_or_default());
     }
+    out.push_str("`upshift plan` shows every check, revision and command.");
+    out
 }
 
 pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &Printer) -> anyhow::Result<()> {
@@ -164,7 +177,6 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
     let no_backup = *no_backup;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
-    confirm(global, &format!("Upgrade to {target}?"))?;
     with_runner(global, database_args, printer, false, |context, journal, manifest| {
         let deployed = journal.deployed()?.and_then(|r| r.version.parse().ok());
         let applied;
@@ -189,6 +201,7 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
             no_backup,
             options: &upshift_core::config::options_set(manifest),
         })?;
+        confirm(global, || plan_summary(&plan), &format!("Upgrade to {target}?"))?;
         runner::upgrade(context, journal, &plan)
     })
 }
@@ -199,9 +212,11 @@ pub(crate) fn rollback(
     database_args: &DatabaseArgs,
     printer: &Printer,
 ) -> anyhow::Result<()> {
-    confirm(global, "Roll back?")?;
-    with_runner(global, database_args, printer, false, |context, journal, _| {
-        runner::rollback(context, journal, to_revision)
+    with_runner(global, database_args, printer, false, |context, journal, manifest| {
+        journal.lock()?;
+        let preview = runner::preview_rollback(context, journal, to_revision)?;
+        confirm(global, || preview.describe(manifest), "Roll back?")?;
+        runner::run_rollback(context, journal, preview)
     })
 }
 
