@@ -474,7 +474,11 @@ fn prompts_show_what_is_about_to_happen() {
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
     let shown = on_a_terminal("upgrade --to 2.0.0", "n\n");
-    assert!(shown.contains("Upgrade 1.0.0 to 2.0.0:") && shown.contains("4. deploy api (process, recreate)  (on failure: code-and-down)"), "{shown}");
+    assert!(
+        shown.contains("Upgrade 1.0.0 to 2.0.0:")
+            && shown.contains("4. deploy api (process, recreate)  (on failure: code-and-down)"),
+        "{shown}"
+    );
     assert!(shown.contains("Upgrade to 2.0.0? [y/N]") && shown.contains("cancelled; nothing was done"), "{shown}");
     app.assert_at_one();
     app.upgrade("2.0.0").success();
