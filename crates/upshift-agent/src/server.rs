@@ -41,7 +41,7 @@ fn save_routes(state_dir: &Path, proxy: &Proxy) {
         .and_then(|()| File::open(&temp)?.sync_all())
         .and_then(|()| fs::rename(&temp, state_dir.join(ROUTES)));
     if let Err(e) = written {
-        let _ = writeln!(std::io::stderr(), "could not save {ROUTES}: {e}");
+        tracing::error!(file = ROUTES, error = %e, "could not save the routes");
     }
 }
 
@@ -74,13 +74,25 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, sh
         let Ok(line) = line else { return };
         let response = match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error { message: format!("bad request: {e}") },
-            Ok(Request::Start { spec }) => match supervisor.start(spec) {
-                Ok(pid) => Response::Started { pid },
-                Err(message) => Response::Error { message },
-            },
+            Ok(Request::Start { spec }) => {
+                let (component, version, slot) = (spec.component.clone(), spec.version.clone(), spec.slot.clone());
+                match supervisor.start(spec) {
+                    Ok(pid) => {
+                        tracing::info!(%component, %version, %slot, pid, "started");
+                        Response::Started { pid }
+                    }
+                    Err(message) => {
+                        tracing::error!(%component, %version, %slot, %message, "could not start");
+                        Response::Error { message }
+                    }
+                }
+            }
             Ok(Request::Stop { component, slot, grace_ms }) => {
                 match supervisor.stop(&component, &slot, Duration::from_millis(grace_ms)) {
-                    Ok(()) => Response::Ok,
+                    Ok(()) => {
+                        tracing::info!(%component, %slot, "stopped");
+                        Response::Ok
+                    }
                     Err(message) => Response::Error { message },
                 }
             }
@@ -91,15 +103,23 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, sh
                     Ok(drained)
                 });
                 match routed {
-                    Ok(drained) => Response::Routed { drained },
-                    Err(message) => Response::Error { message },
+                    Ok(drained) => {
+                        let to: Vec<String> =
+                            upstreams.iter().map(|u| format!("{} {}x{}", u.addr, u.version, u.weight)).collect();
+                        tracing::info!(%component, %listen, upstreams = %to.join(", "), drained, "routed");
+                        Response::Routed { drained }
+                    }
+                    Err(message) => {
+                        tracing::error!(%component, %listen, %message, "could not route");
+                        Response::Error { message }
+                    }
                 }
             }
             Ok(Request::Metrics { listen }) => match serve_metrics(&listen, supervisor, shared) {
                 Ok(()) => {
                     let saved = serde_json::json!({ "listen": listen }).to_string();
                     if let Err(e) = fs::write(state_dir.join(METRICS), saved) {
-                        let _ = writeln!(std::io::stderr(), "could not save {METRICS}: {e}");
+                        tracing::error!(file = METRICS, error = %e, "could not save the metrics address");
                     }
                     Response::Ok
                 }
@@ -115,6 +135,7 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, sh
                 }
             }
             Ok(Request::Shutdown) => {
+                tracing::info!("shutting down: stopping every process");
                 stop.store(true, Ordering::SeqCst);
                 Response::Ok
             }
@@ -162,7 +183,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
         let restored =
             proxy(&shared).and_then(|p| p.route(&route.component, &route.listen, &route.upstreams, Duration::ZERO));
         if let Err(e) = restored {
-            let _ = writeln!(std::io::stderr(), "could not restore the route of {}: {e}", route.component);
+            tracing::error!(component = %route.component, error = %e, "could not restore the route");
         }
     }
     let metrics: Option<serde_json::Value> =
@@ -170,7 +191,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
     if let Some(listen) = metrics.as_ref().and_then(|m| m["listen"].as_str())
         && let Err(e) = serve_metrics(listen, &supervisor, &shared)
     {
-        let _ = writeln!(std::io::stderr(), "could not serve the metrics again: {e}");
+        tracing::error!(error = %e, "could not serve the metrics again");
     }
     let stop = Arc::new(AtomicBool::new(false));
     {

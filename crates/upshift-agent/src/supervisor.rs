@@ -196,6 +196,7 @@ impl Supervisor {
                     let mut instances = supervisor.instances.lock().expect("instances lock");
                     let log = log_path(&supervisor.state_dir, &saved.spec);
                     note(&log, &format!("[upshift agent] adopted pid {pid} from the previous agent\n"));
+                    tracing::info!(component = %saved.spec.component, version = %saved.spec.version, pid, "adopted from the previous agent");
                     let key = (saved.spec.component.clone(), saved.spec.slot.clone());
                     let process = Process::Adopted { pid, started: saved.started };
                     instances.insert(key, Instance::new(saved.spec, process, log));
@@ -236,7 +237,7 @@ impl Supervisor {
             })
             .and_then(|()| fs::rename(&temp, self.saved_path()));
         if let Err(e) = written {
-            let _ = writeln!(std::io::stderr(), "could not save agent.json: {e}");
+            tracing::error!(error = %e, "could not save agent.json");
         }
     }
 
@@ -321,6 +322,14 @@ impl Supervisor {
                         humantime::format_duration(Duration::from_secs(ran.as_secs())),
                         humantime::format_duration(instance.backoff)
                     ),
+                );
+                tracing::warn!(
+                    component = %spec.component,
+                    version = %spec.version,
+                    slot = %spec.slot,
+                    how = %how,
+                    backoff_ms = u64::try_from(instance.backoff.as_millis()).unwrap_or(u64::MAX),
+                    "exited on its own; restarting"
                 );
                 instance.process = None;
                 instance.restart_at = Some(now + instance.backoff);

@@ -834,6 +834,13 @@ fn the_agent_restarts_a_crashed_process_and_writes_logs() {
     assert_ne!(instances[0].pid, Some(pid));
     app.run(&["agent", "stop"]).success();
     assert!(!app.status().components[0].healthy);
+    // The agent's own log: leveled lines with the component as a field.
+    let agent_log = app.ctx.read(".upshift/logs/agent.log");
+    for needle in
+        [" INFO ", "started component=api version=1.0.0", " WARN ", "exited on its own; restarting", "shutting down"]
+    {
+        assert!(agent_log.contains(needle), "no {needle:?} in the agent's log:\n{agent_log}");
+    }
 }
 
 const GET_NOTES: &str = "GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";

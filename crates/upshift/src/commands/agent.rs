@@ -51,6 +51,23 @@ pub(crate) fn run(
                 format!("agent running for {}\n", state_dir.display())
             })
         }
-        None => Ok(upshift_agent::run(&state_dir)?),
+        None => {
+            init_logging();
+            Ok(upshift_agent::run(&state_dir)?)
+        }
     }
+}
+
+/// The agent logs with `tracing` on stderr (its `logs/agent.log` when detached): UTC time,
+/// level, message and fields. `UPSHIFT_LOG` filters like `RUST_LOG` (`debug`,
+/// `upshift_agent=debug,hyper=warn`); the default is `info`.
+fn init_logging() {
+    let filter = std::env::var("UPSHIFT_LOG")
+        .ok()
+        .and_then(|text| text.parse::<tracing_subscriber::filter::Targets>().ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::filter::Targets::new().with_default(tracing_subscriber::filter::LevelFilter::INFO)
+        });
+    let subscriber = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).finish();
+    let _ = tracing::subscriber::set_global_default(tracing_subscriber::layer::SubscriberExt::with(subscriber, filter));
 }
