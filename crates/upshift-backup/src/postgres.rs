@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use postgres::config::Host;
-use postgres::{Client, Config, IsolationLevel, NoTls};
+use postgres::{Client, IsolationLevel};
+use upshift_postgres::Config;
 
 use crate::artifact::{self, Codec, FileEntry, Identities};
 use crate::error::Error;
@@ -37,7 +38,13 @@ fn connect(config: &Config, database: Option<&str>) -> Result<Client, Error> {
     if config.get_application_name().is_none() {
         config.application_name("upshift backup");
     }
-    config.connect(NoTls).map_err(pg_error("connect to PostgreSQL"))
+    config.connect().map_err(|e| Error::Database {
+        source: match e.postgres() {
+            Some(client) if client.as_db_error().is_some() => upshift_migrate::engine::postgres_message(client).into(),
+            _ => e.to_string().into(),
+        },
+        action: "connect to PostgreSQL".into(),
+    })
 }
 
 fn database_name(config: &Config) -> String {
@@ -98,9 +105,14 @@ impl Tools {
 
     fn command(&self, tool: &str, config: &Config, database: &str) -> Command {
         let mut command = Command::new(self.bindir.join(tool));
-        for var in ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGOPTIONS"] {
+        for var in ["PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSERVICE", "PGOPTIONS"]
+            .iter()
+            .chain(upshift_postgres::TOOL_VARIABLES)
+        {
             command.env_remove(var);
         }
+        // The same TLS settings as upshift's own connections, through the environment.
+        command.envs(config.tool_env());
         match config.get_hosts().first() {
             Some(Host::Tcp(host)) => {
                 command.env("PGHOST", host);

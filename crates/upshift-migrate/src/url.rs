@@ -14,10 +14,11 @@ pub enum DatabaseUrl {
         /// The database file.
         path: PathBuf,
     },
-    /// `postgres://user:pass@host:port/db` or `postgresql://...`.
+    /// `postgres://user:pass@host:port/db` or `postgresql://...`, with `sslmode` and its
+    /// settings like libpq (from the query, else `PGSSL*`).
     Postgres {
-        /// Connection settings parsed by the client.
-        config: Box<postgres::Config>,
+        /// Connection settings, TLS included.
+        config: Box<upshift_postgres::Config>,
         /// The URL with its password replaced by `***`.
         redacted: String,
     },
@@ -37,9 +38,8 @@ impl DatabaseUrl {
             return Ok(DatabaseUrl::Sqlite { path: PathBuf::from(path) });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let config: postgres::Config = url
-                .parse()
-                .map_err(|e: postgres::Error| bad(format!("{e}; expected postgres://user:pass@host:port/db")))?;
+            let config = upshift_postgres::Config::parse(url, |name| std::env::var(name).ok())
+                .map_err(|e| bad(format!("{e}; expected postgres://user:pass@host:port/db[?sslmode=verify-full]")))?;
             return Ok(DatabaseUrl::Postgres { config: Box::new(config), redacted });
         }
         Err(bad(

@@ -18,14 +18,80 @@ pub struct PgCluster {
     port: u16,
     bindir: PathBuf,
     data: PathBuf,
+    /// Where its unix socket is (the superuser's way in, TLS or not).
+    socket_dir: PathBuf,
+}
+
+/// A throwaway cluster that takes TCP connections over TLS only (`hostssl`; plain TCP is
+/// rejected), with a certificate for `localhost` signed by a CA made for it.
+pub struct TlsPostgres {
+    /// The cluster.
+    pub cluster: PgCluster,
+    /// The CA that signed the server's certificate (PEM).
+    pub ca: PathBuf,
+    /// Another CA, which did not (PEM).
+    pub other_ca: PathBuf,
 }
 
 static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+static TLS_CLUSTER: OnceLock<TlsPostgres> = OnceLock::new();
+
+/// The TLS-only cluster of this test binary, started on first use.
+pub fn tls_postgres() -> &'static TlsPostgres {
+    TLS_CLUSTER.get_or_init(|| TlsPostgres::start().unwrap_or_else(|message| panic!("{message}")))
+}
+
+impl TlsPostgres {
+    fn start() -> Result<TlsPostgres, String> {
+        let issue = |e: rcgen::Error| format!("could not make the test certificates: {e}");
+        let ca_key = rcgen::KeyPair::generate().map_err(issue)?;
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(issue)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "upshift test CA");
+        let ca = ca_params.self_signed(&ca_key).map_err(issue)?;
+        let other_key = rcgen::KeyPair::generate().map_err(issue)?;
+        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(issue)?;
+        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        other_params.distinguished_name.push(rcgen::DnType::CommonName, "another CA");
+        let other = other_params.self_signed(&other_key).map_err(issue)?;
+        // The server's certificate names `localhost` only: connecting to 127.0.0.1 is the
+        // wrong host for verify-full.
+        let server_key = rcgen::KeyPair::generate().map_err(issue)?;
+        let server_params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).map_err(issue)?;
+        let server = server_params.signed_by(&server_key, &ca, &ca_key).map_err(issue)?;
+        let files = TlsFiles { cert: server.pem(), key: server_key.serialize_pem() };
+        let cluster = PgCluster::start(Some(&files))?;
+        let dir = cluster.socket_dir.clone();
+        let write = |name: &str, pem: &str| -> Result<PathBuf, String> {
+            let path = dir.join(name);
+            std::fs::write(&path, pem).map_err(|e| format!("could not write {}: {e}", path.display()))?;
+            Ok(path)
+        };
+        Ok(TlsPostgres { ca: write("ca.pem", &ca.pem())?, other_ca: write("other-ca.pem", &other.pem())?, cluster })
+    }
+
+    /// A new, empty database; returns its name.
+    pub fn create_database(&self) -> String {
+        database_name(&self.cluster.create_database()).to_owned()
+    }
+
+    /// A URL for `database` on `host` (`localhost` is the name on the certificate) with the
+    /// query `tls` (e.g. `sslmode=verify-full&sslrootcert=...`).
+    pub fn url(&self, host: &str, database: &str, tls: &str) -> String {
+        format!("postgres://postgres@{host}:{}/{database}?{tls}", self.cluster.port)
+    }
+}
+
+/// A server certificate and key (PEM) for a TLS cluster.
+struct TlsFiles {
+    cert: String,
+    key: String,
+}
 static DATABASES: AtomicUsize = AtomicUsize::new(0);
 
 /// The cluster of this test binary, started on first use.
 pub fn postgres() -> &'static PgCluster {
-    CLUSTER.get_or_init(|| PgCluster::start().unwrap_or_else(|message| panic!("{message}")))
+    CLUSTER.get_or_init(|| PgCluster::start(None).unwrap_or_else(|message| panic!("{message}")))
 }
 
 /// A new, empty database on the cluster; returns its URL.
@@ -92,7 +158,7 @@ fn run(mut command: Command, what: &str) -> Result<(), String> {
 }
 
 impl PgCluster {
-    fn start() -> Result<PgCluster, String> {
+    fn start(tls: Option<&TlsFiles>) -> Result<PgCluster, String> {
         let bindir = find_bindir()?;
         let root = is_root();
         let dir = tempfile::Builder::new()
@@ -109,6 +175,9 @@ impl PgCluster {
         let mut initdb = as_server_user(&bindir.join("initdb"), root);
         initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync"]);
         run(initdb, "initdb")?;
+        if let Some(tls) = tls {
+            configure_tls(&data, tls, root)?;
+        }
 
         // Another process may take the port between here and the server's bind; retry.
         let mut last_error = String::new();
@@ -134,7 +203,7 @@ impl PgCluster {
                 .stderr(Stdio::null());
             match run(pg_ctl, "pg_ctl start") {
                 Ok(()) => {
-                    let cluster = PgCluster { port, bindir, data };
+                    let cluster = PgCluster { port, bindir, data, socket_dir: dir.clone() };
                     cluster.watch(&dir, root)?;
                     return Ok(cluster);
                 }
@@ -185,10 +254,11 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
-    /// A connection to `database` as the superuser.
+    /// A connection to `database` as the superuser (through the unix socket, so a TLS-only
+    /// cluster takes it too).
     pub fn connect(&self, database: &str) -> postgres::Client {
         postgres::Client::connect(
-            &format!("host=127.0.0.1 port={} user=postgres dbname={database}", self.port),
+            &format!("host={} port={} user=postgres dbname={database}", self.socket_dir.display(), self.port),
             postgres::NoTls,
         )
         .unwrap_or_else(|e| panic!("could not connect to the test cluster: {e}"))
@@ -202,6 +272,33 @@ impl PgCluster {
             .unwrap_or_else(|e| panic!("could not create database {name}: {e}"));
         self.url(&name)
     }
+}
+
+/// Turns TLS on with `tls`'s certificate, and lets TCP clients in over TLS only.
+fn configure_tls(data: &Path, tls: &TlsFiles, root: bool) -> Result<(), String> {
+    let write = |name: &str, text: &str, mode: u32| -> Result<(), String> {
+        let path = data.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("could not write {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(|e| format!("could not set the mode of {}: {e}", path.display()))
+    };
+    write("server.crt", &tls.cert, 0o644)?;
+    write("server.key", &tls.key, 0o600)?;
+    write(
+        "pg_hba.conf",
+        "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        0o600,
+    )?;
+    let conf = data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf).map_err(|e| format!("could not read {}: {e}", conf.display()))?;
+    text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    std::fs::write(&conf, text).map_err(|e| format!("could not write {}: {e}", conf.display()))?;
+    if root {
+        let mut chown = Command::new("chown");
+        chown.args(["-R", "postgres:"]).arg(data);
+        run(chown, "chown")?;
+    }
+    Ok(())
 }
 
 /// The database name at the end of a URL made by [`PgCluster::url`].

@@ -99,6 +99,8 @@ struct RunResult {
 struct App {
     ctx: Context,
     postgres: Option<String>,
+    /// The cluster of `postgres` (the plain one, or the TLS-only one).
+    cluster: Option<&'static upshift_testing::PgCluster>,
     /// The database URL, given to every command as `NOTES_DB` (the manifest says
     /// `${NOTES_DB}`, so it counts as a secret).
     url: String,
@@ -121,6 +123,19 @@ impl App {
         let url = upshift_testing::fresh_database().replace("postgres@", "postgres:n0t-in-the-journal@");
         let name = upshift_testing::database_name(&url).to_owned();
         App::new(&url, Some(name))
+    }
+
+    /// PostgreSQL over TLS with `sslmode=verify-full`: upshift, `pg_dump`/`pg_restore` and the
+    /// notes service itself all connect that way.
+    fn postgres_tls() -> App {
+        let tls = upshift_testing::tls_postgres();
+        let name = tls.create_database();
+        let url = tls
+            .url("localhost", &name, &format!("sslmode=verify-full&sslrootcert={}", tls.ca.display()))
+            .replace("postgres@", "postgres:n0t-in-the-journal@");
+        let mut app = App::new(&url, Some(name));
+        app.cluster = Some(&tls.cluster);
+        app
     }
 
     fn new(url: &str, postgres: Option<String>) -> App {
@@ -169,7 +184,8 @@ upgrade_from = ">=2.0.0"
 migrate_to = "20260202000000"
 "#,
         );
-        App { ctx, postgres, url: url.to_owned() }
+        let cluster = postgres.as_ref().map(|_| upshift_testing::postgres());
+        App { ctx, postgres, cluster, url: url.to_owned() }
     }
 
     /// The notes application behind the agent's proxy on a free port, with `strategy` and
@@ -267,7 +283,7 @@ migrate_to = "20260202000000"
 
     fn count(&self, sql: &str) -> i64 {
         match &self.postgres {
-            Some(name) => upshift_testing::postgres().connect(name).query_one(sql, &[]).unwrap().get(0),
+            Some(name) => self.cluster.expect("a cluster").connect(name).query_one(sql, &[]).unwrap().get(0),
             None => {
                 rusqlite::Connection::open(self.ctx.join("notes.db")).unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
             }
@@ -376,6 +392,11 @@ fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
         &std::fs::metadata(app.ctx.join(".upshift/agent.json")).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn postgres_over_verify_full_tls_upgrades_and_undoes() {
+    upgrade_path(&App::postgres_tls());
 }
 
 #[test]

@@ -35,10 +35,10 @@ pub enum DatabaseUrl {
         /// The database file; it must exist (the migrations create it).
         path: PathBuf,
     },
-    /// `postgres://...` or `postgresql://...`, without TLS.
+    /// `postgres://...` or `postgresql://...`, with `sslmode` and its settings like libpq.
     Postgres {
-        /// Connection settings parsed by the client.
-        config: Box<postgres::Config>,
+        /// Connection settings, TLS included.
+        config: Box<upshift_postgres::Config>,
         /// The URL with its password replaced by `***`.
         redacted: String,
     },
@@ -57,7 +57,7 @@ impl DatabaseUrl {
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let redacted = redact(url);
-            let mut config: postgres::Config = url.parse().map_err(|e: postgres::Error| {
+            let mut config = upshift_postgres::Config::parse(url, |name| std::env::var(name).ok()).map_err(|e| {
                 format!("database URL `{redacted}` is not valid: {e}; expected postgres://user:pass@host:port/db")
             })?;
             if config.get_connect_timeout().is_none() {
@@ -120,6 +120,9 @@ pub(crate) enum DatabaseError {
     /// A PostgreSQL connection or statement failed.
     #[error("PostgreSQL: {}", describe_postgres(.0))]
     Postgres(#[from] postgres::Error),
+    /// A PostgreSQL connection could not be made (the sslmode asked for, why, the fix).
+    #[error("PostgreSQL: {0}")]
+    Connect(#[from] upshift_postgres::ConnectError),
 }
 
 /// The server's message (`postgres::Error` alone displays only "db error"), or the client's
@@ -313,7 +316,7 @@ impl Database {
                 db.pragma_update(None, "foreign_keys", true)?;
                 Ok(Connection::Sqlite(db))
             }
-            DatabaseUrl::Postgres { config, .. } => Ok(Connection::Postgres(config.connect(postgres::NoTls)?)),
+            DatabaseUrl::Postgres { config, .. } => Ok(Connection::Postgres(config.connect()?)),
         }
     }
 }

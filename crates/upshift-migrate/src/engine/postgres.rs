@@ -10,7 +10,8 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
-use postgres::{Client, Config, GenericClient, NoTls};
+use postgres::{Client, GenericClient};
+use upshift_postgres::Config;
 
 use super::{AppliedRevision, Direction, Engine, Step, TABLE, millis, table_ddl};
 use crate::error::Error;
@@ -36,7 +37,7 @@ impl PostgresEngine {
             config.connect_timeout(Duration::from_secs(10));
         }
         let client =
-            config.connect(NoTls).map_err(|e| Error::Connect { url: redacted_url.to_owned(), source: Box::new(e) })?;
+            config.connect().map_err(|e| Error::Connect { url: redacted_url.to_owned(), source: Box::new(e) })?;
         Ok(PostgresEngine { client })
     }
 
