@@ -200,6 +200,9 @@ pub struct RestoreOptions<'a> {
     pub force: bool,
     /// Where saved paths go back to (the manifest's folder); `None` leaves them.
     pub paths_into: Option<&'a Path>,
+    /// The saved paths the restore may write (the manifest's `[backup] paths`); `None`:
+    /// those the backup recorded. An archive entry outside them refuses the restore.
+    pub saved_paths: Option<&'a [PathBuf]>,
     /// Identities for an encrypted backup.
     pub identities: Option<&'a Identities>,
 }
@@ -237,6 +240,16 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
     require_identity(&manifest, options.identities)?;
     store.check(&manifest)?;
     let mut restored = Restored { id: id.clone(), database: None, paths: Vec::new() };
+    // The saved paths are checked and unpacked first, beside their destination, and moved
+    // into place only after the database is restored: both, or neither.
+    let recorded: Vec<PathBuf> = manifest.paths.iter().map(PathBuf::from).collect();
+    let staged = match (manifest.paths_file(), options.paths_into) {
+        (Some(entry), Some(into)) => {
+            let saved = options.saved_paths.unwrap_or(&recorded);
+            Some(paths::stage(&dir, entry, into, saved, &id, options.identities)?)
+        }
+        _ => None,
+    };
     if let Some(info) = &manifest.database {
         let target = options.target.ok_or_else(|| {
             Error::Usage(
@@ -267,8 +280,8 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
         }
         restored.database = Some(target.to_string());
     }
-    if let (Some(entry), Some(into)) = (manifest.paths_file(), options.paths_into) {
-        restored.paths = paths::extract(&dir, entry, into, &id, options.identities)?;
+    if let Some(staged) = staged {
+        restored.paths = staged.commit()?;
     }
     Ok(restored)
 }

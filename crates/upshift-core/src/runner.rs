@@ -429,6 +429,7 @@ fn act(ctx: &mut Context<'_>, action: &UndoAction) -> Result<(), String> {
                     target: ctx.database,
                     force: true,
                     paths_into: Some(&ctx.manifest.base_dir),
+                    saved_paths: Some(&ctx.manifest.backup.paths),
                     identities: None,
                 },
             )

@@ -515,3 +515,88 @@ fn progress_only_on_a_terminal() {
     assert!(piped.status.success());
     assert!(!String::from_utf8_lossy(&piped.stderr).contains("compressing"));
 }
+
+/// Replaces a backup's `paths.tar.zst` with `entries` (name, symlink target or file text),
+/// and its size and sha256 in `manifest.json`, as someone who can write the backup folder
+/// could: the checksums are not a signature.
+fn rewrite_paths_archive(backup: &Path, entries: &[(&str, Result<&str, &str>)]) {
+    use sha2::Digest as _;
+    let mut tar = Vec::new();
+    for (name, what) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+        match what {
+            Ok(text) => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(text.len() as u64);
+                header.set_mode(0o755);
+                header.set_cksum();
+                tar.extend_from_slice(header.as_bytes());
+                tar.extend_from_slice(text.as_bytes());
+                tar.resize(tar.len().div_ceil(512) * 512, 0);
+            }
+            Err(link) => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+                header.set_size(0);
+                header.set_mode(0o777);
+                header.set_cksum();
+                tar.extend_from_slice(header.as_bytes());
+            }
+        }
+    }
+    tar.resize(tar.len() + 1024, 0);
+    let compressed = zstd::encode_all(&tar[..], 3).unwrap();
+    std::fs::write(backup.join("paths.tar.zst"), &compressed).unwrap();
+    let sha256 = format!("{:x}", sha2::Sha256::digest(&compressed));
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(backup.join("manifest.json")).unwrap()).unwrap();
+    for file in manifest["files"].as_array_mut().unwrap() {
+        if file["path"] == "paths.tar.zst" {
+            file["size"] = serde_json::json!(compressed.len());
+            file["sha256"] = serde_json::json!(sha256);
+        }
+    }
+    std::fs::write(backup.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// Regression: a rewritten archive restored top-level entries the manifest never saved
+/// (`.upshift`, `releases`) and followed a chain of symlinks out of the saved folder.
+#[test]
+fn a_rewritten_paths_archive_cannot_write_outside_the_saved_paths() {
+    let ctx = Context::new();
+    sqlite_notes(&ctx, 3);
+    ctx.write("upshift.toml", "[database]\nurl = \"sqlite:app.db\"\n[backup]\npaths = [\"config\"]\n");
+    ctx.write("config/app.toml", "kept = true\n");
+    ctx.write(".upshift/journal-stand-in", "the journal\n");
+    ctx.write("releases/1.0.0/notes", "the release\n");
+    let id = create(&ctx, &[]).id;
+    let backup = ctx.join(&format!(".upshift/backups/{id}"));
+    let tricks: [&[(&str, Result<&str, &str>)]; 4] = [
+        &[("config/app.toml", Ok("planted = true\n")), (".upshift/journal-stand-in", Ok("gone\n"))],
+        &[("releases/1.0.0/notes", Ok("#!/bin/sh\nplanted\n"))],
+        &[
+            ("config/s1", Err("..")),
+            ("config/s2", Err("s1/..")),
+            ("config/s3", Err("s2/..")),
+            ("config/s4", Err("s3/..")),
+        ],
+        &[("config/up", Err("../releases")), ("config/up/1.0.0/notes", Ok("planted\n"))],
+    ];
+    for entries in tricks {
+        rewrite_paths_archive(&backup, entries);
+        ctx.run(&["backup", "verify", &id]).success();
+        ctx.run(&["backup", "restore", &id, "--force"]).code(2).stderr_has("holds an unsafe path, nothing restored");
+        assert_eq!(ctx.read("config/app.toml"), "kept = true\n", "{entries:?}");
+        assert_eq!(ctx.read(".upshift/journal-stand-in"), "the journal\n", "{entries:?}");
+        assert_eq!(ctx.read("releases/1.0.0/notes"), "the release\n", "{entries:?}");
+        assert!(!ctx.join("config/s4").exists() && !ctx.join("config/up").exists(), "{entries:?}");
+    }
+    // A link that stays inside its saved path is restored.
+    rewrite_paths_archive(
+        &backup,
+        &[("config/app.toml", Ok("restored = true\n")), ("config/current", Err("app.toml"))],
+    );
+    ctx.run(&["backup", "restore", &id, "--force"]).success();
+    assert_eq!(ctx.read("config/current"), "restored = true\n");
+}

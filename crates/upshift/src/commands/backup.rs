@@ -208,6 +208,8 @@ fn restore(
             target: target.as_ref(),
             force,
             paths_into: target_url.is_none().then_some(settings.base.as_path()),
+            // Only the saved paths the manifest (or --path) names may be written.
+            saved_paths: (!settings.paths.is_empty()).then_some(settings.paths.as_slice()),
             identities,
         },
     )?;
