@@ -5,6 +5,7 @@
 //! unix socket in the state dir.
 
 pub mod client;
+mod gate;
 mod metrics;
 pub mod protocol;
 pub mod proxy;

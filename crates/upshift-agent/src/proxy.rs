@@ -31,6 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::gate::{Busy, Gate};
 use crate::protocol::{RouteStatus, Upstream, UpstreamStatus, VersionStatus, Window};
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -42,6 +43,8 @@ const MAX_BODY: usize = 16 * 1024 * 1024;
 const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send its request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Latencies kept per upstream for its p99.
 const LATENCY_WINDOW: usize = 4096;
 
@@ -217,6 +220,8 @@ impl Route {
 /// The proxy of one agent.
 pub(crate) struct Proxy {
     runtime: tokio::runtime::Runtime,
+    /// The cap on client connections, shared by every listener.
+    gate: Arc<Gate>,
     routes: Mutex<HashMap<String, Arc<Route>>>,
     client: HttpClient,
     /// Where the Prometheus metrics are served, once asked for.
@@ -243,6 +248,8 @@ const HOP_BY_HOP: &[&str] =
 struct Tracked {
     inner: Incoming,
     backend: Arc<Backend>,
+    /// The client connection stays busy (not evicted by the gate) until the body is sent.
+    _busy: Busy,
 }
 
 impl Body for Tracked {
@@ -326,6 +333,7 @@ fn relay(
     mut response: Response<Incoming>,
     backend: Arc<Backend>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    busy: Busy,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
@@ -336,10 +344,29 @@ fn relay(
         return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
     }
     let (mut parts, body) = response.into_parts();
-    for name in HOP_BY_HOP {
-        parts.headers.remove(*name);
+    strip_hop_by_hop(&mut parts.headers, false);
+    Response::from_parts(parts, Tracked { inner: body, backend, _busy: busy }.boxed())
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header names. `upgrade` keeps the
+/// two headers that ask for an upgrade.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(upgrade && name == hyper::header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
-    Response::from_parts(parts, Tracked { inner: body, backend }.boxed())
+    for name in HOP_BY_HOP {
+        if !(upgrade && matches!(*name, "connection" | "upgrade")) {
+            headers.remove(*name);
+        }
+    }
 }
 
 async fn handle(
@@ -347,18 +374,28 @@ async fn handle(
     peer: SocketAddr,
     route: Arc<Route>,
     client: HttpClient,
+    connection: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let (mut parts, body) = request.into_parts();
-    let upgrade = parts.headers.contains_key(hyper::header::UPGRADE);
+    // `Upgrade: h2c` asks a server to switch to HTTP/2 cleartext: hop-by-hop, never passed on.
+    let upgrade = parts
+        .headers
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| !v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("h2c")));
     let client_upgrade = upgrade.then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>()).flatten();
     let body = if body.is_end_stream() {
         Bytes::new()
     } else {
-        match http_body_util::Limited::new(body, MAX_BODY).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken")),
+        match tokio::time::timeout(BODY_TIMEOUT, http_body_util::Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => {
+                return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large or broken"));
+            }
+            Err(_) => return Ok(respond(StatusCode::REQUEST_TIMEOUT, "the request body took too long")),
         }
     };
+    // From here the request is forwarded: the connection is busy until the answer is sent.
+    let busy = Busy::new(&connection);
     let mut headers = parts.headers;
     // HTTP/2 carries the host in the URI (`:authority`); the upstream speaks HTTP/1.1.
     if !headers.contains_key(hyper::header::HOST)
@@ -366,12 +403,7 @@ async fn handle(
     {
         headers.insert(hyper::header::HOST, host);
     }
-    for name in HOP_BY_HOP {
-        // An upgrade keeps the two headers that ask for it.
-        if !(upgrade && matches!(*name, "connection" | "upgrade")) {
-            headers.remove(*name);
-        }
-    }
+    strip_hop_by_hop(&mut headers, upgrade);
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {}", peer.ip()),
         None => peer.ip().to_string(),
@@ -401,7 +433,7 @@ async fn handle(
         result => (first, result),
     };
     Ok(match result {
-        Ok(response) => relay(response, backend, client_upgrade),
+        Ok(response) => relay(response, backend, client_upgrade, busy),
         Err(failed) => respond(StatusCode::BAD_GATEWAY, &failed.message),
     })
 }
@@ -417,7 +449,7 @@ impl Proxy {
             let _guard = runtime.enter();
             Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(10)).build_http()
         };
-        Ok(Proxy { runtime, routes: Mutex::new(HashMap::new()), client, metrics: Mutex::new(None) })
+        Ok(Proxy { runtime, gate: Gate::new(), routes: Mutex::new(HashMap::new()), client, metrics: Mutex::new(None) })
     }
 
     /// Serves `GET /metrics` on `listen` with what `render` says; a second call with the same
@@ -439,7 +471,11 @@ impl Proxy {
             .map_err(|e| format!("the metrics cannot listen on {listen}: {e}"))?;
         self.runtime.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors or a transient error: wait, never spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let render = Arc::clone(&render);
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -484,15 +520,36 @@ impl Proxy {
         });
         let accepting = Arc::clone(&route);
         let client = self.client.clone();
+        let gate = Arc::clone(&self.gate);
+        let listen = listen.to_owned();
         self.runtime.spawn(async move {
+            let mut backoff = Duration::from_millis(10);
             loop {
-                let Ok((stream, peer)) = listener.accept().await else { continue };
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => {
+                        backoff = Duration::from_millis(10);
+                        accepted
+                    }
+                    // Out of descriptors (EMFILE) or a transient error: wait, never spin.
+                    Err(e) => {
+                        tracing::warn!(%listen, error = %e, backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(0), "accept failed; waiting");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                // At the cap the oldest idle connection gives way; none idle: refused.
+                let Some(ticket) = gate.admit(&listen) else {
+                    drop(stream);
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let route = Arc::clone(&accepting);
                 let client = client.clone();
                 tokio::spawn(async move {
+                    let busy = Arc::clone(&ticket.busy);
                     let service = hyper::service::service_fn(move |request| {
-                        handle(request, peer, Arc::clone(&route), client.clone())
+                        handle(request, peer, Arc::clone(&route), client.clone(), Arc::clone(&busy))
                     });
                     // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c).
                     let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -501,7 +558,16 @@ impl Proxy {
                         .keep_alive(true)
                         .timer(hyper_util::rt::TokioTimer::new())
                         .header_read_timeout(HEADER_TIMEOUT);
-                    let _ = server.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                    let connection = server.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        () = ticket.close.notified() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(Duration::from_secs(5), connection.as_mut()).await;
+                        }
+                    }
+                    drop(ticket);
                 });
             }
         });
@@ -614,6 +680,28 @@ mod tests {
 
     fn to(addr: &str, version: &str, weight: u32) -> Upstream {
         Upstream { addr: addr.to_owned(), version: version.to_owned(), weight }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_not_forwarded() {
+        let mut headers = hyper::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "internal"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("x-kept", "yes"),
+        ] {
+            headers.insert(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
+        // An upgrade keeps what asks for it.
+        let mut upgrade = hyper::HeaderMap::new();
+        upgrade.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        upgrade.insert(hyper::header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut upgrade, true);
+        assert_eq!(upgrade.len(), 2);
     }
 
     #[test]

@@ -215,6 +215,15 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
                 std::thread::spawn(move || handle(stream, &state_dir, &supervisor, &shared, &stop));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            // Out of descriptors (EMFILE/ENFILE), or a connection that died while queued:
+            // the agent waits and goes on; it never exits and leaves its processes orphaned.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(23 | 24 | 103 | 71))
+                    || e.kind() == std::io::ErrorKind::ConnectionAborted =>
+            {
+                tracing::warn!(error = %e, "accept on agent.sock failed; waiting");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Err(e) => return Err(AgentError::Io("accept on agent.sock".into(), e)),
         }
     }

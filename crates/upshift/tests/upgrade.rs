@@ -991,6 +991,50 @@ fn rolling_switches_lose_no_request() {
     switches_lose_no_request(&app, &serve, 2);
 }
 
+/// Regression: idle and slow clients on a serve port, past the agent's descriptor limit,
+/// made `accept` fail with EMFILE and the agent exit. Now its connection cap (half its
+/// descriptor limit) closes the oldest idle connection to let a new one in: with twice the
+/// cap of hostile connections open, every well-behaved request is answered, the admin
+/// socket answers, and the agent lives.
+#[test]
+fn idle_and_slow_clients_cannot_knock_the_agent_over() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    app.upgrade("1.0.0").success();
+    let mut agent = upshift_agent::Client::connect(&app.ctx.join(".upshift")).unwrap();
+    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
+        panic!()
+    };
+    drop(agent);
+    let limit = 200;
+    let limited = std::process::Command::new("prlimit")
+        .args([&format!("--pid={pid}"), &format!("--nofile={limit}:{limit}")])
+        .status()
+        .unwrap();
+    assert!(limited.success(), "prlimit (util-linux) failed");
+    let cap = (limit - 64) / 2;
+    let mut hostile = Vec::new();
+    for i in 0..2 * cap {
+        let mut stream = TcpStream::connect(&serve).unwrap();
+        match i % 3 {
+            // Idle: connected, nothing sent.
+            0 => {}
+            // A request head that never ends.
+            1 => stream.write_all(b"GET /api/notes HTTP/1.1\r\nHost: x\r\n").unwrap(),
+            // A body that never comes.
+            _ => stream.write_all(b"POST /api/notes HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{").unwrap(),
+        }
+        hostile.push(stream);
+    }
+    for i in 0..40 {
+        let answer = exchange(&serve, GET_NOTES, 10);
+        assert!(answer.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 200")), "request {i}: {answer:?}");
+    }
+    let status = app.status();
+    assert!(status.components[0].healthy, "{status:?}");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the agent died");
+    drop(hostile);
+}
+
 /// kill -9 of the agent: the next agent adopts what the dead one left running and serves
 /// the saved routes on the same address.
 #[test]
