@@ -49,10 +49,10 @@ impl Client {
             return Ok(client);
         }
         let logs = state_dir.join("logs");
-        fs::create_dir_all(&logs).map_err(|e| ClientError::Start(format!("{}: {e}", logs.display())))?;
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
+        crate::private_dir(state_dir)
+            .and_then(|()| crate::private_dir(&logs))
+            .map_err(|e| ClientError::Start(format!("{}: {e}", logs.display())))?;
+        let log = std::os::unix::fs::OpenOptionsExt::mode(fs::OpenOptions::new().create(true).append(true), 0o600)
             .open(logs.join("agent.log"))
             .map_err(|e| ClientError::Start(e.to_string()))?;
         let state_dir = absolute(state_dir);

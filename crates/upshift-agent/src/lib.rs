@@ -17,3 +17,21 @@ pub use protocol::{
     InstanceStatus, Request, Response, RouteStatus, Spec, Upstream, UpstreamStatus, VersionStatus, Window,
 };
 pub use server::{AgentError, run};
+
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Makes `dir` (and its parents) and leaves it owner-only (0700): the state dir holds the
+/// journal, the agent's saved specs (with the components' environment) and their logs.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes `bytes` to a new owner-only (0600) file at `path`, replacing it.
+fn private_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(bytes)
+}

@@ -37,7 +37,7 @@ fn serve_metrics(listen: &str, supervisor: &Arc<Supervisor>, shared: &SharedProx
 fn save_routes(state_dir: &Path, proxy: &Proxy) {
     let temp = state_dir.join("routes.json.tmp");
     let text = serde_json::to_vec_pretty(&proxy.saved()).expect("routes serialize");
-    let written = fs::write(&temp, text)
+    let written = crate::private_write(&temp, &text)
         .and_then(|()| File::open(&temp)?.sync_all())
         .and_then(|()| fs::rename(&temp, state_dir.join(ROUTES)));
     if let Err(e) = written {
@@ -118,7 +118,7 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, sh
             Ok(Request::Metrics { listen }) => match serve_metrics(&listen, supervisor, shared) {
                 Ok(()) => {
                     let saved = serde_json::json!({ "listen": listen }).to_string();
-                    if let Err(e) = fs::write(state_dir.join(METRICS), saved) {
+                    if let Err(e) = crate::private_write(&state_dir.join(METRICS), saved.as_bytes()) {
                         tracing::error!(file = METRICS, error = %e, "could not save the metrics address");
                     }
                     Response::Ok
@@ -155,7 +155,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
         let what = what.to_owned();
         move |e| AgentError::Io(what, e)
     };
-    fs::create_dir_all(state_dir).map_err(io("create the state dir"))?;
+    crate::private_dir(state_dir).map_err(io("create the state dir"))?;
     let lock = OpenOptions::new()
         .create(true)
         .truncate(false)

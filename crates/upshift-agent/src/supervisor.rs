@@ -135,7 +135,7 @@ pub(crate) struct Supervisor {
 
 /// Appends one of the agent's own lines to an instance's log.
 fn note(log: &Path, line: &str) {
-    if let Ok(mut file) = OpenOptions::new().create(true).append(true).open(log) {
+    if let Ok(mut file) = OpenOptions::new().create(true).append(true).mode(0o600).open(log) {
         let _ = file.write_all(line.as_bytes());
     }
 }
@@ -164,9 +164,9 @@ fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"))?;
     if let Some(parent) = log.parent() {
-        fs::create_dir_all(parent)?;
+        crate::private_dir(parent)?;
     }
-    let output = OpenOptions::new().create(true).append(true).open(log)?;
+    let output = OpenOptions::new().create(true).append(true).mode(0o600).open(log)?;
     Command::new(program)
         .args(args)
         .envs(&spec.env)

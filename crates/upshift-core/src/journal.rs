@@ -1159,7 +1159,9 @@ impl Journal {
 fn create(state_dir: &Path, path: &Path) -> Result<(), JournalError> {
     let storage =
         |e: &dyn std::fmt::Display| JournalError::Storage { path: path.display().to_string(), message: e.to_string() };
-    std::fs::create_dir_all(state_dir).map_err(|e| storage(&e))?;
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(state_dir)
+        .map_err(|e| storage(&e))?;
     let temp = state_dir.join(format!("{FILE}.new-{}", std::process::id()));
     let _ = std::fs::remove_file(&temp);
     {
@@ -1167,6 +1169,8 @@ fn create(state_dir: &Path, path: &Path) -> Result<(), JournalError> {
         connection.execute_batch("PRAGMA journal_mode = DELETE;").map_err(|e| storage(&e))?;
         connection.execute_batch(&schema()).map_err(|e| storage(&e))?;
     }
+    // Owner-only: the journal records the deployments' full specs.
+    std::fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(|e| storage(&e))?;
     File::open(&temp).and_then(|f| f.sync_all()).map_err(|e| storage(&e))?;
     std::fs::rename(&temp, path).map_err(|e| storage(&e))?;
     File::open(state_dir).and_then(|d| d.sync_all()).map_err(|e| storage(&e))?;

@@ -73,6 +73,9 @@ impl fmt::Debug for DatabaseUrl {
 
 /// Replaces the password of a URL (`user:pass@` and `password=` parameters) with `***`.
 pub fn redact(url: &str) -> String {
+    if !url.contains("://") && url.contains('=') {
+        return redact_key_values(url);
+    }
     let mut out = url.to_owned();
     if let Some(scheme_end) = out.find("://") {
         let authority_start = scheme_end + 3;
@@ -95,6 +98,34 @@ pub fn redact(url: &str) -> String {
             .collect();
         out = format!("{base}{}", query.join("&"));
     }
+    out
+}
+
+/// A libpq key/value string (`host=db password=secret`) with its password hidden, quoted
+/// values included (`password='a b'`).
+fn redact_key_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find("password") {
+        let (before, from) = rest.split_at(at);
+        out.push_str(before);
+        let after_key = &from["password".len()..];
+        let trimmed = after_key.trim_start();
+        if let Some(value) = trimmed.strip_prefix('=') {
+            let value = value.trim_start();
+            let end = if let Some(quoted) = value.strip_prefix('\'') {
+                quoted.find('\'').map_or(value.len(), |i| i + 2)
+            } else {
+                value.find(char::is_whitespace).unwrap_or(value.len())
+            };
+            out.push_str("password=***");
+            rest = &value[end..];
+        } else {
+            out.push_str("password");
+            rest = after_key;
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -129,5 +160,9 @@ mod tests {
         let err = DatabaseUrl::parse("mysql://root:pw@h/db").unwrap_err().to_string();
         assert!(err.contains("expected postgres://"), "{err}");
         assert!(!err.contains("pw@"), "{err}");
+        // Regression: a libpq key/value string was quoted whole, password and all.
+        let err = DatabaseUrl::parse("host=db user=app password=hunter2 dbname=notes").unwrap_err().to_string();
+        assert!(err.contains("password=***") && !err.contains("hunter2"), "{err}");
+        assert_eq!(redact("host=h PASSWORD = 'a b c' port=1"), "host=h password=*** port=1");
     }
 }

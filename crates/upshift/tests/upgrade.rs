@@ -162,7 +162,8 @@ keep_last = 10
 [[components]]
 name = "api"
 driver = "process"
-run = ["releases/{version}/notes", "--release", "{version}", "--listen", "{addr}", "--database-url", "${NOTES_DB}"]
+run = ["releases/{version}/notes", "--release", "{version}", "--listen", "{addr}"]
+env = { DATABASE_URL = "${NOTES_DB}" }
 health = { http = "/health", interval = "100ms", healthy_after = 2, deadline = "10s" }
 drain = "2s"
 
@@ -388,10 +389,42 @@ fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
     assert!(!String::from_utf8_lossy(&journal).contains("n0t-in-the-journal"), "the journal holds the password");
     let plan = app.run(&["plan", "--to", "3.0.0"]);
     assert!(!plan.stdout.contains("n0t-in-the-journal") && !plan.stderr.contains("n0t-in-the-journal"));
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(app.ctx.join(".upshift/agent.json")).unwrap().permissions(),
-    );
-    assert_eq!(mode & 0o777, 0o600);
+    let mode = |path: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path).unwrap().permissions()) & 0o777
+    };
+    assert_eq!(mode(&app.ctx.join(".upshift/agent.json")), 0o600);
+    // Every file upshift wrote: the password nowhere but in agent.json; the state dir and
+    // everything in it owner-only.
+    let mut stack = vec![app.ctx.path().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if path.starts_with(app.ctx.join(".upshift")) {
+                    assert_eq!(mode(&path), 0o700, "{}", path.display());
+                }
+                stack.push(path);
+                continue;
+            }
+            if path.ends_with("agent.json") || path.is_symlink() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&bytes).contains("n0t-in-the-journal"),
+                "{} holds the password",
+                path.display()
+            );
+            let private = path.starts_with(app.ctx.join(".upshift"))
+                && !path.extension().is_some_and(|e| e == "sock" || e == "lock");
+            if private {
+                assert_eq!(mode(&path) & 0o077, 0, "{} is readable by others", path.display());
+            }
+        }
+    }
+    // And no process's command line shows it (the service gets it by environment).
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).contains("n0t-in-the-journal"), "ps shows the password");
 }
 
 #[test]

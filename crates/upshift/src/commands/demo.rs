@@ -47,7 +47,8 @@ keep_last = 5
 [[components]]
 name = "api"
 driver = "process"
-run = ["releases/{{version}}/notes", "--release", "{{version}}", "--listen", "{{addr}}", "--database-url", "{url}"]
+run = ["releases/{{version}}/notes", "--release", "{{version}}", "--listen", "{{addr}}"]
+env = {{ DATABASE_URL = "{url}" }}  # by environment: a password in argv is visible to `ps`
 serve = "127.0.0.1:{port}"
 strategy = "blue-green"            # new beside old, health-gated, proxy switched, old drained
 health = {{ http = "/health", interval = "100ms", healthy_after = 2, deadline = "3s" }}
@@ -134,7 +135,13 @@ fn prepare(args: &DemoArgs<'_>, port: u16) -> anyhow::Result<String> {
     for (name, text) in notes::MIGRATIONS {
         fs::write(migrations.join(name), text).with_context(|| format!("writing {name}"))?;
     }
-    fs::write(dir.join("upshift.toml"), manifest(&url, port)).context("writing upshift.toml")?;
+    // The manifest may hold a database password: owner-only.
+    let path = dir.join("upshift.toml");
+    let _ = fs::remove_file(&path);
+    let mut file = std::os::unix::fs::OpenOptionsExt::mode(fs::OpenOptions::new().write(true).create_new(true), 0o600)
+        .open(&path)
+        .context("writing upshift.toml")?;
+    file.write_all(manifest(&url, port).as_bytes()).context("writing upshift.toml")?;
     Ok(url)
 }
 
