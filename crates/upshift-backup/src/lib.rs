@@ -285,3 +285,57 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
     }
     Ok(restored)
 }
+
+/// What a backup of `database` and `paths` (under `base`) may take on disk at most: the
+/// database's size (the SQLite file; `pg_database_size` for PostgreSQL) and the saved files',
+/// before compression. Used by preflight, which wants this much free.
+pub fn estimate(database: Option<&DatabaseUrl>, base: &Path, paths: &[PathBuf]) -> Result<u64, Error> {
+    let mut bytes = match database {
+        None => 0,
+        Some(DatabaseUrl::Sqlite { path }) => std::fs::metadata(path).map_or(0, |m| m.len()),
+        Some(DatabaseUrl::Postgres { config, .. }) => {
+            let mut client = config.connect().map_err(|e| Error::Database {
+                source: e.to_string().into(),
+                action: "connect to PostgreSQL".into(),
+            })?;
+            let size: i64 = client
+                .query_one("SELECT pg_database_size(current_database())", &[])
+                .map_err(|e| Error::Database { source: e.to_string().into(), action: "measure the database".into() })?
+                .get(0);
+            u64::try_from(size).unwrap_or(0)
+        }
+    };
+    for path in paths {
+        let mut stack = vec![base.join(path)];
+        while let Some(next) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&next) else { continue };
+            if meta.is_dir() {
+                stack.extend(std::fs::read_dir(&next).into_iter().flatten().flatten().map(|e| e.path()));
+            } else {
+                bytes += meta.len();
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+/// The bytes free for an unprivileged user on the filesystem of `dir` (or of its nearest
+/// existing parent).
+pub fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call and `stats` is
+    // writable memory of the right type; statvfs fills it when it returns 0, and only then
+    // is it read. (std has no statvfs; running `df` instead would fork while other threads
+    // hold descriptors, such as the run lock.)
+    #[allow(unsafe_code)]
+    let stats = unsafe {
+        if libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stats.assume_init()
+    };
+    Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+}

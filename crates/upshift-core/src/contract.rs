@@ -97,6 +97,13 @@ impl Driver for FakeDriver {
         Ok(())
     }
 
+    fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+        if self.with(|w| w.missing.contains(version)) {
+            return Err(DriverError::Refused(format!("{} {version}: release {version} is gone", component.name)));
+        }
+        Ok(())
+    }
+
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
         match self.with(|w| w.running.get(&component.name).cloned()) {
             Some(version) if self.with(|w| w.unhealthy.contains(&version)) => {

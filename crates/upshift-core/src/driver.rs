@@ -152,6 +152,11 @@ pub trait Driver {
     /// image or chart is there): an undo checks every action before the first one.
     fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError>;
 
+    /// Checks, changing nothing, that `version` of `component` can be deployed now (its
+    /// program or image is there, its address is free or already its own): run in an
+    /// upgrade's preflight, before the backup.
+    fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError>;
+
     /// Whether the component passes its health check now (one round of checks up to its
     /// `healthy_after` and `deadline`).
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError>;

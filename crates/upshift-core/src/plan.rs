@@ -317,11 +317,16 @@ impl Builder<'_> {
             checks.push("migrations folder is sane: one head, no drift, no vanished file".to_owned());
             checks.push(format!("database {database} is reachable"));
             if !input.no_backup {
-                checks.push("free disk for the backup".to_owned());
+                checks.push("free disk for the backup: the database's and saved paths' size, plus 64 MiB".to_owned());
             }
         }
         for component in &manifest.components {
             checks.push(format!("component {} is healthy now (when deployed)", component.name));
+            let serve = component.serve().map_or_else(String::new, |s| format!("; {s} is free or already its own"));
+            checks.push(format!(
+                "component {}: the program of {} is there and executable{serve}",
+                component.name, input.target
+            ));
         }
         let config = crate::config::check(manifest, input.target, input.options, false);
         checks.push("configuration: every required option is set".to_owned());

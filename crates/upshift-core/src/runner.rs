@@ -676,13 +676,42 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
             })?;
         }
     }
+    // The new version can be deployed: its program is there, its address free or ours.
+    let version = plan.to.to_string();
+    for component in &ctx.manifest.components {
+        let driver = ctx.drivers.get(component).map_err(|e| RunError::Preflight(chain(&e)))?;
+        driver.preflight(component, &version).map_err(|e| RunError::Preflight(chain(&e)))?;
+    }
     if let Some(url) = ctx.database {
         upshift_migrate::connect(url, false)
             .and_then(|mut engine| engine.server_version())
             .map_err(|e| RunError::Preflight(format!("the database {url} is not reachable: {}", chain(&e))))?;
     }
+    if !plan.no_backup {
+        check_free_space(ctx)?;
+    }
     if plan.from.as_ref().map(ToString::to_string) != deployed.map(|r| r.version) {
         return Err(RunError::Preflight("the deployed release changed since the plan was made; plan again".into()));
+    }
+    Ok(())
+}
+
+/// Free space for the backup: at least the database's and the saved paths' size before
+/// compression, and 64 MiB more, on the backup dir's filesystem.
+fn check_free_space(ctx: &Context<'_>) -> Result<(), RunError> {
+    let backup = &ctx.manifest.backup;
+    let needed = upshift_backup::estimate(ctx.database, &ctx.manifest.base_dir, &backup.paths)
+        .map_err(|e| RunError::Preflight(format!("estimating the backup's size: {}", chain(&e))))?
+        + 64 * 1024 * 1024;
+    if let Some(free) = upshift_backup::free_space(&backup.dir)
+        && free < needed
+    {
+        return Err(RunError::Preflight(format!(
+            "the backup may need {} MiB and {} has {} MiB free; free some space, move [backup] dir, or prune old backups (`upshift backup prune`)",
+            needed / (1024 * 1024),
+            backup.dir.display(),
+            free / (1024 * 1024)
+        )));
     }
     Ok(())
 }

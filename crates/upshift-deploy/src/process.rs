@@ -111,6 +111,29 @@ impl ProcessDriver {
         })
     }
 
+    /// Whether the program `component` runs for `version` is there and executable.
+    fn program_ready(&self, component: &Component, version: &str, addr: Option<&str>) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let spec = self.spec(component, version, addr.or(Some("127.0.0.1:0")), LIVE).map_err(|e| e.to_string())?;
+        let program = spec.command.first().ok_or_else(|| format!("component {} has an empty `run`", component.name))?;
+        let path = Path::new(program);
+        let found = if path.components().count() > 1 {
+            Some(self.cwd.join(path))
+        } else {
+            std::env::var_os("PATH")
+                .and_then(|p| std::env::split_paths(&p).map(|d| d.join(path)).find(|candidate| candidate.is_file()))
+        };
+        match found.and_then(|p| std::fs::metadata(&p).ok()) {
+            Some(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => Ok(()),
+            Some(_) => Err(format!("component {} {version}: its program {program} is not executable", component.name)),
+            None => Err(format!(
+                "component {} {version}: its program {program} is not there (in {})",
+                component.name,
+                self.cwd.display()
+            )),
+        }
+    }
+
     /// One health check of an instance, and why it failed.
     fn health_now(&self, component: &Component, instance: &Instance) -> Result<(), String> {
         match (&component.health, self.probe(component, instance)) {
@@ -222,22 +245,24 @@ impl Driver for ProcessDriver {
 
     fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {
         let old = previous.spec(fallback);
-        let spec = self.spec(old, &previous.version, previous.detail["addr"].as_str(), LIVE)?;
-        let program = spec.command.first().ok_or_else(|| error(format!("{} has an empty `run`", old.name)))?;
-        let path = Path::new(program);
-        let found = if path.components().count() > 1 {
-            self.cwd.join(path).is_file()
-        } else {
-            std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(path).is_file()))
-        };
-        if found {
-            Ok(())
-        } else {
-            Err(error(format!(
-                "its program {program} is not there (in {}); put the release's files back first",
-                self.cwd.display()
-            )))
+        self.program_ready(old, &previous.version, previous.detail["addr"].as_str())
+            .map_err(|e| error(format!("{e}; put the release's files back first")))
+    }
+
+    fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+        self.program_ready(component, version, None).map_err(error)?;
+        // The stable address: free, or held by this agent's proxy for this component.
+        if let Some(serve) = component.serve() {
+            let (_, route) = self.observe(component)?;
+            let ours = route.is_some_and(|r| r.listen == serve);
+            if !ours && std::net::TcpListener::bind(serve).is_err() {
+                return Err(error(format!(
+                    "component {}: its serve address {serve} is taken by another process; stop it or choose another address",
+                    component.name
+                )));
+            }
         }
+        Ok(())
     }
 
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {

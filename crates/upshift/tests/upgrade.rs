@@ -543,6 +543,37 @@ fn prompts_show_what_is_about_to_happen() {
     app.assert_at_two();
 }
 
+/// What must hold for a deploy is checked before the backup and the migrations: a serve
+/// address another process holds, a release whose program is missing, and too little disk
+/// for the backup each stop the upgrade with nothing changed.
+#[test]
+fn preflight_checks_what_would_fail_later() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    let backups = || std::fs::read_dir(app.ctx.join(".upshift/backups")).map_or(0, Iterator::count);
+    // The serve address is taken.
+    let squatter = std::net::TcpListener::bind(&serve).unwrap();
+    app.upgrade("1.0.0").code(1).stderr_has(&format!("its serve address {serve} is taken by another process"));
+    assert_eq!(backups(), 0);
+    assert!(!app.ctx.join("notes.db").exists() || !app.has_table("notes"), "a migration ran");
+    drop(squatter);
+    app.at_one();
+    let before = backups();
+    // The release's program is missing.
+    std::fs::remove_file(app.ctx.join("releases/2.0.0/notes")).unwrap();
+    app.upgrade("2.0.0").code(1).stderr_has("its program releases/2.0.0/notes is not there");
+    assert_eq!(backups(), before, "a backup was taken");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_upshift"), app.ctx.join("releases/2.0.0/notes")).unwrap();
+    // Too little disk for the backup: a saved path holding a (sparse) 8 TiB file.
+    std::fs::create_dir_all(app.ctx.join("big")).unwrap();
+    std::fs::File::create(app.ctx.join("big/sparse")).unwrap().set_len(1 << 43).unwrap();
+    let manifest = app.ctx.read("upshift.toml");
+    app.ctx.write("upshift.toml", &manifest.replace("[backup]\n", "[backup]\npaths = [\"big\"]\n"));
+    app.upgrade("2.0.0").code(1).stderr_has("the backup may need").stderr_has("MiB free");
+    assert_eq!(backups(), before);
+    app.ctx.write("upshift.toml", &manifest);
+    app.assert_at_one();
+}
+
 /// Regression: a rollback whose backup was missing or damaged stopped the service first,
 /// then failed (exit 4), and `abort` then said "nothing was changed" over a dead proxy.
 #[test]
