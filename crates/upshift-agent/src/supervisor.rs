@@ -37,8 +37,9 @@ struct Saved {
     started: Option<u64>,
 }
 
-/// The start time of `pid` in clock ticks after boot, when it is alive (not a zombie).
-fn start_time(pid: u32) -> Option<u64> {
+/// The start time of `pid` in clock ticks after boot and its process group, when it is
+/// alive (not a zombie).
+fn identity(pid: u32) -> Option<(u64, u32)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // After the command name (in parentheses, which may hold spaces): state, then more.
     let rest = stat.rsplit_once(") ")?.1;
@@ -46,20 +47,29 @@ fn start_time(pid: u32) -> Option<u64> {
     if fields.first() == Some(&"Z") {
         return None;
     }
-    // Field 22 of the line is the 20th after the command name.
-    fields.get(19)?.parse().ok()
+    // Fields 5 (process group) and 22 (start time) of the line: the 3rd and 20th after
+    // the command name.
+    Some((fields.get(19)?.parse().ok()?, fields.get(2)?.parse().ok()?))
 }
 
-/// Whether `pid` is the process that was saved: alive, started when it was, and running
-/// `spec`'s program.
+/// The start time of `pid`, when it is alive.
+fn start_time(pid: u32) -> Option<u64> {
+    identity(pid).map(|(started, _)| started)
+}
+
+/// Whether `pid` is the process that was saved: alive, started when it was, and the leader
+/// of its own process group (the agent starts every instance as one). The pid and start
+/// time identify a process whatever it runs, so an interpreter or a shebang script (whose
+/// `argv[0]` is not the program in the spec) is adopted too. A record without a start time
+/// (an older agent's) falls back to the program name.
 fn runs(pid: u32, started: Option<u64>, spec: &Spec) -> bool {
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Some((now, group)) = identity(pid) else { return false };
+    if let Some(started) = started {
+        return now == started && group == pid;
+    }
     let program = spec.command.first().map(String::as_bytes).unwrap_or_default();
-    let now = start_time(pid);
-    now.is_some()
-        && (started.is_none() || now == started)
-        && !program.is_empty()
-        && cmdline.split(|b| *b == 0).next() == Some(program)
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| !program.is_empty() && cmdline.split(|b| *b == 0).next() == Some(program))
 }
 
 /// A running instance's process: a child of this agent, or one a previous agent started
@@ -101,8 +111,9 @@ impl Process {
         if self.exited(spec).is_some() {
             return;
         }
-        let pid = self.pid().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        // The whole process group: what `sh -c` or a wrapper started goes too.
+        let group = format!("-{}", self.pid());
+        let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if self.exited(spec).is_some() {
@@ -110,7 +121,7 @@ impl Process {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         if let Process::Child(child) = self {
             let _ = child.wait();
         }

@@ -1099,6 +1099,49 @@ fn idle_and_slow_clients_cannot_knock_the_agent_over() {
     drop(hostile);
 }
 
+/// Regression: a component started through a shebang script (its command line starts with
+/// the interpreter, not the script) was not adopted after an agent restart: a second copy
+/// crash-looped on the taken port, and `agent stop` left the first running (signals went to
+/// the script's pid only). Now adoption goes by pid, start time and process group, and
+/// signals go to the whole group.
+#[test]
+fn a_component_behind_a_shebang_script_is_adopted_and_stopped_whole() {
+    let app = App::sqlite();
+    app.ctx.write("run.sh", "#!/bin/sh\n# no exec: the script stays the parent of the service\nreleases/$1/notes --release $1 --listen $2\n");
+    std::fs::set_permissions(app.ctx.join("run.sh"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let manifest = app.ctx.read("upshift.toml").replace(
+        r#"run = ["releases/{version}/notes", "--release", "{version}", "--listen", "{addr}"]"#,
+        r#"run = ["./run.sh", "{version}", "{addr}"]"#,
+    );
+    assert!(manifest.contains("./run.sh"));
+    app.ctx.write("upshift.toml", &manifest);
+    app.at_one();
+    let pid = app.status().components[0].instances[0].pid.expect("it runs");
+    let state = app.ctx.join(".upshift");
+    let mut agent = upshift_agent::Client::connect(&state).unwrap();
+    let upshift_agent::Response::Status { pid: agent_pid, .. } =
+        agent.request(&upshift_agent::Request::Status).unwrap()
+    else {
+        panic!()
+    };
+    drop(agent);
+    assert!(std::process::Command::new("kill").args(["-KILL", &agent_pid.to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while upshift_agent::Client::connect(&state).and_then(|mut c| c.request(&upshift_agent::Request::Status)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    app.run(&["agent", "--detach"]).success();
+    let instance = &app.status().components[0].instances[0];
+    assert_eq!((instance.pid, instance.restarts, instance.running), (Some(pid), 0, true), "{instance:?}");
+    assert!(app.ctx.read(".upshift/logs/api-1.0.0.log").contains(&format!("adopted pid {pid}")));
+    app.assert_at_one();
+    // Stopped whole: the service under the script is gone too, its port closed.
+    let addr = app.address();
+    app.run(&["agent", "stop"]).success();
+    assert!(TcpStream::connect(&addr).is_err(), "the service under the script still listens on {addr}");
+}
+
 /// kill -9 of the agent: the next agent adopts what the dead one left running and serves
 /// the saved routes on the same address.
 #[test]
