@@ -28,6 +28,27 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Reads a state file the agent saved (`agent.json`, `routes.json`); none there is empty.
+/// One that does not parse is never silently taken for empty: the error is logged with the
+/// file, and the file is kept aside as `<name>.damaged` for a person to read.
+fn read_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
+    let Ok(text) = std::fs::read_to_string(path) else { return T::default() };
+    match serde_json::from_str(&text) {
+        Ok(value) => value,
+        Err(e) => {
+            let aside = path.with_extension("json.damaged");
+            let _ = std::fs::rename(path, &aside);
+            tracing::error!(
+                file = %path.display(),
+                kept_as = %aside.display(),
+                error = %e,
+                "a saved state file does not parse; starting without it (check for processes or routes it named)"
+            );
+            T::default()
+        }
+    }
+}
+
 /// Writes `bytes` to a new owner-only (0600) file at `path`, replacing it.
 fn private_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;

@@ -175,10 +175,7 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
     let supervisor = Supervisor::new(state_dir);
     let shared: Arc<SharedProxy> = Arc::new(Mutex::new(None));
     // Serve the routes of the agent before this one (it died, or the machine restarted).
-    let saved: Vec<crate::proxy::SavedRoute> = fs::read_to_string(state_dir.join(ROUTES))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
+    let saved: Vec<crate::proxy::SavedRoute> = crate::read_state(&state_dir.join(ROUTES));
     for route in saved {
         let restored =
             proxy(&shared).and_then(|p| p.route(&route.component, &route.listen, &route.upstreams, Duration::ZERO));

@@ -197,10 +197,7 @@ impl Supervisor {
     pub(crate) fn new(state_dir: &Path) -> Arc<Supervisor> {
         let supervisor =
             Arc::new(Supervisor { state_dir: state_dir.to_path_buf(), instances: Mutex::new(BTreeMap::new()) });
-        let saved: Vec<Saved> = fs::read_to_string(supervisor.saved_path())
-            .ok()
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_default();
+        let saved: Vec<Saved> = crate::read_state(&supervisor.saved_path());
         for saved in saved {
             match saved.pid {
                 Some(pid) if runs(pid, saved.started, &saved.spec) => {

@@ -246,6 +246,10 @@ pub struct StepDetail {
     /// Expand, contract: the revisions applied so far, as they committed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<String>,
+    /// Expand, contract: a `no-transaction` revision that failed after some of its
+    /// statements ran: applied in part, recorded nowhere in the database.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partial: Option<String>,
     /// Deploy: what it replaces, recorded before the driver is called.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaced: Option<Replaced>,

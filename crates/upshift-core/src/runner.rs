@@ -159,7 +159,14 @@ fn migrate_up(
         if let Some(e) = journal_error {
             return Err(chain(&e));
         }
-        result.map_err(|e| chain(&e))?;
+        if let Err(e) = result {
+            // Half applied and recorded nowhere: only the backup can undo it.
+            if let upshift_migrate::Error::Statement { id, partial: true, .. } = &e {
+                detail.partial = Some(id.clone());
+                journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
+            }
+            return Err(chain(&e));
+        }
     }
     Ok(())
 }
@@ -262,6 +269,8 @@ fn execute(
 #[derive(Default)]
 struct Done {
     backup: Option<String>,
+    /// A `no-transaction` revision left half applied.
+    partial: Option<String>,
     /// Revisions the expand and contract steps set out to apply (or applied).
     expand: Vec<String>,
     contract: Vec<String>,
@@ -279,8 +288,14 @@ fn done(steps: &[StepRow]) -> Done {
     for row in steps {
         match row.kind {
             StoredStepKind::Backup => done.backup.clone_from(&row.detail.backup),
-            StoredStepKind::Expand => done.expand = union(&row.detail),
-            StoredStepKind::Contract => done.contract = union(&row.detail),
+            StoredStepKind::Expand => {
+                done.expand = union(&row.detail);
+                done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
+            }
+            StoredStepKind::Contract => {
+                done.contract = union(&row.detail);
+                done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
+            }
             StoredStepKind::Deploy => done.deployed.extend(row.detail.replaced.clone()),
             StoredStepKind::Preflight | StoredStepKind::Verify | StoredStepKind::Record => {}
         }
@@ -306,6 +321,7 @@ struct Undo {
 fn undo_of(
     ctx: &Context<'_>,
     backup: Option<&str>,
+    partial: Option<&str>,
     expand_applied: &[String],
     contract_applied: &[String],
     deployed: &[Replaced],
@@ -316,7 +332,11 @@ fn undo_of(
             None => Err(format!("{why}, and there is no backup to restore (--no-backup)")),
         }
     };
-    let (depth, why) = if !contract_applied.is_empty() {
+    let (depth, why) = if let Some(id) = partial {
+        restore(format!(
+            "revision {id} runs without a transaction and failed after some of its statements, which stay applied"
+        ))?
+    } else if !contract_applied.is_empty() {
         restore(format!("contract revisions ran ({})", contract_applied.join(", ")))?
     } else if !expand_applied.is_empty() {
         let migrator = migrator(ctx)?;
@@ -474,7 +494,7 @@ fn start_undo(
             if done.expand.is_empty() && done.contract.is_empty() { BTreeSet::new() } else { applied_now(ctx)? };
         let expand: Vec<String> = done.expand.iter().filter(|id| applied.contains(*id)).cloned().collect();
         let contract: Vec<String> = done.contract.iter().filter(|id| applied.contains(*id)).cloned().collect();
-        let undo = undo_of(ctx, done.backup.as_deref(), &expand, &contract, &done.deployed)?;
+        let undo = undo_of(ctx, done.backup.as_deref(), done.partial.as_deref(), &expand, &contract, &done.deployed)?;
         check_actions(ctx, &undo.actions)?;
         Ok::<Undo, String>(undo)
     })();
@@ -813,7 +833,7 @@ fn undo_release(ctx: &Context<'_>, release: &ReleaseRow, applied: &BTreeSet<Stri
             Ok(Replaced { previous: previous.clone(), component: now })
         })
         .collect::<Result<_, String>>()?;
-    undo_of(ctx, release.backup_id.as_deref(), &expand, &contract, &deployed)
+    undo_of(ctx, release.backup_id.as_deref(), None, &expand, &contract, &deployed)
         .map_err(|e| format!("release {} (revision {}): {e}", release.version, release.revision))
 }
 

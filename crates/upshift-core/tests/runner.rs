@@ -158,3 +158,37 @@ fn an_undo_that_cannot_start_leaves_the_run_stuck_and_untouched() {
     assert!(matches!(lab.must(Command::Resume), Outcome::RolledBack { .. }));
     assert_eq!(lab.converged().unwrap().as_deref(), Some("2.0.0"));
 }
+
+/// Regression: a `no-transaction` revision that failed after some of its statements was
+/// undone as "nothing was changed", leaving those statements applied. Only the backup can
+/// undo what no bookkeeping row records.
+#[test]
+fn a_half_applied_no_transaction_revision_is_undone_by_restore() {
+    let (_dir, lab) = lab(&["1.0.0", "2.0.0", "2.1.0"]);
+    std::fs::write(
+        lab.dir.join("migrations/5_half.sql"),
+        "-- upshift:no-transaction\n-- upshift:up\nCREATE TABLE half (id int);\nSELECT * FROM no_such_table;\n-- upshift:down\nDROP TABLE half;\n",
+    )
+    .unwrap();
+    let manifest = std::fs::read_to_string(lab.dir.join("upshift.toml")).unwrap();
+    std::fs::write(
+        lab.dir.join("upshift.toml"),
+        format!("{manifest}\n[[releases]]\nversion = \"2.2.0\"\nmigrate_to = \"5\"\n"),
+    )
+    .unwrap();
+    match lab.must(Command::Upgrade("2.2.0")) {
+        Outcome::RolledBack { depth, why, failure } => {
+            assert_eq!(depth, UndoDepth::Restore, "{why}");
+            assert!(
+                why.contains("runs without a transaction") && failure.contains("no_such_table"),
+                "{why}; {failure}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let connection = rusqlite::Connection::open(lab.dir.join("lab.db")).unwrap();
+    let half: i64 =
+        connection.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'half'", [], |r| r.get(0)).unwrap();
+    assert_eq!(half, 0, "the half-applied statement stayed");
+    assert_eq!(lab.converged().unwrap().as_deref(), Some("2.1.0"));
+}

@@ -1142,6 +1142,23 @@ fn a_component_behind_a_shebang_script_is_adopted_and_stopped_whole() {
     assert!(TcpStream::connect(&addr).is_err(), "the service under the script still listens on {addr}");
 }
 
+/// Regression: a garbled agent.json or routes.json was silently read as empty.
+#[test]
+fn a_garbled_state_file_is_reported_and_kept() {
+    let app = App::sqlite();
+    app.at_one();
+    app.run(&["agent", "stop"]).success();
+    app.ctx.write(".upshift/agent.json", "[{\"component\": \"api\", \"slot\"");
+    app.ctx.write(".upshift/routes.json", "not json");
+    app.run(&["agent", "--detach"]).success();
+    let log = app.ctx.read(".upshift/logs/agent.log");
+    assert!(log.contains("a saved state file does not parse") && log.contains("agent.json"), "{log}");
+    assert!(log.contains("routes.json"), "{log}");
+    assert!(
+        app.ctx.join(".upshift/agent.json.damaged").exists() && app.ctx.join(".upshift/routes.json.damaged").exists()
+    );
+}
+
 /// kill -9 of the agent: the next agent adopts what the dead one left running and serves
 /// the saved routes on the same address.
 #[test]
