@@ -18,6 +18,8 @@ use crate::rollout::{self, Instance, Instances, LIVE};
 /// Runs components through the agent of one state dir.
 pub struct ProcessDriver {
     client: Client,
+    /// How to start a new agent when this one dies mid-run (none for `status`).
+    restart: Option<(PathBuf, PathBuf)>,
     /// Where processes run (the manifest's folder).
     cwd: PathBuf,
     /// Expands the `${VAR}` that components keep.
@@ -45,6 +47,13 @@ fn process(component: &Component) -> Result<&ProcessSpec, DriverError> {
     })
 }
 
+/// Says on stderr that the agent is being replaced (the driver has no printer; the CLI's
+/// runner output goes to stderr too).
+fn say_aloud(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "  {line}");
+}
+
 /// Fills `{version}`, `{addr}` and `{port}`.
 pub(crate) fn fill(text: &str, version: &str, addr: Option<&str>) -> String {
     let port = addr.and_then(|a| a.rsplit_once(':').map(|(_, p)| p)).unwrap_or("");
@@ -65,7 +74,25 @@ impl ProcessDriver {
         if let Some(listen) = &manifest.agent.metrics {
             client.request(&Request::Metrics { listen: listen.clone() }).map_err(|e| agent(&e))?;
         }
-        ProcessDriver::with_client(client, manifest)
+        let mut driver = ProcessDriver::with_client(client, manifest)?;
+        driver.restart = Some((manifest.state_dir.clone(), program.to_path_buf()));
+        Ok(driver)
+    }
+
+    /// One request to the agent. When the agent died (kill -9, OOM), a new one is started
+    /// (it adopts the running processes and serves the saved routes) and the request is
+    /// sent once more: a run whose agent dies mid-step goes on, or undoes, with the service
+    /// served.
+    fn ask(&mut self, request: &Request) -> Result<Response, upshift_agent::ClientError> {
+        match self.client.request(request) {
+            Err(upshift_agent::ClientError::Io(e)) if self.restart.is_some() => {
+                let (state_dir, program) = self.restart.clone().expect("checked");
+                say_aloud(&format!("the agent went away ({e}); starting a new one"));
+                self.client = Client::connect_or_start(&state_dir, &program)?;
+                self.client.request(request)
+            }
+            result => result,
+        }
     }
 
     /// Connects to the agent only when it already runs (for `status`, which starts nothing).
@@ -78,11 +105,11 @@ impl ProcessDriver {
         // The agent runs elsewhere: it needs an absolute folder ("" is the manifest's own
         // folder when upshift.toml is in the current one).
         let cwd = std::env::current_dir().map_err(|e| error(e.to_string()))?.join(&manifest.base_dir);
-        Ok(ProcessDriver { client, cwd, manifest: manifest.clone() })
+        Ok(ProcessDriver { client, restart: None, cwd, manifest: manifest.clone() })
     }
 
     fn agent_status(&mut self) -> Result<AgentStatus, DriverError> {
-        match self.client.request(&Request::Status).map_err(|e| agent(&e))? {
+        match self.ask(&Request::Status).map_err(|e| agent(&e))? {
             Response::Status { instances, routes, .. } => Ok((instances, routes)),
             other => Err(error(format!("unexpected answer from the agent: {other:?}"))),
         }
@@ -173,13 +200,13 @@ impl Instances for ProcessDriver {
     ) -> Result<Instance, DriverError> {
         let spec = self.spec(component, version, addr, slot)?;
         let started = instance(&spec, true);
-        self.client.request(&Request::Start { spec }).map_err(|e| agent(&e))?;
+        self.ask(&Request::Start { spec }).map_err(|e| agent(&e))?;
         Ok(started)
     }
 
     fn stop(&mut self, component: &Component, slot: &str) -> Result<(), DriverError> {
         let grace_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
-        match self.client.request(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
+        match self.ask(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
             Ok(_) | Err(upshift_agent::ClientError::Refused(_)) => Ok(()),
             Err(e) => Err(agent(&e)),
         }
@@ -203,8 +230,7 @@ impl Instances for ProcessDriver {
             .map(str::to_owned)
             .ok_or_else(|| error(format!("component {} has no `serve` address", component.name)))?;
         let drain_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
-        self.client
-            .request(&Request::Route { component: component.name.clone(), listen, upstreams, drain_ms })
+        self.ask(&Request::Route { component: component.name.clone(), listen, upstreams, drain_ms })
             .map(drop)
             .map_err(|e| agent(&e))
     }

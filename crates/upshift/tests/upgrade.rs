@@ -1142,6 +1142,36 @@ fn a_component_behind_a_shebang_script_is_adopted_and_stopped_whole() {
     assert!(TcpStream::connect(&addr).is_err(), "the service under the script still listens on {addr}");
 }
 
+/// Regression: kill -9 of the agent mid-upgrade left the run "undone" with no agent and
+/// the service refusing requests. The driver now starts a new agent (which adopts the
+/// processes and serves the routes) and goes on: the run completes or undoes, and the
+/// service serves either way.
+#[test]
+fn an_agent_killed_mid_upgrade_is_replaced_and_the_run_ends_serving() {
+    let app = App::sqlite();
+    app.at_one();
+    app.ctx.write("slow-smoke", "1");
+    let run =
+        app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    app.wait_for_step(4);
+    let state = app.ctx.join(".upshift");
+    let mut agent = upshift_agent::Client::connect(&state).unwrap();
+    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
+        panic!()
+    };
+    drop(agent);
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!([Some(0), Some(3)].contains(&output.status.code()), "{stderr}");
+    std::fs::remove_file(app.ctx.join("slow-smoke")).unwrap();
+    let status = app.status();
+    assert!(status.run.is_none() && status.components[0].healthy, "{status:?}\n{stderr}");
+    assert_eq!(status.components[0].version, status.version, "{stderr}");
+    let (code, body) = app.http("GET", "/api/notes", "");
+    assert!(code == 200 && body.contains("kept across everything"), "{code} {body}");
+}
+
 /// Regression: a garbled agent.json or routes.json was silently read as empty.
 #[test]
 fn a_garbled_state_file_is_reported_and_kept() {
