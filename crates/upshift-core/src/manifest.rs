@@ -498,6 +498,28 @@ pub struct Manifest {
 /// A component key: its name, the drivers that read it, where it is, whether it is set.
 type KeyUse<'a> = (&'a str, &'a [DriverKind], Option<Range<usize>>, bool);
 
+/// Every value read from a `${VAR}` by any manifest loaded in this process: the one
+/// redaction layer output goes through ([`redact_secrets`]), whatever message quotes it.
+static SECRETS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn register_secrets(found: &[String]) {
+    let mut secrets = SECRETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for secret in found {
+        if !secrets.contains(secret) {
+            secrets.push(secret.clone());
+        }
+    }
+    // Longest first, so a secret that contains another is hidden whole.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every value any loaded manifest read from the environment replaced by
+/// `***`. The CLI's printer passes every line it prints through this.
+pub fn redact_secrets(text: &str) -> String {
+    let secrets = SECRETS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    secrets.iter().fold(text.to_owned(), |out, secret| out.replace(secret.as_str(), "***"))
+}
+
 /// The placeholders a component's strings may hold.
 const COMPONENT_PLACEHOLDERS: &[&str] = &["version", "addr", "port"];
 /// The placeholders a smoke command may hold.
@@ -584,7 +606,10 @@ impl Manifest {
             verify,
             releases,
             agent,
-            secrets: loader.secrets,
+            secrets: {
+                register_secrets(&loader.secrets);
+                loader.secrets
+            },
             vars: loader.vars,
         })
     }

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use upshift_core::manifest::redact_secrets;
+
 use crate::cli::{ColorChoice, Output};
 
 pub(crate) struct Printer {
@@ -66,10 +68,10 @@ impl Printer {
     fn write_result<T: Serialize>(&self, json: &T, human: impl FnOnce() -> String) -> std::io::Result<()> {
         let mut stdout = std::io::stdout().lock();
         if self.is_json() {
-            serde_json::to_writer_pretty(&mut stdout, json)?;
-            writeln!(stdout)?;
+            let text = serde_json::to_string_pretty(json).map_err(std::io::Error::other)?;
+            writeln!(stdout, "{}", redact_secrets(&text))?;
         } else {
-            let text = human();
+            let text = redact_secrets(&human());
             write!(stdout, "{text}")?;
             if !text.is_empty() && !text.ends_with('\n') {
                 writeln!(stdout)?;
@@ -81,27 +83,27 @@ impl Printer {
     /// A progress line for people (stderr, human mode only).
     pub(crate) fn progress(&self, line: &str) {
         if !self.is_json() {
-            eprintln!("{line}");
+            eprintln!("{}", redact_secrets(line));
         }
     }
 
     /// A detail shown with `-v`.
     pub(crate) fn verbose(&self, line: &str) {
         if self.verbose > 0 && !self.is_json() {
-            eprintln!("{line}");
+            eprintln!("{}", redact_secrets(line));
         }
     }
 
     pub(crate) fn warn(&self, line: &str) {
-        eprintln!("{}: {line}", self.paint("warning", "33"));
+        eprintln!("{}: {}", self.paint("warning", "33"), redact_secrets(line));
     }
 
     /// `error:`, then a `Caused by:` line per cause, then a `hint:` when there is one.
     pub(crate) fn error(&self, error: &anyhow::Error) {
         let mut stderr = std::io::stderr().lock();
-        let _ = writeln!(stderr, "{}: {error}", self.paint("error", "31;1"));
+        let _ = writeln!(stderr, "{}: {}", self.paint("error", "31;1"), redact_secrets(&error.to_string()));
         for cause in error.chain().skip(1) {
-            let _ = writeln!(stderr, "  {} {cause}", self.paint("Caused by:", "31"));
+            let _ = writeln!(stderr, "  {} {}", self.paint("Caused by:", "31"), redact_secrets(&cause.to_string()));
         }
         if let Some(hint) = crate::exit::hint(error) {
             let _ = writeln!(stderr, "{}: {hint}", self.paint("hint", "36;1"));

@@ -633,3 +633,17 @@ fn database_url_from_the_environment_does_not_override_the_manifest() {
     assert!(!chosen.success().stderr.contains("ignored"));
     assert!(ctx.join("chosen.db").exists());
 }
+
+/// Every line upshift prints goes through one redaction layer: a value read from `${VAR}`
+/// never shows, even in an error that quotes it whole.
+#[test]
+fn values_from_the_environment_never_show_in_errors() {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", "[database]\nurl = \"${SECRET_URL}\"\n");
+    linear_three(&ctx);
+    let run = Run::from(
+        &ctx.command().args(["migrate", "status"]).env("SECRET_URL", "hunter2-is-not-a-url").output().unwrap(),
+    );
+    run.code(2).stderr_has("***");
+    assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"), "{}", run.stderr);
+}
