@@ -6,6 +6,7 @@
 
 pub mod client;
 mod gate;
+pub mod log_writer;
 mod metrics;
 pub mod protocol;
 pub mod proxy;

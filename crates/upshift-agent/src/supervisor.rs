@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::{InstanceStatus, Spec};
 
-/// A log file is rotated (to `<name>.1`) when it grows past this.
-const LOG_LIMIT: u64 = 10 * 1024 * 1024;
 /// The first restart waits this long; each quick exit doubles it, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -151,24 +149,13 @@ fn note(log: &Path, line: &str) {
     }
 }
 
-/// Rotates `log` to `<name>.1` once it grows past [`LOG_LIMIT`]: copied, then truncated in
-/// place, because the process writes to it directly (in append mode, so it carries on at
-/// the new end). Lines written between the copy and the truncation are lost.
-fn rotate(log: &Path) {
-    if fs::metadata(log).is_ok_and(|m| m.len() > LOG_LIMIT)
-        && fs::copy(log, log.with_extension("log.1")).is_ok()
-        && let Ok(file) = OpenOptions::new().write(true).open(log)
-    {
-        let _ = file.set_len(0);
-    }
-}
-
 fn log_path(state_dir: &Path, spec: &Spec) -> PathBuf {
     state_dir.join("logs").join(format!("{}-{}.log", spec.component, spec.version))
 }
 
-/// Starts `spec`'s process with its output appended straight to `log`, so that it outlives
-/// this agent and a later agent can adopt it.
+/// Starts `spec`'s process with its output going through a pipe to its own log writer
+/// (`upshift agent log`, see `log_writer`), so both outlive this agent, a later agent can
+/// adopt the process, and rotation loses nothing.
 fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
     let (program, args) = spec
         .command
@@ -177,14 +164,26 @@ fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
     if let Some(parent) = log.parent() {
         crate::private_dir(parent)?;
     }
-    let output = OpenOptions::new().create(true).append(true).mode(0o600).open(log)?;
+    let mut writer = Command::new(std::env::current_exe()?)
+        .args(["agent", "log"])
+        .arg(log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own group: stopping the component does not cut its last lines off.
+        .process_group(0)
+        .spawn()?;
+    let pipe: std::os::fd::OwnedFd = writer.stdin.take().expect("piped").into();
+    let output = pipe.try_clone()?;
+    // Reaped when it ends (after the component and its children close the pipe).
+    std::thread::spawn(move || writer.wait());
     Command::new(program)
         .args(args)
         .envs(&spec.env)
         .current_dir(&spec.cwd)
         .stdin(Stdio::null())
-        .stdout(output.try_clone()?)
-        .stderr(output)
+        .stdout(output)
+        .stderr(pipe)
         // Its own process group: signals meant for the agent do not reach it.
         .process_group(0)
         .spawn()
@@ -314,7 +313,6 @@ impl Supervisor {
         let now = Instant::now();
         let mut changed = false;
         for instance in instances.values_mut() {
-            rotate(&instance.log);
             let spec = &instance.spec;
             if let Some(how) = instance.process.as_mut().and_then(|p| p.exited(spec)) {
                 let ran = now.duration_since(instance.started_at);

@@ -170,6 +170,12 @@ pub(crate) enum ConfigCommand {
 pub(crate) enum AgentCommand {
     /// Stop the agent and every process it supervises
     Stop,
+    /// Write a component's output (on stdin) to its log, rotating it (started by the agent)
+    #[command(hide = true)]
+    Log {
+        /// The log file
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1172,6 +1172,74 @@ fn an_agent_killed_mid_upgrade_is_replaced_and_the_run_ends_serving() {
     assert!(code == 200 && body.contains("kept across everything"), "{code} {body}");
 }
 
+/// Regression: logs were rotated by copy-then-truncate of a file the component wrote to
+/// itself, losing what came in between. A log writer that owns the file now rotates it by
+/// rename: the last two files hold the end of the output, every line whole, none missing.
+#[test]
+fn log_rotation_loses_no_line() {
+    struct StopsAgent<'a>(&'a Context);
+    impl Drop for StopsAgent<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["agent", "stop", "--state-dir", ".upshift"]);
+        }
+    }
+    let ctx = Context::new();
+    ctx.write(
+        "upshift.toml",
+        "[app]\nname = \"chatty\"\n\n[[components]]\nname = \"chatty\"\ndriver = \"process\"\nrun = [\"sh\", \"-c\", \"i=0; while [ $i -lt 3000 ]; do echo line $i; i=$((i+1)); done; echo done; exec sleep 600\"]\n\n[[releases]]\nversion = \"1.0.0\"\n",
+    );
+    let _agent = StopsAgent(&ctx);
+    let run = Run::from(
+        &ctx.command()
+            .args(["upgrade", "--to", "1.0.0", "--no-backup"])
+            .env("UPSHIFT_LOG_LIMIT", "4096")
+            .output()
+            .unwrap(),
+    );
+    run.success();
+    let log = ctx.join(".upshift/logs/chatty-1.0.0.log");
+    // The last two files (a rotation may come right after the last line).
+    let kept = || {
+        std::fs::read_to_string(log.with_extension("log.1")).unwrap_or_default()
+            + &std::fs::read_to_string(&log).unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !kept().contains("done") {
+        assert!(std::time::Instant::now() < deadline, "the output never reached the log: {}", kept());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let kept = kept();
+    let numbers: Vec<usize> =
+        kept.lines().filter_map(|l| l.strip_prefix("line ")).map(|n| n.parse().unwrap()).collect();
+    assert_eq!(numbers.last(), Some(&2999), "{kept}");
+    assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "a line was lost at a rotation");
+    assert!(numbers.len() > 300, "the last two files hold {} lines", numbers.len());
+}
+
+/// Regression: after kill -9 of the agent, `agent stop` said "not running" and left the
+/// processes it had supervised running, unseen.
+#[test]
+fn agent_stop_after_the_agent_died_stops_what_it_left_running() {
+    let app = App::sqlite();
+    app.at_one();
+    let addr = app.address();
+    let state = app.ctx.join(".upshift");
+    let mut agent = upshift_agent::Client::connect(&state).unwrap();
+    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
+        panic!()
+    };
+    drop(agent);
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while upshift_agent::Client::connect(&state).and_then(|mut c| c.request(&upshift_agent::Request::Status)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(TcpStream::connect(&addr).is_ok(), "the service should outlive its agent");
+    app.run(&["agent", "stop"]).success();
+    assert!(TcpStream::connect(&addr).is_err(), "the orphaned service still listens on {addr}");
+}
+
 /// Regression: a garbled agent.json or routes.json was silently read as empty.
 #[test]
 fn a_garbled_state_file_is_reported_and_kept() {

@@ -29,8 +29,22 @@ pub(crate) fn run(
         None => manifest(global)?.map_or_else(|| PathBuf::from(".upshift"), |m| m.state_dir),
     };
     match command {
+        Some(AgentCommand::Log { path }) => {
+            upshift_agent::log_writer::run(path, &mut std::io::stdin().lock(), upshift_agent::log_writer::limit())
+                .with_context(|| format!("writing the log {}", path.display()))
+        }
         Some(AgentCommand::Stop) => {
-            match Client::connect(&state_dir) {
+            // An agent that died (kill -9, OOM) left its processes running: start a new one,
+            // which adopts them, so that stopping it stops them too.
+            let connected = match Client::connect(&state_dir) {
+                Err(ClientError::NotRunning(_)) if state_dir.join("agent.json").exists() => {
+                    let program = std::env::current_exe().context("finding the upshift binary")?;
+                    printer.progress("the agent was not running; starting one to stop what the last one left running");
+                    Client::connect_or_start(&state_dir, &program)
+                }
+                other => other,
+            };
+            match connected {
                 Ok(mut client) => {
                     client.request(&Request::Shutdown).context("stopping the agent")?;
                     // Wait for it to let go of its socket, so a new agent can start at once.
