@@ -299,7 +299,28 @@ impl Migrator {
                     .into_iter()
                     .filter(|s| !s.is_empty())
                     .map(|s| PreparedStatement { sql: s.sql().to_owned(), line: section.first_line + s.line - 1 })
-                    .collect();
+                    .collect::<Vec<_>>();
+                if direction == Direction::Up && statements.is_empty() && self.graph.parents(index).len() < 2 {
+                    return Err(Error::File {
+                        path: section.path.clone(),
+                        line: Some(section.first_line),
+                        message: format!(
+                            "revision {} has an empty up section (an unedited `upshift migrate new` file?); write its SQL, or delete the file",
+                            revision.id
+                        ),
+                    });
+                }
+                if !revision.no_transaction {
+                    for statement in &statements {
+                        if let Some(message) = refused_in_a_transaction(&statement.sql, dialect) {
+                            return Err(Error::File {
+                                path: section.path.clone(),
+                                line: Some(statement.line),
+                                message,
+                            });
+                        }
+                    }
+                }
                 Ok(Step { revision, direction, statements })
             })
             .collect()
@@ -444,6 +465,61 @@ impl Migrator {
     }
 }
 
+/// The first words of a statement, upper-cased, after any leading comments.
+fn first_words(sql: &str, count: usize) -> Vec<String> {
+    let mut rest = sql.trim_start();
+    loop {
+        if let Some(line) = rest.strip_prefix("--") {
+            rest = line.split_once('\n').map_or("", |(_, after)| after).trim_start();
+        } else if let Some(block) = rest.strip_prefix("/*") {
+            rest = block.split_once("*/").map_or("", |(_, after)| after).trim_start();
+        } else {
+            break;
+        }
+    }
+    rest.split(|c: char| c.is_whitespace() || c == ';' || c == '(')
+        .filter(|w| !w.is_empty())
+        .take(count)
+        .map(str::to_ascii_uppercase)
+        .collect()
+}
+
+/// Why `sql` cannot run in a revision that upshift runs in one transaction, if it cannot:
+/// transaction control of its own, or a statement the server refuses inside a transaction
+/// block. Said before anything runs, with the fix.
+fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
+    let words = first_words(sql, 4);
+    let word = |i: usize| words.get(i).map_or("", String::as_str);
+    let control = match word(0) {
+        "BEGIN" if word(1) != "ATOMIC" => true,
+        "COMMIT" | "ROLLBACK" | "END" | "ABORT" => true,
+        "START" => word(1) == "TRANSACTION",
+        _ => false,
+    };
+    if control {
+        return Some(format!(
+            "`{}` controls the transaction itself, but upshift runs this revision in one transaction with its bookkeeping row (a COMMIT here would end it early, and a failure after it would leave part of the revision applied and unrecorded); remove the transaction statements (the revision stays atomic), or add `-- upshift:no-transaction` to its header",
+            word(0)
+        ));
+    }
+    let concurrently = words.iter().any(|w| w == "CONCURRENTLY");
+    let outside_only = matches!(
+        (dialect, word(0), word(1)),
+        (Dialect::Postgres, "CREATE" | "DROP" | "REINDEX", _) if concurrently
+    ) || matches!(
+        (dialect, word(0), word(1)),
+        (Dialect::Postgres, "CREATE" | "DROP", "DATABASE" | "TABLESPACE")
+            | (Dialect::Postgres, "ALTER", "SYSTEM")
+            | (_, "VACUUM", _)
+    );
+    outside_only.then(|| {
+        format!(
+            "`{}` cannot run inside a transaction block, and upshift runs this revision in one; add `-- upshift:no-transaction` to the file's header (its statements then run one by one, and a failure says which stayed applied)",
+            words.join(" ")
+        )
+    })
+}
+
 /// Runs `work` holding the migration lock, and releases it whatever happens.
 fn locked<T>(
     engine: &mut dyn Engine,
@@ -470,6 +546,33 @@ fn run(engine: &mut dyn Engine, steps: &[Step<'_>], done: &mut dyn FnMut(&Revisi
 mod tests {
     use super::*;
     use crate::graph::tests::revision;
+
+    #[test]
+    fn statements_a_transaction_cannot_hold_are_named() {
+        let refused = |sql: &str| refused_in_a_transaction(sql, Dialect::Postgres);
+        assert!(refused("BEGIN").unwrap().contains("`BEGIN` controls the transaction"));
+        assert!(refused("-- done\nCOMMIT").is_some());
+        assert!(refused("start transaction isolation level serializable").is_some());
+        assert!(
+            refused("CREATE INDEX CONCURRENTLY notes_body ON notes (body)").unwrap().contains("upshift:no-transaction")
+        );
+        assert!(refused("create unique index concurrently i on t (c)").is_some());
+        assert!(refused("VACUUM ANALYZE notes").is_some());
+        assert!(refused("ALTER SYSTEM SET work_mem = '64MB'").is_some());
+        for fine in [
+            "CREATE INDEX notes_body ON notes (body)",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; END",
+            "DO $$ BEGIN RAISE NOTICE 'x'; END $$",
+            "UPDATE t SET begin_at = now()",
+            "SAVEPOINT a",
+        ] {
+            assert!(refused(fine).is_none(), "{fine}");
+        }
+        assert!(
+            refused_in_a_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END", Dialect::Sqlite)
+                .is_none()
+        );
+    }
 
     fn migrator(revisions: Vec<Revision>) -> Migrator {
         Migrator { dir: PathBuf::from("migrations"), graph: Graph::new(revisions).unwrap() }

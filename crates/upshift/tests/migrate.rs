@@ -647,3 +647,40 @@ fn values_from_the_environment_never_show_in_errors() {
     run.code(2).stderr_has("***");
     assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"), "{}", run.stderr);
 }
+
+/// Regression: a file with its own BEGIN/COMMIT ended upshift's transaction on PostgreSQL,
+/// and a later failure left tables with no bookkeeping row while upshift said "nothing of
+/// it was applied"; an unmarked CREATE INDEX CONCURRENTLY failed with only the server's
+/// message; an unedited `migrate new` file applied as an empty revision. Each is refused
+/// before anything runs, with the file, the line and the fix.
+#[test]
+fn what_a_transaction_cannot_hold_is_refused_before_anything_runs() {
+    let db = upshift_testing::fresh_database();
+    let ctx = Context::new();
+    ctx.write("migrations/1_notes.sql", "-- upshift:up\nCREATE TABLE notes (id int);\n");
+    ctx.write(
+        "migrations/2_own_tx.sql",
+        "-- upshift:up\nBEGIN;\nCREATE TABLE tags (id int);\nCOMMIT;\nSELECT * FROM nope;\n",
+    );
+    ctx.migrate(&db, &["up"])
+        .code(2)
+        .stderr_has("2_own_tx.sql:2")
+        .stderr_has("`BEGIN` controls the transaction itself")
+        .stderr_has("-- upshift:no-transaction");
+    let cluster = upshift_testing::postgres();
+    let tables: i64 = cluster
+        .connect(upshift_testing::database_name(&db))
+        .query_one("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_name <> 'upshift_migrations'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "something ran");
+    ctx.write("migrations/2_own_tx.sql", "-- upshift:up\nCREATE INDEX CONCURRENTLY notes_id ON notes (id);\n");
+    ctx.migrate(&db, &["up"]).code(2).stderr_has("2_own_tx.sql:2").stderr_has("cannot run inside a transaction block");
+    ctx.write(
+        "migrations/2_own_tx.sql",
+        "-- upshift:no-transaction\n-- upshift:up\nCREATE INDEX CONCURRENTLY notes_id ON notes (id);\n",
+    );
+    ctx.migrate(&db, &["up"]).success();
+    ctx.write("migrations/3_todo.sql", "-- upshift:up\n-- TODO\n-- upshift:down\n");
+    ctx.migrate(&db, &["up"]).code(2).stderr_has("3_todo.sql").stderr_has("empty up section");
+}
