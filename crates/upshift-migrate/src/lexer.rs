@@ -121,8 +121,9 @@ impl<'a> Lexer<'a> {
                 b if b.is_ascii_whitespace() => self.pos += 1,
                 b'-' if self.peek(1) == Some(b'-') => self.line_comment(),
                 b'/' if self.peek(1) == Some(b'*') => self.block_comment()?,
+                // A `;` alone is no code: a bare `;` (or a comment then `;`) is an empty
+                // statement, skipped (SQLite refuses to run one).
                 b';' => {
-                    self.code();
                     self.pos += 1;
                     if self.paren_depth == 0 && self.block_depth == 0 {
                         self.finish(self.pos);

@@ -684,3 +684,29 @@ fn what_a_transaction_cannot_hold_is_refused_before_anything_runs() {
     ctx.write("migrations/3_todo.sql", "-- upshift:up\n-- TODO\n-- upshift:down\n");
     ctx.migrate(&db, &["up"]).code(2).stderr_has("3_todo.sql").stderr_has("empty up section");
 }
+
+/// Regression: SQLite ran migrations with foreign keys on (rusqlite's default), so the
+/// documented table rebuild failed with "FOREIGN KEY constraint failed"; a bare `;` failed
+/// with "bad parameter or other API misuse". Now foreign keys are off for the run and
+/// `PRAGMA foreign_key_check` runs before each revision is kept, naming broken rows.
+#[test]
+fn sqlite_table_rebuilds_work_and_broken_foreign_keys_are_named() {
+    let ctx = Context::new();
+    ctx.write(
+        "migrations/1_init.sql",
+        "-- upshift:up\nCREATE TABLE a (id INTEGER PRIMARY KEY);\nCREATE TABLE b (id INTEGER PRIMARY KEY, a_id INTEGER REFERENCES a (id));\nINSERT INTO a VALUES (1);\nINSERT INTO b VALUES (1, 1);\n;\n-- an empty statement\n;\n",
+    );
+    ctx.write(
+        "migrations/2_rebuild.sql",
+        "-- upshift:up\nCREATE TABLE a_new (id INTEGER PRIMARY KEY, name TEXT);\nINSERT INTO a_new (id) SELECT id FROM a;\nDROP TABLE a;\nALTER TABLE a_new RENAME TO a;\n",
+    );
+    ctx.migrate("sqlite:app.db", &["up"]).success();
+    ctx.write("migrations/3_dangle.sql", "-- upshift:up\nDELETE FROM a;\n");
+    ctx.migrate("sqlite:app.db", &["up"])
+        .code(1)
+        .stderr_has("3_dangle.sql")
+        .stderr_has("b rowid 1 references a missing row of a");
+    let connection = rusqlite::Connection::open(ctx.join("app.db")).unwrap();
+    let kept: i64 = connection.query_row("SELECT count(*) FROM a", [], |r| r.get(0)).unwrap();
+    assert_eq!(kept, 1, "the revision that broke the keys was kept");
+}

@@ -18,6 +18,32 @@ use super::{AppliedRevision, Direction, Engine, Step, TABLE, millis, table_ddl};
 use crate::error::Error;
 use crate::lexer::Dialect;
 
+/// The rows whose foreign keys point nowhere after a revision, said for people; `None`
+/// when there are none.
+fn foreign_key_violations(connection: &Connection) -> Result<Option<String>, Error> {
+    let read = || -> rusqlite::Result<Vec<(String, Option<i64>, String)>> {
+        let mut statement = connection.prepare("PRAGMA foreign_key_check")?;
+        statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.take(10).collect()
+    };
+    let rows = read().map_err(|e| Error::database("check foreign keys", e))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let listed: Vec<String> = rows
+        .iter()
+        .map(|(table, rowid, parent)| {
+            format!(
+                "{table} rowid {} references a missing row of {parent}",
+                rowid.map_or("?".into(), |r| r.to_string())
+            )
+        })
+        .collect();
+    Ok(Some(format!(
+        "the revision leaves foreign keys pointing nowhere (PRAGMA foreign_key_check): {}",
+        listed.join("; ")
+    )))
+}
+
 /// A SQLite database file.
 pub struct SqliteEngine {
     path: PathBuf,
@@ -132,6 +158,12 @@ impl Engine for SqliteEngine {
     }
 
     fn lock(&mut self, timeout: Duration) -> Result<(), Error> {
+        // SQLite's documented procedure for schema changes: foreign keys off for the run
+        // (the pragma does nothing inside a transaction, and rusqlite's SQLite turns them
+        // on by default), then `foreign_key_check` before each revision is kept.
+        self.connection()?
+            .execute_batch("PRAGMA foreign_keys = OFF")
+            .map_err(|e| Error::database("turn foreign keys off for the migration", e))?;
         self.begin_immediate(timeout)?;
         self.connection()?
             .execute_batch(&table_ddl(Dialect::Sqlite))
@@ -153,6 +185,9 @@ impl Engine for SqliteEngine {
             for (index, statement) in step.statements.iter().enumerate() {
                 run(self.connection()?, &statement.sql).map_err(|e| step.failed(index, e.to_string()))?;
             }
+            if let Some(broken) = foreign_key_violations(self.connection()?)? {
+                return Err(step.failed(step.statements.len().saturating_sub(1), broken));
+            }
             let duration = started.elapsed();
             self.begin_immediate(Duration::from_mins(1))?;
             bookkeeping(self.connection()?, step, duration)
@@ -168,6 +203,10 @@ impl Engine for SqliteEngine {
             .enumerate()
             .try_for_each(|(index, statement)| {
                 run(connection, &statement.sql).map_err(|e| step.failed(index, e.to_string()))
+            })
+            .and_then(|()| match foreign_key_violations(connection)? {
+                Some(broken) => Err(step.failed(step.statements.len().saturating_sub(1), broken)),
+                None => Ok(()),
             })
             .and_then(|()| {
                 bookkeeping(connection, step, started.elapsed())
