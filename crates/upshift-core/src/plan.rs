@@ -208,7 +208,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         };
         let graph = migrator.graph();
         let (expand, contract) = split_phases(migrator, &migrator.plan_up(applied, &target)?);
-        let expand_reversible = expand.iter().all(|&i| graph.revision(i).down.is_some());
+        let expand_reversible = expand.iter().all(|&i| graph.revision(i).reversible());
         let describe = |index: &usize| {
             let revision = graph.revision(*index);
             format!(

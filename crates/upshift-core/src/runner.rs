@@ -341,10 +341,8 @@ fn undo_of(
     } else if !expand_applied.is_empty() {
         let migrator = migrator(ctx)?;
         let graph = migrator.graph();
-        let irreversible: Vec<&String> = expand_applied
-            .iter()
-            .filter(|id| graph.find(id).is_none_or(|i| graph.revision(i).down.is_none()))
-            .collect();
+        let irreversible: Vec<&String> =
+            expand_applied.iter().filter(|id| graph.find(id).is_none_or(|i| !graph.revision(i).reversible())).collect();
         if irreversible.is_empty() {
             (
                 UndoDepth::CodeAndDown,
@@ -400,7 +398,7 @@ fn check_actions(ctx: &mut Context<'_>, actions: &[UndoAction]) -> Result<(), St
                         .graph()
                         .find(id)
                         .ok_or_else(|| format!("revision {id}'s file is gone: it cannot be reverted"))?;
-                    if migrator.graph().revision(index).down.is_none() {
+                    if !migrator.graph().revision(index).reversible() {
                         return Err(format!("revision {id} has no down section: it cannot be reverted"));
                     }
                 }

@@ -42,7 +42,7 @@ pub enum Error {
     #[error("revision {id} is applied in the database but has no file in {}; restore the file", dir.display())]
     Vanished { id: String, dir: PathBuf },
     /// `down` would pass through a revision that cannot be reverted.
-    #[error("revision {id} ({}) has no down section, so `down` cannot pass through it; add `-- upshift:down` with its reverse, or choose a later target", path.display())]
+    #[error("revision {id} ({}) has no down SQL (its down section is missing or empty), so `down` cannot pass through it; write its reverse {}, or choose a later target", path.display(), where_down_goes(path))]
     NoDown { id: String, path: PathBuf },
     /// A database URL that cannot be used.
     #[error("bad database URL `{url}`: {message}")]
@@ -97,5 +97,17 @@ impl Error {
 
     pub(crate) fn database(action: impl Into<String>, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Database { action: action.into(), source: Box::new(source) }
+    }
+}
+
+/// Where a revision's down SQL goes, in the layout its file is in.
+fn where_down_goes(path: &std::path::Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(stem) = name.strip_suffix(".up.sql") {
+        format!("in {stem}.down.sql beside it")
+    } else if std::fs::read_to_string(path).is_ok_and(|text| text.contains("-- migrate:up")) {
+        "under `-- migrate:down` in the file".to_owned()
+    } else {
+        "under `-- upshift:down` in the file".to_owned()
     }
 }

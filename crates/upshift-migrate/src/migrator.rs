@@ -251,7 +251,7 @@ impl Migrator {
         };
         for &index in &plan {
             let revision = self.graph.revision(index);
-            if revision.down.is_none() {
+            if !revision.reversible() {
                 return Err(Error::NoDown { id: revision.id.clone(), path: revision.path.clone() });
             }
         }

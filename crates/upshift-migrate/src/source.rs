@@ -92,6 +92,20 @@ pub struct Revision {
     pub checksum: String,
 }
 
+impl Revision {
+    /// Whether `down` can undo it: a down section that holds SQL, or nothing to undo. An
+    /// empty down (or one of comments only) under an up that does something is no undo at
+    /// all: "reverting" by it would only drop the bookkeeping row and break the next `up`.
+    pub fn reversible(&self) -> bool {
+        let has_sql = |sql: &str| {
+            crate::lexer::split(sql, crate::lexer::Dialect::Postgres)
+                .map_or(true, |pieces| pieces.iter().any(|p| !p.is_empty()))
+        };
+        // A revision whose up does nothing (a merge) has nothing to undo.
+        self.down.as_ref().is_some_and(|down| has_sql(&down.sql)) || !has_sql(&self.up.sql)
+    }
+}
+
 /// Reads every revision in `dir`, sorted by id.
 pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
     let entries = fs::read_dir(dir).map_err(|source| Error::Io {

@@ -387,7 +387,7 @@ fn down_through_a_revision_without_down_is_refused() {
     ctx.write("migrations/1_a.sql", "CREATE TABLE a (id int);\n");
     ctx.write("migrations/2_b.sql", "-- upshift:up\nCREATE TABLE b (id int);\n-- upshift:down\nDROP TABLE b;\n");
     ctx.migrate(&url, &["up"]).success();
-    ctx.migrate(&url, &["down", "base"]).code(2).stderr_has("revision 1").stderr_has("has no down section");
+    ctx.migrate(&url, &["down", "base"]).code(2).stderr_has("revision 1").stderr_has("has no down SQL");
     assert!(db.has_table("b"), "revision 2 was reverted although the run was refused");
     ctx.migrate(&url, &["down", "-1"]).success();
 }
@@ -709,4 +709,29 @@ fn sqlite_table_rebuilds_work_and_broken_foreign_keys_are_named() {
     let connection = rusqlite::Connection::open(ctx.join("app.db")).unwrap();
     let kept: i64 = connection.query_row("SELECT count(*) FROM a", [], |r| r.get(0)).unwrap();
     assert_eq!(kept, 1, "the revision that broke the keys was kept");
+}
+
+/// Regression: an empty down section counted as reverted (it only dropped the bookkeeping
+/// row) and the next `up` broke. Now it is no down at all, and the hint fits the layout.
+#[test]
+fn an_empty_down_section_is_not_an_undo() {
+    let ctx = Context::new();
+    ctx.write(
+        "migrations/1_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id int);\n-- upshift:down\n-- nothing to see\n",
+    );
+    ctx.write("migrations/2_tags.up.sql", "CREATE TABLE tags (id int);\n");
+    ctx.migrate("sqlite:app.db", &["up"]).success();
+    ctx.migrate("sqlite:app.db", &["down", "-1"])
+        .code(2)
+        .stderr_has("revision 2")
+        .stderr_has("in 2_tags.down.sql beside it");
+    ctx.write("migrations/2_tags.down.sql", "DROP TABLE tags;\n");
+    ctx.migrate("sqlite:app.db", &["down", "-1"]).success();
+    ctx.migrate("sqlite:app.db", &["down", "-1"])
+        .code(2)
+        .stderr_has("has no down SQL (its down section is missing or empty)")
+        .stderr_has("under `-- upshift:down` in the file");
+    // Nothing was "reverted": up again is a no-op, not a failure.
+    ctx.migrate("sqlite:app.db", &["up"]).success();
 }
