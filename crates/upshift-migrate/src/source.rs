@@ -114,6 +114,8 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
         source,
     })?;
     let mut singles = Vec::new();
+    let mut diesel = Vec::new();
+    let mut singles_done: Vec<Revision> = Vec::new();
     let mut pairs: BTreeMap<String, (Option<PathBuf>, Option<PathBuf>)> = BTreeMap::new();
     for entry in entries {
         let entry = entry.map_err(|source| Error::Io {
@@ -125,8 +127,16 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
         let Some(file_name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
             continue;
         };
-        if file_name.starts_with('.') || !path.is_file() {
+        if file_name.starts_with('.') {
             continue;
+        }
+        if path.is_dir() {
+            // diesel: `<version>_<name>/up.sql` (+ `down.sql`, `metadata.toml`).
+            if path.join("up.sql").is_file() {
+                diesel.push((file_name, path));
+                continue;
+            }
+            return Err(unknown_layout(dir, &path));
         }
         if let Some(stem) = file_name.strip_suffix(".up.sql") {
             pairs.entry(stem.to_owned()).or_default().0 = Some(path);
@@ -134,10 +144,29 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
             pairs.entry(stem.to_owned()).or_default().1 = Some(path);
         } else if let Some(stem) = file_name.strip_suffix(".sql") {
             singles.push((stem.to_owned(), path));
+        } else if !is_documentation(&file_name) {
+            return Err(unknown_layout(dir, &path));
         }
     }
+    for (stem, folder) in diesel {
+        let up = folder.join("up.sql");
+        let down = Some(folder.join("down.sql")).filter(|p| p.is_file());
+        let up_text = read_text(&up)?;
+        let down_text = down.as_ref().map(|p| read_text(p)).transpose()?;
+        let mut revision = parse_pair(&stem, &up, &up_text, down.as_deref(), down_text.as_deref())?;
+        // diesel's own switch: `run_in_transaction = false` in metadata.toml.
+        let metadata = folder.join("metadata.toml");
+        if metadata.is_file()
+            && read_text(&metadata)?.lines().any(|l| {
+                l.split_once('=').is_some_and(|(k, v)| k.trim() == "run_in_transaction" && v.trim() == "false")
+            })
+        {
+            revision.no_transaction = true;
+        }
+        singles_done.push(revision);
+    }
 
-    let mut revisions = Vec::new();
+    let mut revisions = singles_done;
     for (stem, path) in singles {
         let text = read_text(&path)?;
         revisions.push(parse_single(&stem, &path, &text)?);
@@ -157,6 +186,36 @@ pub fn read_dir(dir: &Path) -> Result<Vec<Revision>, Error> {
     }
     revisions.sort_by(|a, b| compare_ids(&a.id, &b.id));
     Ok(revisions)
+}
+
+/// Files a migrations folder may hold beside its migrations.
+fn is_documentation(name: &str) -> bool {
+    name.to_ascii_lowercase().starts_with("readme")
+        || Path::new(name).extension().is_some_and(|e| e.eq_ignore_ascii_case("md") || e.eq_ignore_ascii_case("txt"))
+}
+
+/// A folder holding something upshift does not read: refused, naming what it looks like,
+/// never read as an empty folder.
+fn unknown_layout(dir: &Path, found: &Path) -> Error {
+    let name = found.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let alembic = found.extension().is_some_and(|e| e == "py")
+        || name == "alembic.ini"
+        || dir.join("env.py").is_file()
+        || (found.is_dir()
+            && fs::read_dir(found).is_ok_and(|d| d.flatten().any(|e| e.path().extension().is_some_and(|x| x == "py"))));
+    let looks_like = if alembic {
+        "an Alembic project (env.py, versions/*.py): upshift cannot run Alembic migrations yet".to_owned()
+    } else {
+        format!("`{name}`, which is not a migration upshift reads")
+    };
+    Error::File {
+        path: found.to_path_buf(),
+        line: None,
+        message: format!(
+            "the migrations folder {} holds {looks_like}; upshift reads <id>_<slug>.sql files (upshift, dbmate), <id>_<slug>.up.sql/.down.sql pairs (golang-migrate, sqlx) and diesel <version>_<name>/up.sql folders; point --dir (or [database] migrations) at such a folder",
+            dir.display()
+        ),
+    }
 }
 
 /// Orders ids the way people number files: all-digit ids by value (so `2` < `10`), any

@@ -735,3 +735,35 @@ fn an_empty_down_section_is_not_an_undo() {
     // Nothing was "reverted": up again is a no-op, not a failure.
     ctx.migrate("sqlite:app.db", &["up"]).success();
 }
+
+/// Regression: a diesel folder (`<version>_<name>/up.sql`) was read as empty ("nothing to
+/// do"), and so was an Alembic project. diesel folders are read (with metadata.toml's
+/// `run_in_transaction = false`), and a folder of files upshift does not read is refused
+/// with what it looks like.
+#[test]
+fn diesel_folders_are_read_and_unknown_layouts_refused() {
+    let ctx = Context::new();
+    ctx.write("migrations/2024-01-01-000000_create_notes/up.sql", "CREATE TABLE notes (id INTEGER PRIMARY KEY);\n");
+    ctx.write("migrations/2024-01-01-000000_create_notes/down.sql", "DROP TABLE notes;\n");
+    ctx.write("migrations/2024-02-01-000000_index_notes/up.sql", "VACUUM;\n");
+    ctx.write("migrations/2024-02-01-000000_index_notes/down.sql", "SELECT 1;\n");
+    ctx.write("migrations/2024-02-01-000000_index_notes/metadata.toml", "run_in_transaction = false\n");
+    ctx.write("migrations/README.md", "how we write migrations\n");
+    let url = "sqlite:app.db";
+    let status: serde_json::Value = ctx.migrate(url, &["status", "--output", "json"]).success().json();
+    assert_eq!(status["pending"].as_array().unwrap().len(), 2, "{status}");
+    ctx.migrate(url, &["up"]).success();
+    ctx.migrate(url, &["down", "base"]).success();
+    ctx.migrate(url, &["up"]).success();
+    let applied: serde_json::Value = ctx.migrate(url, &["status", "--output", "json"]).success().json();
+    assert_eq!(applied["applied"], serde_json::json!(["2024-01-01-000000", "2024-02-01-000000"]));
+
+    let alembic = Context::new();
+    alembic.write("migrations/env.py", "# alembic\n");
+    alembic.write("migrations/versions/abc123_create_notes.py", "revision = 'abc123'\n");
+    alembic.migrate(url, &["status"]).code(2).stderr_has("an Alembic project");
+    let stray = Context::new();
+    stray.write("migrations/1_a.sql", "-- upshift:up\nCREATE TABLE a (id int);\n");
+    stray.write("migrations/schema.json", "{}\n");
+    stray.migrate(url, &["up"]).code(2).stderr_has("`schema.json`, which is not a migration upshift reads");
+}
