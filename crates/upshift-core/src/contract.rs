@@ -401,7 +401,8 @@ impl Lab {
 fn plan(manifest: &Manifest, url: &DatabaseUrl, journal: &Journal, version: &str) -> Result<crate::Plan, RunError> {
     let target: semver::Version = version.parse().expect("a lab version");
     let deployed = journal.deployed()?.map(|r| r.version.parse().expect("semver in the journal"));
-    let migrator = Migrator::load(&manifest.migrations_dir).map_err(|e| RunError::Preflight(e.to_string()))?;
+    let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)
+        .map_err(|e| RunError::Preflight(e.to_string()))?;
     let applied = upshift_migrate::connect(url, true)
         .and_then(|mut e| e.applied())
         .map_err(|e| RunError::Preflight(e.to_string()))?;

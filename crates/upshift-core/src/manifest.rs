@@ -460,6 +460,8 @@ struct RawDatabase {
     url: Option<Spanned<String>>,
     migrations: Option<String>,
     min_server: Option<String>,
+    #[serde(default)]
+    no_transaction: Vec<String>,
 }
 
 /// A loaded manifest.
@@ -477,6 +479,9 @@ pub struct Manifest {
     pub migrations_dir: PathBuf,
     /// `[database] min_server`: the oldest database server version the application supports.
     pub min_server: Option<String>,
+    /// `[database] no_transaction`: revisions to run outside a transaction without editing
+    /// their files.
+    pub no_transaction: Vec<String>,
     /// The manifest's folder: where relative paths start.
     pub base_dir: PathBuf,
     /// `[backup]`.
@@ -564,9 +569,9 @@ impl Manifest {
         let mut loader = Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new() };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let (database_url_raw, migrations, min_server) = match raw.database {
-            Some(database) => (database.url, database.migrations, database.min_server),
-            None => (None, None, None),
+        let (database_url_raw, migrations, min_server, no_transaction) = match raw.database {
+            Some(database) => (database.url, database.migrations, database.min_server, database.no_transaction),
+            None => (None, None, None, Vec::new()),
         };
         let database_url = database_url_raw.as_ref().map(|url| loader.expand(url)).transpose()?;
         let backup = loader.backup(raw.backup, base)?;
@@ -599,6 +604,7 @@ impl Manifest {
             state_dir: base.join(app.and_then(|a| a.state_dir).unwrap_or_else(|| ".upshift".into())),
             database_url,
             min_server,
+            no_transaction,
             migrations_dir: base.join(migrations.unwrap_or_else(|| "migrations".into())),
             base_dir: base.to_path_buf(),
             backup,

@@ -110,7 +110,7 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 }
 
 fn migrator(ctx: &Context<'_>) -> Result<Migrator, String> {
-    Migrator::load(&ctx.manifest.migrations_dir).map_err(|e| chain(&e))
+    Migrator::load_with(&ctx.manifest.migrations_dir, &ctx.manifest.no_transaction).map_err(|e| chain(&e))
 }
 
 fn component<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Component, String> {

@@ -103,7 +103,24 @@ pub struct Migrator {
 impl Migrator {
     /// Reads and checks the folder: file format, duplicate ids, parents, cycles.
     pub fn load(dir: &Path) -> Result<Migrator, Error> {
-        let graph = Graph::new(source::read_dir(dir)?)?;
+        Migrator::load_with(dir, &[])
+    }
+
+    /// Reads `dir`, running the revisions `no_transaction` names outside a transaction
+    /// (the manifest's `[database] no_transaction`, so nobody edits upstream files). An id
+    /// that names no revision is refused.
+    pub fn load_with(dir: &Path, no_transaction: &[String]) -> Result<Migrator, Error> {
+        let mut revisions = source::read_dir(dir)?;
+        for id in no_transaction {
+            let revision = revisions.iter_mut().find(|r| &r.id == id).ok_or_else(|| {
+                Error::Target(format!(
+                    "[database] no_transaction names {id}, which is not a revision in {}",
+                    dir.display()
+                ))
+            })?;
+            revision.no_transaction = true;
+        }
+        let graph = Graph::new(revisions)?;
         Ok(Migrator { dir: dir.to_path_buf(), graph })
     }
 

@@ -378,6 +378,10 @@ fn parse_single(stem: &str, path: &Path, text: &str) -> Result<Revision, Error> 
         }
         offset = next;
     }
+    // sqlx's single files say `-- no-transaction` on their first line.
+    if text.lines().next().is_some_and(|l| l.trim() == "-- no-transaction") {
+        header.no_transaction = true;
+    }
     // Without an up marker, everything before `down` (or the whole file) is the up section.
     let (up_start, up_line) = up.unwrap_or((0, 1));
     let up_sql = &text[up_start..up_end.unwrap_or(text.len())];

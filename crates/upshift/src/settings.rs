@@ -72,6 +72,8 @@ fn require_url(url: Option<&str>) -> anyhow::Result<DatabaseUrl> {
 
 pub(crate) struct MigrateSettings {
     pub(crate) dir: PathBuf,
+    /// The manifest's `[database] no_transaction`.
+    pub(crate) no_transaction: Vec<String>,
     url: Option<String>,
     pub(crate) lock_timeout: Duration,
 }
@@ -84,12 +86,13 @@ impl MigrateSettings {
     ) -> anyhow::Result<MigrateSettings> {
         let manifest = manifest(global)?;
         let url = database_url(&connect.database, manifest.as_ref(), printer);
+        let no_transaction = manifest.as_ref().map(|m| m.no_transaction.clone()).unwrap_or_default();
         let dir = connect
             .dir
             .clone()
             .or_else(|| manifest.map(|m| m.migrations_dir))
             .unwrap_or_else(|| PathBuf::from("migrations"));
-        Ok(MigrateSettings { dir, url, lock_timeout: connect.lock_timeout })
+        Ok(MigrateSettings { dir, no_transaction, url, lock_timeout: connect.lock_timeout })
     }
 
     /// The database URL, or a usage error saying where to put one.

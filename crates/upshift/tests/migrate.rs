@@ -767,3 +767,23 @@ fn diesel_folders_are_read_and_unknown_layouts_refused() {
     stray.write("migrations/schema.json", "{}\n");
     stray.migrate(url, &["up"]).code(2).stderr_has("`schema.json`, which is not a migration upshift reads");
 }
+
+/// Regression: there was no way to run a revision outside a transaction without editing
+/// it: sqlx's `-- no-transaction` first line was ignored in single files, and the manifest
+/// had no list. Both work now, and a list entry naming no revision is refused.
+#[test]
+fn revisions_run_outside_a_transaction_by_sqlx_marker_or_manifest_list() {
+    let db = upshift_testing::fresh_database();
+    let ctx = Context::new();
+    ctx.write("migrations/1_notes.sql", "CREATE TABLE notes (id int, body text);\n");
+    ctx.write("migrations/2_by_sqlx.sql", "-- no-transaction\nCREATE INDEX CONCURRENTLY notes_id ON notes (id);\n");
+    ctx.write("migrations/3_upstream.sql", "CREATE INDEX CONCURRENTLY notes_body ON notes (body);\n");
+    ctx.migrate(&db, &["up"])
+        .code(2)
+        .stderr_has("3_upstream.sql:1")
+        .stderr_has("cannot run inside a transaction block");
+    ctx.write("upshift.toml", "[database]\nno_transaction = [\"3\"]\n");
+    ctx.migrate(&db, &["up"]).success();
+    ctx.write("upshift.toml", "[database]\nno_transaction = [\"4\"]\n");
+    ctx.migrate(&db, &["status"]).code(2).stderr_has("no_transaction names 4, which is not a revision");
+}

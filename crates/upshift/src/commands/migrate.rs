@@ -35,7 +35,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &MigrateArgs, printer: &Printer) ->
 }
 
 fn load(settings: &MigrateSettings) -> anyhow::Result<Migrator> {
-    Ok(Migrator::load(&settings.dir)?)
+    Ok(Migrator::load_with(&settings.dir, &settings.no_transaction)?)
 }
 
 /// Opens the database; `create` only for commands that write.

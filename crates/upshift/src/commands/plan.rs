@@ -40,7 +40,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
     let url = database_url(database, Some(&manifest), printer).map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
         Some(url) => {
-            let migrator = Migrator::load(&manifest.migrations_dir)?;
+            let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)?;
             let mut engine = upshift_migrate::connect(url, false)?;
             let version = engine.server_version().with_context(|| format!("the database {url} is not reachable"))?;
             let applied = engine.applied()?;

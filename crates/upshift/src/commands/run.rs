@@ -183,8 +183,8 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
         let migrator;
         let migrations = match context.database {
             Some(url) => {
-                migrator =
-                    Migrator::load(&manifest.migrations_dir).map_err(|e| runner::RunError::Preflight(e.to_string()))?;
+                migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)
+                    .map_err(|e| runner::RunError::Preflight(e.to_string()))?;
                 applied = upshift_migrate::connect(url, false)
                     .and_then(|mut e| e.applied())
                     .map_err(|e| runner::RunError::Preflight(format!("the database {url}: {e}")))?;
