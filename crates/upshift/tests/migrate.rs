@@ -437,6 +437,15 @@ fn postgres_no_transaction_revisions() {
     assert_eq!(db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 't'"), 2);
     ctx.migrate(&url, &["down", "-1"]).success();
     assert_eq!(db.count("SELECT count(*) FROM pg_indexes WHERE tablename = 't'"), 0);
+    // A failure after some statements says exactly which stayed applied.
+    ctx.write(
+        "migrations/3_half.sql",
+        "-- upshift:no-transaction\n-- upshift:up\nCREATE INDEX CONCURRENTLY t_b ON t (a);\nCREATE TABLE u (a int);\nSELECT * FROM nope;\n",
+    );
+    ctx.migrate(&url, &["up"])
+        .code(1)
+        .stderr_has("3_half.sql:5")
+        .stderr_has("the statements at line 3, 4 ran and stay applied");
 }
 
 #[test]

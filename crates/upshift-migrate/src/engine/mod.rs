@@ -100,12 +100,20 @@ impl Step<'_> {
 
     /// The error for statement `index` failing with `message`.
     pub(crate) fn failed(&self, index: usize, message: String) -> Error {
+        let partial = self.revision.no_transaction && index > 0;
+        // Without a transaction, say exactly which statements stayed applied.
+        let message = if partial {
+            let lines: Vec<String> = self.statements.iter().take(index).map(|s| s.line.to_string()).collect();
+            format!("{message}\nthe statements at line {} ran and stay applied", lines.join(", "))
+        } else {
+            message
+        };
         Error::Statement {
             id: self.revision.id.clone(),
             path: self.path().to_path_buf(),
             line: self.statements.get(index).map_or(0, |s| s.line),
             message,
-            partial: self.revision.no_transaction && index > 0,
+            partial,
         }
     }
 }
