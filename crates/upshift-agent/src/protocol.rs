@@ -44,6 +44,9 @@ pub enum Request {
     Status,
     /// Stop every instance and exit.
     Shutdown,
+    /// The run (upgrade, rollback, ...) that the next requests on this connection serve:
+    /// the agent's log lines for them carry it as a field.
+    Run { id: String },
 }
 
 /// Where the proxy sends a share of a component's requests.

@@ -70,9 +70,17 @@ fn proxy(shared: &SharedProxy) -> Result<Arc<Proxy>, String> {
 fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, shared: &SharedProxy, stop: &AtomicBool) {
     let Ok(reader_stream) = stream.try_clone() else { return };
     let mut writer = stream;
+    // The run this connection serves, once the client says (`Request::Run`).
+    let mut run: Option<String> = None;
     for line in BufReader::new(reader_stream).lines() {
         let Ok(line) = line else { return };
+        let span = tracing::info_span!("request", run = run.as_deref().unwrap_or("-"));
+        let _entered = span.enter();
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Run { id }) => {
+                run = Some(id);
+                Response::Ok
+            }
             Err(e) => Response::Error { message: format!("bad request: {e}") },
             Ok(Request::Start { spec }) => {
                 let (component, version, slot) = (spec.component.clone(), spec.version.clone(), spec.slot.clone());

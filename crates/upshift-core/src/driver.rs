@@ -163,6 +163,9 @@ pub trait Driver {
 
     /// What runs for `component`, for `status` (one quick health check, no waiting).
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError>;
+
+    /// The run the next calls serve, for the driver's own logs. Nothing by default.
+    fn note_run(&mut self, _run: &str) {}
 }
 
 /// Creates a driver when a component first needs it (the process driver starts the agent).
@@ -178,6 +181,8 @@ enum Slot {
 #[derive(Default)]
 pub struct Drivers {
     slots: BTreeMap<DriverKind, Slot>,
+    /// The run the calls serve, told to each driver as it is made.
+    run: Option<String>,
 }
 
 impl Drivers {
@@ -196,6 +201,16 @@ impl Drivers {
         self.slots.insert(kind, Slot::Pending(factory));
     }
 
+    /// Tells every driver made so far which run the next calls serve.
+    pub fn note_run(&mut self, run: &str) {
+        self.run = Some(run.to_owned());
+        for slot in self.slots.values_mut() {
+            if let Slot::Ready(driver) = slot {
+                driver.note_run(run);
+            }
+        }
+    }
+
     /// The driver of `component`.
     pub fn get(&mut self, component: &Component) -> Result<&mut dyn Driver, DriverError> {
         let kind = component.driver.kind();
@@ -208,7 +223,12 @@ impl Drivers {
         })?;
         let slot = match slot {
             Slot::Pending(factory) => match factory() {
-                Ok(driver) => Slot::Ready(driver),
+                Ok(mut driver) => {
+                    if let Some(run) = &self.run {
+                        driver.note_run(run);
+                    }
+                    Slot::Ready(driver)
+                }
                 Err(e) => Slot::Failed(e.to_string()),
             },
             other => other,

@@ -746,6 +746,7 @@ pub fn upgrade(ctx: &mut Context<'_>, journal: &mut Journal, plan: &Plan) -> Res
         plan.no_backup,
         None,
     )?;
+    ctx.drivers.note_run(&run);
     drive(ctx, journal, &run, plan, 1)
 }
 
@@ -764,6 +765,7 @@ fn adopt(journal: &mut Journal, what: &str) -> Result<(RunRow, RunPlan), RunErro
 /// never runs forward once an undo began.
 pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
     let (run, run_plan) = adopt(journal, "resume")?;
+    ctx.drivers.note_run(&run.id);
     match run_plan {
         RunPlan::Upgrade { plan } => {
             let ending = Ending::Undone { state: RunState::RolledBack, version: plan.to.to_string() };
@@ -791,6 +793,7 @@ pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, R
 /// only be finished: its undo of the newer releases goes on.
 pub fn abort(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
     let (run, run_plan) = adopt(journal, "abort")?;
+    ctx.drivers.note_run(&run.id);
     match run_plan {
         RunPlan::Upgrade { plan } => {
             (ctx.say)(&format!("aborting run {} (upgrade to {})", run.id, run.target));
@@ -938,6 +941,7 @@ pub fn run_rollback(
         false,
         Some((&choice, &actions)),
     )?;
+    ctx.drivers.note_run(&run);
     finish_undo(ctx, journal, &run, Ending::RolledBackTo(plan))
 }
 

@@ -265,6 +265,11 @@ impl Driver for ProcessDriver {
         rollout::deploy(self, component, version, say)
     }
 
+    fn note_run(&mut self, run: &str) {
+        // An older agent answers an unknown request with an error: only its logs lose out.
+        let _ = self.ask(&Request::Run { id: run.to_owned() });
+    }
+
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         rollout::put_back(self, component, previous)
     }

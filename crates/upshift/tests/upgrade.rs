@@ -926,6 +926,13 @@ fn the_agent_restarts_a_crashed_process_and_writes_logs() {
     {
         assert!(agent_log.contains(needle), "no {needle:?} in the agent's log:\n{agent_log}");
     }
+    // A start made by a run carries the run's id.
+    assert!(
+        agent_log.lines().any(|l| l.contains("started component=api")
+            && l.contains("request{run=")
+            && !l.contains("request{run=-}")),
+        "no run id on the start:\n{agent_log}"
+    );
 }
 
 const GET_NOTES: &str = "GET /api/notes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
