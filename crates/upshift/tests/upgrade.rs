@@ -260,6 +260,31 @@ migrate_to = "20260202000000"
         (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
     }
 
+    /// The agent's pid.
+    fn agent_pid(&self) -> u32 {
+        let mut agent = upshift_agent::Client::connect(&self.ctx.join(".upshift")).unwrap();
+        let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap()
+        else {
+            panic!("the agent did not answer its status")
+        };
+        pid
+    }
+
+    /// kill -9 of the agent, waiting until its socket no longer answers.
+    fn kill_agent(&self) {
+        let pid = self.agent_pid();
+        assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+        let state = self.ctx.join(".upshift");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while upshift_agent::Client::connect(&state)
+            .and_then(|mut c| c.request(&upshift_agent::Request::Status))
+            .is_ok()
+        {
+            assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Whether a log of the api's processes has `needle`.
     fn logged(&self, needle: &str) -> bool {
         std::fs::read_dir(self.ctx.join(".upshift/logs")).is_ok_and(|entries| {
@@ -1071,11 +1096,7 @@ fn rolling_switches_lose_no_request() {
 fn idle_and_slow_clients_cannot_knock_the_agent_over() {
     let (app, serve) = App::behind_proxy("blue-green", 1);
     app.upgrade("1.0.0").success();
-    let mut agent = upshift_agent::Client::connect(&app.ctx.join(".upshift")).unwrap();
-    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
-        panic!()
-    };
-    drop(agent);
+    let pid = app.agent_pid();
     let limit = 200;
     let limited = std::process::Command::new("prlimit")
         .args([&format!("--pid={pid}"), &format!("--nofile={limit}:{limit}")])
@@ -1124,20 +1145,7 @@ fn a_component_behind_a_shebang_script_is_adopted_and_stopped_whole() {
     app.ctx.write("upshift.toml", &manifest);
     app.at_one();
     let pid = app.status().components[0].instances[0].pid.expect("it runs");
-    let state = app.ctx.join(".upshift");
-    let mut agent = upshift_agent::Client::connect(&state).unwrap();
-    let upshift_agent::Response::Status { pid: agent_pid, .. } =
-        agent.request(&upshift_agent::Request::Status).unwrap()
-    else {
-        panic!()
-    };
-    drop(agent);
-    assert!(std::process::Command::new("kill").args(["-KILL", &agent_pid.to_string()]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while upshift_agent::Client::connect(&state).and_then(|mut c| c.request(&upshift_agent::Request::Status)).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    app.kill_agent();
     app.run(&["agent", "--detach"]).success();
     let instance = &app.status().components[0].instances[0];
     assert_eq!((instance.pid, instance.restarts, instance.running), (Some(pid), 0, true), "{instance:?}");
@@ -1161,13 +1169,7 @@ fn an_agent_killed_mid_upgrade_is_replaced_and_the_run_ends_serving() {
     let run =
         app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     app.wait_for_step(4);
-    let state = app.ctx.join(".upshift");
-    let mut agent = upshift_agent::Client::connect(&state).unwrap();
-    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
-        panic!()
-    };
-    drop(agent);
-    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    app.kill_agent();
     let output = run.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!([Some(0), Some(3)].contains(&output.status.code()), "{stderr}");
@@ -1230,18 +1232,7 @@ fn agent_stop_after_the_agent_died_stops_what_it_left_running() {
     let app = App::sqlite();
     app.at_one();
     let addr = app.address();
-    let state = app.ctx.join(".upshift");
-    let mut agent = upshift_agent::Client::connect(&state).unwrap();
-    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
-        panic!()
-    };
-    drop(agent);
-    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while upshift_agent::Client::connect(&state).and_then(|mut c| c.request(&upshift_agent::Request::Status)).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    app.kill_agent();
     assert!(TcpStream::connect(&addr).is_ok(), "the service should outlive its agent");
     app.run(&["agent", "stop"]).success();
     assert!(TcpStream::connect(&addr).is_err(), "the orphaned service still listens on {addr}");
@@ -1270,7 +1261,6 @@ fn a_garbled_state_file_is_reported_and_kept() {
 fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
     let (app, serve) = App::behind_proxy("blue-green", 1);
     app.upgrade("1.0.0").success();
-    let state = app.ctx.join(".upshift");
     let saved: serde_json::Value = serde_json::from_str(&app.ctx.read(".upshift/agent.json")).unwrap();
     let orphan = saved[0]["pid"].as_u64().expect("agent.json records the pid");
     let orphan_pid = u32::try_from(orphan).unwrap();
@@ -1298,17 +1288,7 @@ fn a_killed_agent_is_replaced_and_serves_its_routes_again() {
         }
     };
     wait_for_answers(10);
-    let mut agent = upshift_agent::Client::connect(&state).unwrap();
-    let upshift_agent::Response::Status { pid, .. } = agent.request(&upshift_agent::Request::Status).unwrap() else {
-        panic!()
-    };
-    assert!(std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
-    // Dead: its socket no longer answers.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while upshift_agent::Client::connect(&state).and_then(|mut c| c.request(&upshift_agent::Request::Status)).is_ok() {
-        assert!(std::time::Instant::now() < deadline, "the agent survived kill -9");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    app.kill_agent();
 
     app.run(&["agent", "--detach"]).success();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
