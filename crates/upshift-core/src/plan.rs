@@ -316,6 +316,9 @@ impl Builder<'_> {
         if let Some(database) = &input.database {
             checks.push("migrations folder is sane: one head, no drift, no vanished file".to_owned());
             checks.push(format!("database {database} is reachable"));
+            if let Some(minimum) = &manifest.min_server {
+                checks.push(format!("a PostgreSQL server is at least [database] min_server {minimum}"));
+            }
             if !input.no_backup {
                 checks.push("free disk for the backup: the database's and saved paths' size, plus 64 MiB".to_owned());
             }

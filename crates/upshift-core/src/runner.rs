@@ -701,9 +701,16 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
         driver.preflight(component, &version).map_err(|e| RunError::Preflight(chain(&e)))?;
     }
     if let Some(url) = ctx.database {
-        upshift_migrate::connect(url, false)
+        let server = upshift_migrate::connect(url, false)
             .and_then(|mut engine| engine.server_version())
             .map_err(|e| RunError::Preflight(format!("the database {url} is not reachable: {}", chain(&e))))?;
+        if let (DatabaseUrl::Postgres { .. }, Some(minimum)) = (url, &ctx.manifest.min_server)
+            && version_parts(&server) < version_parts(minimum)
+        {
+            return Err(RunError::Preflight(format!(
+                "the database server runs PostgreSQL {server}, older than [database] min_server {minimum}; upgrade the server first"
+            )));
+        }
     }
     if !plan.no_backup {
         check_free_space(ctx)?;
@@ -712,6 +719,11 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
         return Err(RunError::Preflight("the deployed release changed since the plan was made; plan again".into()));
     }
     Ok(())
+}
+
+/// The leading numbers of a version (`15.18 (Debian ...)` is `[15, 18]`), to compare.
+fn version_parts(text: &str) -> Vec<u64> {
+    text.split_whitespace().next().unwrap_or("").split('.').map_while(|part| part.parse().ok()).collect()
 }
 
 /// Free space for the backup: at least the database's and the saved paths' size before

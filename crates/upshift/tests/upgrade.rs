@@ -452,6 +452,25 @@ fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
     assert!(!String::from_utf8_lossy(&ps.stdout).contains("n0t-in-the-journal"), "ps shows the password");
 }
 
+/// `[database] min_server` is checked against the server's real version before anything
+/// runs (it was only printed in the guide).
+#[test]
+fn a_server_older_than_min_server_is_refused_in_preflight() {
+    let app = App::postgres();
+    let manifest = app.ctx.read("upshift.toml");
+    let with = |minimum: &str| {
+        manifest.replace("url = \"${NOTES_DB}\"\n", &format!("url = \"${{NOTES_DB}}\"\nmin_server = \"{minimum}\"\n"))
+    };
+    app.ctx.write("upshift.toml", &with("99"));
+    app.upgrade("1.0.0").code(1).stderr_has("older than [database] min_server 99");
+    assert!(
+        !app.ctx.join(".upshift/backups").exists()
+            || std::fs::read_dir(app.ctx.join(".upshift/backups")).unwrap().count() == 0
+    );
+    app.ctx.write("upshift.toml", &with("9.6"));
+    app.upgrade("1.0.0").success();
+}
+
 #[test]
 fn postgres_over_verify_full_tls_upgrades_and_undoes() {
     upgrade_path(&App::postgres_tls());
