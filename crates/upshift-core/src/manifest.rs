@@ -179,6 +179,8 @@ struct RawVerify {
     #[serde(default)]
     smoke: Vec<Vec<Spanned<String>>>,
     timeout: Option<HumanDuration>,
+    watch: Option<HumanDuration>,
+    watch_interval: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +412,11 @@ pub struct Verify {
     pub smoke: Vec<Vec<String>>,
     /// Time each may take (default 60s).
     pub timeout: Duration,
+    /// After the smoke commands, how long every component must stay healthy (the
+    /// runbooks' "monitor for 30 min"); a failure in it undoes the release. Zero: none.
+    pub watch: Duration,
+    /// How often the watch checks (default 1s).
+    pub watch_interval: Duration,
 }
 
 /// A release of the application.
@@ -946,7 +953,12 @@ impl Loader<'_> {
 
     fn verify(&mut self, raw: Option<RawVerify>) -> Result<Verify, ManifestError> {
         let Some(raw) = raw else {
-            return Ok(Verify { smoke: Vec::new(), timeout: Duration::from_mins(1) });
+            return Ok(Verify {
+                smoke: Vec::new(),
+                timeout: Duration::from_mins(1),
+                watch: Duration::ZERO,
+                watch_interval: Duration::from_secs(1),
+            });
         };
         let mut smoke = Vec::new();
         for command in &raw.smoke {
@@ -956,7 +968,12 @@ impl Loader<'_> {
             smoke
                 .push(command.iter().map(|arg| self.template(arg, SMOKE_PLACEHOLDERS)).collect::<Result<Vec<_>, _>>()?);
         }
-        Ok(Verify { smoke, timeout: raw.timeout.map_or(Duration::from_mins(1), |d| d.0) })
+        Ok(Verify {
+            smoke,
+            timeout: raw.timeout.map_or(Duration::from_mins(1), |d| d.0),
+            watch: raw.watch.map_or(Duration::ZERO, |d| d.0),
+            watch_interval: raw.watch_interval.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10)),
+        })
     }
 
     fn releases(&self, raw: Vec<RawRelease>) -> Result<Vec<Release>, ManifestError> {

@@ -417,6 +417,13 @@ impl Builder<'_> {
             .map(|c| format!("health of {}", c.name))
             .collect();
         checks.extend(manifest.verify.smoke.iter().map(|command| format!("smoke: {}", self.shown(command))));
+        if !manifest.verify.watch.is_zero() {
+            checks.push(format!(
+                "watch: every health check passes every {} for {}; a failure undoes the release",
+                humantime::format_duration(manifest.verify.watch_interval),
+                humantime::format_duration(manifest.verify.watch)
+            ));
+        }
         let on_failure = self.after_code();
         self.push(StepKind::Verify, "verify".to_owned(), checks, on_failure);
     }

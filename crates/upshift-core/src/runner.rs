@@ -260,9 +260,42 @@ fn execute(
             }
             let result = run_smoke(ctx, &version, detail);
             journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
-            result
+            result?;
+            watch(ctx)
         }
     }
+}
+
+/// The watch after verify: every component with a health check must stay healthy for
+/// `[verify] watch`, checked every `watch_interval`; the first failure fails the step, and
+/// the release is undone like any other failure. SIGINT/SIGTERM end the watch as a failure.
+fn watch(ctx: &mut Context<'_>) -> Result<(), String> {
+    let verify = &ctx.manifest.verify;
+    if verify.watch.is_zero() {
+        return Ok(());
+    }
+    (ctx.say)(&format!("  watching health for {}", humantime::format_duration(verify.watch)));
+    let started = std::time::Instant::now();
+    while started.elapsed() < verify.watch {
+        if ctx.interrupted.load(Ordering::SeqCst) {
+            return Err("interrupted (SIGINT/SIGTERM) during the watch".into());
+        }
+        for component in ctx.manifest.components.iter().filter(|c| c.health.is_some()) {
+            let driver = ctx.drivers.get(component).map_err(|e| format!("watch: {}", chain(&e)))?;
+            let status = driver.status(component).map_err(|e| format!("watch: {}", chain(&e)))?;
+            if !status.healthy {
+                return Err(format!(
+                    "watch: {} became unhealthy {}s after the verify: {}",
+                    component.name,
+                    started.elapsed().as_secs(),
+                    status.problem.unwrap_or_default()
+                ));
+            }
+        }
+        std::thread::sleep(verify.watch_interval.min(verify.watch.saturating_sub(started.elapsed())));
+    }
+    (ctx.say)("  healthy through the watch");
+    Ok(())
 }
 
 /// What an upgrade run did, read back from its steps.

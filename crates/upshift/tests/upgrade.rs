@@ -452,6 +452,40 @@ fn postgres_first_deploy_upgrade_and_a_failed_health_check_undone_in_code() {
     assert!(!String::from_utf8_lossy(&ps.stdout).contains("n0t-in-the-journal"), "ps shows the password");
 }
 
+/// `[verify] watch`: a release that breaks after its verify passed, during the watch, is
+/// undone (the runbooks' "monitor for 30 minutes, roll back if it degrades").
+#[test]
+fn a_release_that_breaks_during_the_watch_is_undone() {
+    let app = App::sqlite();
+    let manifest = app.ctx.read("upshift.toml");
+    // The smoke command leaves a mark, so the test knows the watch has begun.
+    let smoke = manifest.lines().find(|l| l.starts_with("smoke = ")).unwrap().to_owned();
+    let watched = manifest.replace(
+        &smoke,
+        "smoke = [[\"touch\", \"smoke-passed-{version}\"]]\nwatch = \"60s\"\nwatch_interval = \"100ms\"",
+    );
+    assert_ne!(watched, manifest);
+    app.at_one();
+    app.ctx.write("upshift.toml", &watched);
+    let run =
+        app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while !app.ctx.join("smoke-passed-2.0.0").exists() {
+        assert!(std::time::Instant::now() < deadline, "the verify never passed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // 2.0.0 serves and passed its checks; now it hangs (SIGSTOP): its health check times out.
+    let instance = app.status().components[0].instances.iter().find(|i| i.version == "2.0.0").and_then(|i| i.pid);
+    let pid = instance.expect("2.0.0 runs").to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let output = run.wait_with_output().unwrap();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("watch: api became unhealthy"), "{stderr}");
+    app.assert_at_one();
+}
+
 /// `[database] min_server` is checked against the server's real version before anything
 /// runs (it was only printed in the guide).
 #[test]
