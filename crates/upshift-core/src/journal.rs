@@ -29,16 +29,10 @@ pub const FILE: &str = "journal.db";
 /// redesign; it is upgraded in place.
 pub const SCHEMA_VERSION: i64 = 1;
 
-/// Defines a state enum stored as text: `as_str`, parsing, and the SQL `IN (...)` list for
-/// its CHECK constraint.
-macro_rules! text_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
-        $(#[$meta])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)*
-        }
-
+/// Stores an enum as text: `as_str`, parsing, SQL conversions, and its values for the
+/// column's CHECK constraint.
+macro_rules! text_codes {
+    ($name:ident { $($variant:ident = $text:literal,)* }) => {
         impl $name {
             /// Its name in the journal and in output.
             pub fn as_str(self) -> &'static str {
@@ -49,8 +43,8 @@ macro_rules! text_enum {
                 match text { $($text => Some($name::$variant),)* _ => None }
             }
 
-            #[allow(dead_code)]
-            const CHECK: &'static str = concat!("(", $("'", $text, "',",)* "'')");
+            /// Every value, for the column's CHECK constraint.
+            const VALUES: &'static [&'static str] = &[$($text),*];
         }
 
         impl rusqlite::types::ToSql for $name {
@@ -68,6 +62,44 @@ macro_rules! text_enum {
             }
         }
     };
+}
+
+/// Defines a state enum stored as text (see [`text_codes`]).
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)*
+        }
+
+        text_codes!($name { $($variant = $text,)* });
+    };
+}
+
+// The plan's own enums, stored under the names their serde forms use.
+text_codes!(StepKind {
+    Preflight = "preflight",
+    Backup = "backup",
+    Expand = "expand",
+    Deploy = "deploy",
+    Verify = "verify",
+    Contract = "contract",
+    Record = "record",
+});
+
+text_codes!(UndoDepth {
+    Nothing = "nothing",
+    Code = "code",
+    CodeAndDown = "code-and-down",
+    Restore = "restore",
+    Impossible = "impossible",
+});
+
+/// `('a', 'b', ...)`: the values of a CHECK constraint.
+fn check_list(values: &[&str]) -> String {
+    let quoted: Vec<String> = values.iter().map(|v| format!("'{v}'")).collect();
+    format!("({})", quoted.join(", "))
 }
 
 text_enum! {
@@ -95,13 +127,6 @@ text_enum! {
         Aborted = "aborted",
         /// The undo failed: waits for `upshift resume` or `upshift abort`, which retry it.
         Stuck = "stuck",
-    }
-}
-
-impl RunState {
-    /// Whether the run still needs `resume` or `abort`.
-    pub fn in_flight(self) -> bool {
-        matches!(self, RunState::Running | RunState::Undoing | RunState::Stuck)
     }
 }
 
@@ -140,74 +165,6 @@ text_enum! {
         Failed = "failed",
         /// Replaced by a rollback.
         RolledBack = "rolled-back",
-    }
-}
-
-text_enum! {
-    /// The kinds of steps, as stored.
-    StoredStepKind {
-        /// [`StepKind::Preflight`].
-        Preflight = "preflight",
-        /// [`StepKind::Backup`].
-        Backup = "backup",
-        /// [`StepKind::Expand`].
-        Expand = "expand",
-        /// [`StepKind::Deploy`].
-        Deploy = "deploy",
-        /// [`StepKind::Verify`].
-        Verify = "verify",
-        /// [`StepKind::Contract`].
-        Contract = "contract",
-        /// [`StepKind::Record`].
-        Record = "record",
-    }
-}
-
-text_enum! {
-    /// An undo depth, as stored.
-    StoredDepth {
-        /// [`UndoDepth::Nothing`].
-        Nothing = "nothing",
-        /// [`UndoDepth::Code`].
-        Code = "code",
-        /// [`UndoDepth::CodeAndDown`].
-        CodeAndDown = "code-and-down",
-        /// [`UndoDepth::Restore`].
-        Restore = "restore",
-        /// [`UndoDepth::Impossible`].
-        Impossible = "impossible",
-    }
-}
-
-fn stored_kind(kind: StepKind) -> StoredStepKind {
-    match kind {
-        StepKind::Preflight => StoredStepKind::Preflight,
-        StepKind::Backup => StoredStepKind::Backup,
-        StepKind::Expand => StoredStepKind::Expand,
-        StepKind::Deploy => StoredStepKind::Deploy,
-        StepKind::Verify => StoredStepKind::Verify,
-        StepKind::Contract => StoredStepKind::Contract,
-        StepKind::Record => StoredStepKind::Record,
-    }
-}
-
-fn stored_depth(depth: UndoDepth) -> StoredDepth {
-    match depth {
-        UndoDepth::Nothing => StoredDepth::Nothing,
-        UndoDepth::Code => StoredDepth::Code,
-        UndoDepth::CodeAndDown => StoredDepth::CodeAndDown,
-        UndoDepth::Restore => StoredDepth::Restore,
-        UndoDepth::Impossible => StoredDepth::Impossible,
-    }
-}
-
-fn depth_of(stored: StoredDepth) -> UndoDepth {
-    match stored {
-        StoredDepth::Nothing => UndoDepth::Nothing,
-        StoredDepth::Code => UndoDepth::Code,
-        StoredDepth::CodeAndDown => UndoDepth::CodeAndDown,
-        StoredDepth::Restore => UndoDepth::Restore,
-        StoredDepth::Impossible => UndoDepth::Impossible,
     }
 }
 
@@ -429,7 +386,7 @@ pub struct StepRow {
     /// 1-based position in the plan.
     pub seq: usize,
     /// Its kind.
-    pub kind: StoredStepKind,
+    pub kind: StepKind,
     /// Its title.
     pub title: String,
     /// Where it stands.
@@ -515,7 +472,7 @@ type LegacyRelease =
     (i64, String, String, String, Option<String>, Option<String>, Option<String>, String, String, String);
 
 /// A step row before its detail is parsed.
-type RawStep = (i64, StoredStepKind, String, StepState, String);
+type RawStep = (i64, StepKind, String, StepState, String);
 
 /// Called after each committed write with its number (the test crash switch).
 pub type WriteHook = Box<dyn FnMut(u64)>;
@@ -589,13 +546,13 @@ fn schema() -> String {
             PRIMARY KEY (run_id, seq)
         );
         PRAGMA user_version = {SCHEMA_VERSION};",
-        kinds = RunKind::CHECK,
-        statuses = ReleaseStatus::CHECK,
-        states = RunState::CHECK,
-        depths = StoredDepth::CHECK,
-        step_kinds = StoredStepKind::CHECK,
-        step_states = StepState::CHECK,
-        action_states = ActionState::CHECK,
+        kinds = check_list(RunKind::VALUES),
+        statuses = check_list(ReleaseStatus::VALUES),
+        states = check_list(RunState::VALUES),
+        depths = check_list(UndoDepth::VALUES),
+        step_kinds = check_list(StepKind::VALUES),
+        step_states = check_list(StepState::VALUES),
+        action_states = check_list(ActionState::VALUES),
     )
 }
 
@@ -781,11 +738,6 @@ impl Journal {
         self.after_write = Some(hook);
     }
 
-    /// The number of writes committed through this handle.
-    pub fn writes(&self) -> u64 {
-        self.writes
-    }
-
     fn wrote(&mut self) {
         self.writes += 1;
         let writes = self.writes;
@@ -941,7 +893,7 @@ impl Journal {
             tx.execute(
                 "INSERT INTO steps (run_id, seq, kind, title, state, started_at, detail) VALUES (?1, ?2, ?3, ?4, 'started', ?5, ?6) \
                  ON CONFLICT (run_id, seq) DO UPDATE SET state = 'started', started_at = excluded.started_at, detail = excluded.detail",
-                params![run, index(seq), stored_kind(kind), title, now(), to_json(detail)],
+                params![run, index(seq), kind, title, now(), to_json(detail)],
             )
             .map(drop)
         })
@@ -1190,7 +1142,7 @@ fn insert_undo(
 ) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE runs SET state = 'undoing', failure = coalesce(?2, failure), undo_depth = ?3, undo_why = ?4 WHERE id = ?1",
-        params![run, failure, stored_depth(choice.depth), choice.why],
+        params![run, failure, choice.depth, choice.why],
     )?;
     tx.execute("DELETE FROM undo_actions WHERE run_id = ?1", [run])?;
     for (seq, action) in actions.iter().enumerate() {
@@ -1234,7 +1186,7 @@ fn insert_release(
 }
 
 fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
-    let depth: Option<StoredDepth> = row.get(10)?;
+    let depth: Option<UndoDepth> = row.get(10)?;
     let why: Option<String> = row.get(11)?;
     Ok(RunRow {
         id: row.get(0)?,
@@ -1247,7 +1199,7 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         no_backup: row.get(7)?,
         failure: row.get(8)?,
         message: row.get(9)?,
-        undo: depth.map(|d| UndoChoice { depth: depth_of(d), why: why.unwrap_or_default() }),
+        undo: depth.map(|depth| UndoChoice { depth, why: why.unwrap_or_default() }),
     })
 }
 
@@ -1283,6 +1235,12 @@ mod tests {
             [],
         );
         assert!(refused.unwrap_err().to_string().contains("CHECK"));
+        // Nor an empty state (the CHECK list once ended with '').
+        let empty = journal.connection.execute(
+            "INSERT INTO runs (id, kind, target, state, pid, started_at, no_backup, plan) VALUES ('y', 'upgrade', '1.0.0', '', 1, 'now', 0, '{}')",
+            [],
+        );
+        assert!(empty.unwrap_err().to_string().contains("CHECK"));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use upshift_migrate::{DatabaseUrl, DownTarget, Migrator, UpTarget};
 
 use crate::driver::{Deployed, Drivers};
 use crate::journal::{
-    ActionState, Journal, JournalError, NewRelease, ReleaseRow, ReleaseStatus, Replaced, RollbackPlan, RunKind,
-    RunPlan, RunRow, RunState, SmokeResult, StepDetail, StepRow, StepState, StoredStepKind, UndoAction, UndoChoice,
+    ActionState, Journal, JournalError, NewRelease, ReleaseRow, ReleaseStatus, Replaced, RollbackPlan, RunPlan, RunRow,
+    RunState, SmokeResult, StepDetail, StepRow, StepState, UndoAction, UndoChoice,
 };
 use crate::manifest::{Component, Manifest};
 use crate::plan::{Plan, PlanStep, StepKind, UndoDepth};
@@ -320,17 +320,17 @@ fn done(steps: &[StepRow]) -> Done {
     };
     for row in steps {
         match row.kind {
-            StoredStepKind::Backup => done.backup.clone_from(&row.detail.backup),
-            StoredStepKind::Expand => {
+            StepKind::Backup => done.backup.clone_from(&row.detail.backup),
+            StepKind::Expand => {
                 done.expand = union(&row.detail);
                 done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
             }
-            StoredStepKind::Contract => {
+            StepKind::Contract => {
                 done.contract = union(&row.detail);
                 done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
             }
-            StoredStepKind::Deploy => done.deployed.extend(row.detail.replaced.clone()),
-            StoredStepKind::Preflight | StoredStepKind::Verify | StoredStepKind::Record => {}
+            StepKind::Deploy => done.deployed.extend(row.detail.replaced.clone()),
+            StepKind::Preflight | StepKind::Verify | StepKind::Record => {}
         }
     }
     done
@@ -1048,9 +1048,4 @@ pub fn rollback_target<'r>(
     let stop = target.state_revision();
     let undoes = line.into_iter().take_while(|r| *r != stop).collect();
     Ok((target, undoes))
-}
-
-/// The kind of a run, for people.
-pub fn kind_name(kind: RunKind) -> &'static str {
-    kind.as_str()
 }

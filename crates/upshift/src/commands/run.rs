@@ -103,13 +103,12 @@ fn with_runner(
             || format!("done: revision {revision}\n"),
         ),
         Outcome::RolledBack { depth, why, failure } => {
-            let depth =
-                serde_json::to_value(depth).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            let depth = depth.as_str();
             printer.result(
                 &RunJson {
                     outcome: "rolled-back",
                     revision: None,
-                    undo: Some(&depth),
+                    undo: Some(depth),
                     why: Some(&why),
                     failure: Some(&failure),
                 },
@@ -165,8 +164,7 @@ fn plan_summary(plan: &upshift_core::Plan) -> String {
         plan.to
     );
     for step in &plan.steps {
-        let undo = serde_json::to_value(step.on_failure.undo).ok().and_then(|v| v.as_str().map(str::to_owned));
-        let _ = writeln!(out, "  {:>2}. {}  (on failure: {})", step.number, step.title, undo.unwrap_or_default());
+        let _ = writeln!(out, "  {:>2}. {}  (on failure: {})", step.number, step.title, step.on_failure.undo.as_str());
     }
     out.push_str("`upshift plan` shows every check, revision and command.");
     out
