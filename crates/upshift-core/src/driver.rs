@@ -1,5 +1,5 @@
 //! The driver seam: how a component's code is rolled out and put back. One implementation
-//! per way of running code (process via the agent today; Compose, Kubernetes and Helm
+//! per way of running code (process via the agent and Compose today; Kubernetes and Helm
 //! next), a registry that picks one per component, and the runner over it, like sqlx's
 //! `Migrate` and `Migrator`.
 
@@ -216,7 +216,7 @@ impl Drivers {
         let kind = component.driver.kind();
         let slot = self.slots.remove(&kind).ok_or_else(|| {
             DriverError::Refused(format!(
-                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\"",
+                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\" or \"compose\"",
                 component.name,
                 kind.as_str()
             ))

@@ -141,6 +141,10 @@ struct RawComponent {
     files: Option<Vec<Spanned<String>>>,
     project: Option<Spanned<String>>,
     service: Option<Spanned<String>>,
+    version_env: Option<Spanned<String>>,
+    build: Option<bool>,
+    port: Option<u16>,
+    stop_signal: Option<Spanned<String>>,
     // compose, kubernetes
     image: Option<Spanned<String>>,
     // kubernetes, helm
@@ -324,16 +328,7 @@ pub enum DriverSpec {
     /// Local processes under the agent.
     Process(ProcessSpec),
     /// A Docker Compose service.
-    Compose {
-        /// The compose files: base, then overlays.
-        files: Vec<String>,
-        /// The compose project name.
-        project: Option<String>,
-        /// The service.
-        service: String,
-        /// The image, with `{version}`.
-        image: Option<String>,
-    },
+    Compose(ComposeSpec),
     /// A Kubernetes Deployment.
     Kubernetes {
         /// Its namespace.
@@ -371,7 +366,7 @@ impl DriverSpec {
     pub fn kind(&self) -> DriverKind {
         match self {
             DriverSpec::Process(_) => DriverKind::Process,
-            DriverSpec::Compose { .. } => DriverKind::Compose,
+            DriverSpec::Compose(_) => DriverKind::Compose,
             DriverSpec::Kubernetes { .. } => DriverKind::Kubernetes,
             DriverSpec::Helm { .. } => DriverKind::Helm,
         }
@@ -390,6 +385,31 @@ pub struct ProcessSpec {
     pub serve: Option<String>,
 }
 
+/// The Compose driver's settings: one service of a Compose project.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeSpec {
+    /// The compose files, base then overlays (relative to the manifest's folder); empty:
+    /// Compose's own default file there.
+    pub files: Vec<String>,
+    /// The project name; none: the name Compose gives it.
+    pub project: Option<String>,
+    /// The service.
+    pub service: String,
+    /// The image, with `{version}`, written into an override file.
+    pub image: Option<String>,
+    /// Or the variable the compose files already use for the version.
+    pub version_env: Option<String>,
+    /// Build the image (`up --build`) before it runs.
+    pub build: bool,
+    /// The port the service listens on inside its container.
+    pub port: Option<u16>,
+    /// The stable address the agent's proxy holds (blue-green, rolling, canary).
+    pub serve: Option<String>,
+    /// The signal that stops a container (default: the service's own, else SIGTERM).
+    pub stop_signal: Option<String>,
+}
+
 impl Component {
     /// The process driver's settings, when it is a process component.
     pub fn process(&self) -> Option<&ProcessSpec> {
@@ -399,9 +419,21 @@ impl Component {
         }
     }
 
+    /// The Compose driver's settings, when it is a Compose service.
+    pub fn compose(&self) -> Option<&ComposeSpec> {
+        match &self.driver {
+            DriverSpec::Compose(spec) => Some(spec),
+            _ => None,
+        }
+    }
+
     /// The stable address the agent's proxy holds, if any.
     pub fn serve(&self) -> Option<&str> {
-        self.process().and_then(|p| p.serve.as_deref())
+        match &self.driver {
+            DriverSpec::Process(spec) => spec.serve.as_deref(),
+            DriverSpec::Compose(spec) => spec.serve.as_deref(),
+            _ => None,
+        }
     }
 }
 
@@ -765,6 +797,9 @@ impl Loader<'_> {
                 ));
             }
         }
+        if raw.driver == DriverKind::Compose {
+            self.compose_keys(&raw, &name, strategy)?;
+        }
         if let Some(serve) = &raw.serve
             && serve.get_ref().parse::<std::net::SocketAddr>().is_err()
         {
@@ -792,7 +827,14 @@ impl Loader<'_> {
         let serve = raw.serve.as_ref().map(|s| s.get_ref().clone());
         let driver = self.driver_spec(&raw, &name, ProcessSpec { run, env, serve })?;
         let health = match raw.health {
-            Some(h) => Some(self.health(h, &name, at_name, takes_address || raw.driver != DriverKind::Process)?),
+            Some(h) => {
+                let address = match raw.driver {
+                    DriverKind::Process => (takes_address, "{addr} in `run`"),
+                    DriverKind::Compose => (raw.port.is_some(), "`port`, where the service listens in its container"),
+                    DriverKind::Kubernetes | DriverKind::Helm => (true, ""),
+                };
+                Some(self.health(h, &name, at_name, address)?)
+            }
             None => None,
         };
         Ok(Component {
@@ -820,12 +862,17 @@ impl Loader<'_> {
         let at_name = Some(raw.name.span());
         Ok(match raw.driver {
             DriverKind::Process => DriverSpec::Process(process),
-            DriverKind::Compose => DriverSpec::Compose {
+            DriverKind::Compose => DriverSpec::Compose(ComposeSpec {
                 files: self.strings(raw.files.as_deref())?,
                 project: raw.project.as_ref().map(|p| self.component_template(p)).transpose()?,
                 service: self.required(raw.service.as_ref(), at_name.clone(), (&name, "compose", "service"))?,
                 image: raw.image.as_ref().map(|i| self.component_template(i)).transpose()?,
-            },
+                version_env: raw.version_env.as_ref().map(|v| v.get_ref().clone()),
+                build: raw.build.unwrap_or(false),
+                port: raw.port,
+                serve: process.serve,
+                stop_signal: raw.stop_signal.as_ref().map(|v| v.get_ref().clone()),
+            }),
             DriverKind::Kubernetes => DriverSpec::Kubernetes {
                 namespace: raw.namespace.as_ref().map(|n| self.component_template(n)).transpose()?,
                 deployment: self.required(
@@ -858,13 +905,17 @@ impl Loader<'_> {
         let span = |value: Option<&Spanned<String>>| value.map(Spanned::span);
         let first_span = |values: Option<&Vec<Spanned<String>>>| values.and_then(|v| v.first()).map(Spanned::span);
         // (key, the drivers that read it, where it is, whether it is set)
-        let keys: [KeyUse<'_>; 16] = [
+        let keys: [KeyUse<'_>; 20] = [
             ("run", &[DriverKind::Process], first_span(raw.run.as_ref()), raw.run.is_some()),
             ("env", &[DriverKind::Process], raw.env.values().next().map(Spanned::span), !raw.env.is_empty()),
-            ("serve", &[DriverKind::Process], span(raw.serve.as_ref()), raw.serve.is_some()),
+            ("serve", &[DriverKind::Process, DriverKind::Compose], span(raw.serve.as_ref()), raw.serve.is_some()),
             ("files", &[DriverKind::Compose], first_span(raw.files.as_ref()), raw.files.is_some()),
             ("project", &[DriverKind::Compose], span(raw.project.as_ref()), raw.project.is_some()),
             ("service", &[DriverKind::Compose], span(raw.service.as_ref()), raw.service.is_some()),
+            ("version_env", &[DriverKind::Compose], span(raw.version_env.as_ref()), raw.version_env.is_some()),
+            ("stop_signal", &[DriverKind::Compose], span(raw.stop_signal.as_ref()), raw.stop_signal.is_some()),
+            ("build", &[DriverKind::Compose], None, raw.build.is_some()),
+            ("port", &[DriverKind::Compose], None, raw.port.is_some()),
             ("image", &[DriverKind::Compose, DriverKind::Kubernetes], span(raw.image.as_ref()), raw.image.is_some()),
             (
                 "namespace",
@@ -897,6 +948,53 @@ impl Loader<'_> {
         Ok(())
     }
 
+    /// The Compose driver's rules: the version reaches Compose one way, a proxied strategy
+    /// has a stable address and a container port, names are names.
+    fn compose_keys(&self, raw: &RawComponent, name: &str, strategy: Strategy) -> Result<(), ManifestError> {
+        let at_name = Some(raw.name.span());
+        if raw.image.is_some() == raw.version_env.is_some() {
+            return Err(self.error(
+                raw.version_env.as_ref().map(Spanned::span).or(at_name),
+                format!(
+                    "component `{name}`: the version reaches Compose one way: set `image = \"name:{{version}}\"` \
+                     or `version_env`, the variable your compose files use in `image:`, not both or neither"
+                ),
+            ));
+        }
+        if let Some(var) = &raw.version_env
+            && (var.get_ref().is_empty()
+                || var.get_ref().starts_with(|c: char| c.is_ascii_digit())
+                || !var.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(self.error(
+                Some(var.span()),
+                format!("`{}` is not a variable name; expected letters, digits and _", var.get_ref()),
+            ));
+        }
+        if let Some(signal) = &raw.stop_signal
+            && (signal.get_ref().is_empty() || !signal.get_ref().chars().all(|c| c.is_ascii_alphanumeric()))
+        {
+            return Err(self.error(
+                Some(signal.span()),
+                format!("`{}` is not a signal; expected a name like SIGTERM or SIGQUIT", signal.get_ref()),
+            ));
+        }
+        if strategy != Strategy::Recreate && (raw.serve.is_none() || raw.port.is_none()) {
+            return Err(self.error(
+                at_name,
+                format!(
+                    "component `{name}`: strategy {} runs containers beside each other behind the agent's proxy, so it \
+                     needs `serve` (the stable address the proxy holds) and `port` (where the service listens in its container)",
+                    strategy.as_str()
+                ),
+            ));
+        }
+        if raw.port == Some(0) {
+            return Err(self.error(at_name, format!("component `{name}`: `port` is a port from 1 to 65535")));
+        }
+        Ok(())
+    }
+
     /// A required key of a driver, its `${VAR}` kept.
     fn required(
         &mut self,
@@ -919,7 +1017,7 @@ impl Loader<'_> {
         raw: RawHealth,
         name: &str,
         at_name: Option<Range<usize>>,
-        has_address: bool,
+        (has_address, address_hint): (bool, &str),
     ) -> Result<Health, ManifestError> {
         let kinds =
             usize::from(raw.http.is_some()) + usize::from(raw.tcp == Some(true)) + usize::from(raw.command.is_some());
@@ -939,7 +1037,7 @@ impl Loader<'_> {
         if matches!(probe, Probe::Http { .. } | Probe::Tcp) && !has_address {
             return Err(self.error(
                 at_name,
-                format!("component `{name}`: an http or tcp health check needs an address ({{addr}} in `run`)"),
+                format!("component `{name}`: an http or tcp health check needs an address ({address_hint})"),
             ));
         }
         Ok(Health {

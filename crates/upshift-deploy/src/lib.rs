@@ -2,8 +2,11 @@
 //! local processes under the agent (`upshift-agent`); Compose, Kubernetes and Helm drivers
 //! will implement the same `upshift_core::driver::Driver` trait.
 
+mod agent;
+mod compose;
 pub mod health;
 mod process;
 pub mod rollout;
 
+pub use compose::ComposeDriver;
 pub use process::ProcessDriver;

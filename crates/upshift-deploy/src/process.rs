@@ -5,21 +5,20 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use upshift_agent::{Client, Request, Response, RouteStatus, Spec, Upstream};
+use upshift_agent::{Request, RouteStatus, Spec, Upstream};
 use upshift_core::Manifest;
 use upshift_core::driver::{
     ComponentStatus, Deployed, Driver, DriverError, InstanceStatus, VersionStatus, WindowStatus,
 };
 use upshift_core::manifest::{Component, DriverKind, Probe, ProcessSpec};
 
+use crate::agent::{Agent, AgentStatus, unavailable};
 use crate::health;
 use crate::rollout::{self, Instance, Instances, LIVE};
 
 /// Runs components through the agent of one state dir.
 pub struct ProcessDriver {
-    client: Client,
-    /// How to start a new agent when this one dies mid-run (none for `status`).
-    restart: Option<(PathBuf, PathBuf)>,
+    agent: Agent,
     /// Where processes run (the manifest's folder).
     cwd: PathBuf,
     /// Expands the `${VAR}` that components keep.
@@ -29,11 +28,6 @@ pub struct ProcessDriver {
 /// A refusal (a spec it cannot run).
 fn error(message: impl Into<String>) -> DriverError {
     DriverError::Refused(message.into())
-}
-
-/// The agent failed to answer.
-fn agent(e: &upshift_agent::ClientError) -> DriverError {
-    DriverError::Unavailable(e.to_string())
 }
 
 /// The process driver's settings of a component.
@@ -47,13 +41,6 @@ fn process(component: &Component) -> Result<&ProcessSpec, DriverError> {
     })
 }
 
-/// Says on stderr that the agent is being replaced (the driver has no printer; the CLI's
-/// runner output goes to stderr too).
-fn say_aloud(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "  {line}");
-}
-
 /// Fills `{version}`, `{addr}` and `{port}`.
 pub(crate) fn fill(text: &str, version: &str, addr: Option<&str>) -> String {
     let port = addr.and_then(|a| a.rsplit_once(':').map(|(_, p)| p)).unwrap_or("");
@@ -64,55 +51,27 @@ fn instance(spec: &Spec, running: bool) -> Instance {
     Instance { slot: spec.slot.clone(), version: spec.version.clone(), addr: spec.addr.clone(), running }
 }
 
-type AgentStatus = (Vec<upshift_agent::InstanceStatus>, BTreeMap<String, RouteStatus>);
-
 impl ProcessDriver {
     /// Connects to the agent of the manifest's state dir, starting it with `program agent`
-    /// when needed, and has it serve its Prometheus metrics when `[agent] metrics` is set.
+    /// when needed.
     pub fn new(manifest: &Manifest, program: &Path) -> Result<ProcessDriver, DriverError> {
-        let mut client = Client::connect_or_start(&manifest.state_dir, program).map_err(|e| agent(&e))?;
-        if let Some(listen) = &manifest.agent.metrics {
-            client.request(&Request::Metrics { listen: listen.clone() }).map_err(|e| agent(&e))?;
-        }
-        let mut driver = ProcessDriver::with_client(client, manifest)?;
-        driver.restart = Some((manifest.state_dir.clone(), program.to_path_buf()));
-        Ok(driver)
-    }
-
-    /// One request to the agent. When the agent died (kill -9, OOM), a new one is started
-    /// (it adopts the running processes and serves the saved routes) and the request is
-    /// sent once more: a run whose agent dies mid-step goes on, or undoes, with the service
-    /// served.
-    fn ask(&mut self, request: &Request) -> Result<Response, upshift_agent::ClientError> {
-        match self.client.request(request) {
-            Err(upshift_agent::ClientError::Io(e)) if self.restart.is_some() => {
-                let (state_dir, program) = self.restart.clone().expect("checked");
-                say_aloud(&format!("the agent went away ({e}); starting a new one"));
-                self.client = Client::connect_or_start(&state_dir, &program)?;
-                self.client.request(request)
-            }
-            result => result,
-        }
+        ProcessDriver::with_agent(Agent::start(manifest, program)?, manifest)
     }
 
     /// Connects to the agent only when it already runs (for `status`, which starts nothing).
     pub fn connect(manifest: &Manifest) -> Option<ProcessDriver> {
-        let client = Client::connect(&manifest.state_dir).ok()?;
-        ProcessDriver::with_client(client, manifest).ok()
+        ProcessDriver::with_agent(Agent::connect(manifest)?, manifest).ok()
     }
 
-    fn with_client(client: Client, manifest: &Manifest) -> Result<ProcessDriver, DriverError> {
+    fn with_agent(agent: Agent, manifest: &Manifest) -> Result<ProcessDriver, DriverError> {
         // The agent runs elsewhere: it needs an absolute folder ("" is the manifest's own
         // folder when upshift.toml is in the current one).
         let cwd = std::env::current_dir().map_err(|e| error(e.to_string()))?.join(&manifest.base_dir);
-        Ok(ProcessDriver { client, restart: None, cwd, manifest: manifest.clone() })
+        Ok(ProcessDriver { agent, cwd, manifest: manifest.clone() })
     }
 
     fn agent_status(&mut self) -> Result<AgentStatus, DriverError> {
-        match self.ask(&Request::Status).map_err(|e| agent(&e))? {
-            Response::Status { instances, routes, .. } => Ok((instances, routes)),
-            other => Err(error(format!("unexpected answer from the agent: {other:?}"))),
-        }
+        self.agent.status()
     }
 
     /// A component's string as it runs: `${VAR}` expanded, then placeholders filled.
@@ -200,15 +159,15 @@ impl Instances for ProcessDriver {
     ) -> Result<Instance, DriverError> {
         let spec = self.spec(component, version, addr, slot)?;
         let started = instance(&spec, true);
-        self.ask(&Request::Start { spec }).map_err(|e| agent(&e))?;
+        self.agent.ask(&Request::Start { spec }).map_err(|e| unavailable(&e))?;
         Ok(started)
     }
 
     fn stop(&mut self, component: &Component, slot: &str) -> Result<(), DriverError> {
         let grace_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
-        match self.ask(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
+        match self.agent.ask(&Request::Stop { component: component.name.clone(), slot: slot.into(), grace_ms }) {
             Ok(_) | Err(upshift_agent::ClientError::Refused(_)) => Ok(()),
-            Err(e) => Err(agent(&e)),
+            Err(e) => Err(unavailable(&e)),
         }
     }
 
@@ -225,14 +184,7 @@ impl Instances for ProcessDriver {
     }
 
     fn route(&mut self, component: &Component, upstreams: Vec<Upstream>) -> Result<(), DriverError> {
-        let listen = component
-            .serve()
-            .map(str::to_owned)
-            .ok_or_else(|| error(format!("component {} has no `serve` address", component.name)))?;
-        let drain_ms = u64::try_from(component.drain.as_millis()).unwrap_or(u64::MAX);
-        self.ask(&Request::Route { component: component.name.clone(), listen, upstreams, drain_ms })
-            .map(drop)
-            .map_err(|e| agent(&e))
+        self.agent.route(component, upstreams)
     }
 
     fn recreate_address(&self, component: &Component, previous: Option<&str>) -> Result<Option<String>, DriverError> {
@@ -266,8 +218,7 @@ impl Driver for ProcessDriver {
     }
 
     fn note_run(&mut self, run: &str) {
-        // An older agent answers an unknown request with an error: only its logs lose out.
-        let _ = self.ask(&Request::Run { id: run.to_owned() });
+        self.agent.note_run(run);
     }
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
@@ -283,17 +234,8 @@ impl Driver for ProcessDriver {
     fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
         self.program_ready(component, version, None).map_err(error)?;
         // The stable address: free, or held by this agent's proxy for this component.
-        if let Some(serve) = component.serve() {
-            let (_, route) = self.observe(component)?;
-            let ours = route.is_some_and(|r| r.listen == serve);
-            if !ours && std::net::TcpListener::bind(serve).is_err() {
-                return Err(error(format!(
-                    "component {}: its serve address {serve} is taken by another process; stop it or choose another address",
-                    component.name
-                )));
-            }
-        }
-        Ok(())
+        let (_, route) = self.observe(component)?;
+        crate::agent::serve_is_free_or_ours(component, route.as_ref())
     }
 
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {

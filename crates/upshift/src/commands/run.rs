@@ -9,12 +9,12 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 use serde::Serialize;
 use upshift_core::Manifest;
-use upshift_core::driver::{ComponentStatus, DriverError, Drivers};
+use upshift_core::driver::{ComponentStatus, Driver, DriverError, Drivers};
 use upshift_core::journal::{Journal, ReleaseRow, RunRow};
 use upshift_core::manifest::DriverKind;
 use upshift_core::plan::PlanInput;
 use upshift_core::runner::{self, Context, Outcome};
-use upshift_deploy::ProcessDriver;
+use upshift_deploy::{ComposeDriver, ProcessDriver};
 use upshift_migrate::{DatabaseUrl, Migrator};
 
 use crate::cli::{DatabaseArgs, GlobalArgs, TargetArgs};
@@ -35,12 +35,17 @@ fn database(database: &DatabaseArgs, manifest: &Manifest, printer: &Printer) -> 
 fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
     let program = std::env::current_exe().context("finding the upshift binary")?;
     let mut drivers = Drivers::new();
-    let manifest = manifest.clone();
+    let (for_process, for_compose) = (manifest.clone(), manifest.clone());
+    let program_for_compose = program.clone();
     drivers.register_lazy(
         DriverKind::Process,
-        Box::new(move || {
-            Ok(Box::new(ProcessDriver::new(&manifest, &program)?) as Box<dyn upshift_core::driver::Driver>)
-        }),
+        Box::new(move || Ok(Box::new(ProcessDriver::new(&for_process, &program)?) as Box<dyn Driver>)),
+    );
+    drivers.register_lazy(
+        DriverKind::Compose,
+        Box::new(
+            move || Ok(Box::new(ComposeDriver::new(&for_compose, Some(&program_for_compose))?) as Box<dyn Driver>),
+        ),
     );
     Ok(drivers)
 }
@@ -271,6 +276,11 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
             }),
         ),
     }
+    let for_compose = manifest.clone();
+    drivers.register_lazy(
+        DriverKind::Compose,
+        Box::new(move || Ok(Box::new(ComposeDriver::new(&for_compose, None)?) as Box<dyn Driver>)),
+    );
     let components: Vec<StatusComponent<'_>> = manifest
         .components
         .iter()

@@ -1,0 +1,501 @@
+//! The Compose driver on a real Docker Engine with Compose v2: the notes service (this
+//! binary, named `notes`, in an image made here from scratch) as a Compose service over a
+//! SQLite file on a bind mount, upgraded, failed, undone, rolled back, switched under load
+//! and killed mid-run. Skipped, with the reason, when no Docker with Compose v2 answers;
+//! under CI (`CI` set, where `.ci/run` starts the engine) a missing engine fails instead.
+
+#![allow(clippy::print_stderr)] // the skip reason, and the figures the closing note quotes
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{Context, Run};
+use serde::Deserialize;
+
+const RELEASES: [&str; 4] = ["1.0.0", "2.0.0", "2.0.1", "3.0.0"];
+
+/// Whether Docker and Compose v2 answer; says why not (and fails under CI).
+fn docker_ready() -> bool {
+    let answers = |args: &[&str]| {
+        Command::new("docker")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if answers(&["info"]) && answers(&["compose", "version"]) {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI starts every engine, but no Docker Engine with Compose v2 answers (ci/engines/docker.sh sets one up)"
+    );
+    eprintln!("skipped: no Docker Engine with Compose v2 answers here (ci/engines/docker.sh sets one up)");
+    false
+}
+
+fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker").args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(output.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// The shared libraries a dynamically linked program needs, from `ldd`.
+fn libraries(program: &str) -> Vec<String> {
+    let output = Command::new("ldd").arg(program).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().find(|w| w.starts_with('/')).map(str::to_owned))
+        .collect()
+}
+
+/// The notes images `upshift-test-notes:<release>`: a root filesystem holding this binary
+/// as `/notes`, its libraries and a busybox for the container's own healthcheck, imported
+/// once per build of the binary (a label keeps which).
+fn images() -> &'static str {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let binary = env!("CARGO_BIN_EXE_upshift");
+        let meta = std::fs::metadata(binary).unwrap();
+        let modified = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let build = format!("{}-{modified}", meta.len());
+        let label = "{{index .Config.Labels \"dev.upshift.test.build\"}}";
+        let current = |release: &str| {
+            Command::new("docker")
+                .args(["image", "inspect", "--format", label, &format!("upshift-test-notes:{release}")])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == build)
+        };
+        if RELEASES.iter().all(|r| current(r)) {
+            return;
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| std::path::Path::new(p).exists());
+        let busybox = busybox.expect("busybox (Debian busybox-static) for the container's healthcheck");
+        let mut archive = tar::Builder::new(Vec::new());
+        // Docker's importer takes no GNU sparse entries.
+        archive.sparse(false);
+        archive.append_path_with_name(binary, "notes").unwrap();
+        archive.append_path_with_name(busybox, "busybox").unwrap();
+        let mut libs = libraries(binary);
+        libs.extend(libraries(busybox));
+        libs.sort();
+        libs.dedup();
+        for lib in libs {
+            let real = std::fs::canonicalize(&lib).unwrap();
+            archive.append_path_with_name(real, lib.trim_start_matches('/')).unwrap();
+        }
+        let mut data = tar::Header::new_gnu();
+        data.set_entry_type(tar::EntryType::Directory);
+        data.set_mode(0o777);
+        data.set_size(0);
+        archive.append_data(&mut data, "data", std::io::empty()).unwrap();
+        let rootfs = archive.into_inner().unwrap();
+        for release in RELEASES {
+            // 2.0.1 is 2.0.0's code under another version.
+            let code = if release == "2.0.1" { "2.0.0" } else { release };
+            let mut import = Command::new("docker")
+                .args([
+                    "import",
+                    "--change",
+                    &format!(r#"ENTRYPOINT ["/notes", "--release", "{code}", "--listen", "0.0.0.0:8080"]"#),
+                    "--change",
+                    &format!("LABEL dev.upshift.test.build={build}"),
+                    "-",
+                    &format!("upshift-test-notes:{release}"),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            import.stdin.take().unwrap().write_all(&rootfs).unwrap();
+            assert!(import.wait().unwrap().success(), "docker import");
+        }
+    });
+    "upshift-test-notes"
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+const COMPOSE_FILE: &str = r#"services:
+  api:
+    image: upshift-test-notes:1.0.0
+    init: true
+    environment:
+      DATABASE_URL: sqlite:/data/notes.db
+    volumes: ["./data:/data"]
+    ports: ["127.0.0.1:${NOTES_PORT}:8080"]
+    healthcheck:
+      test: ["CMD", "/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/health"]
+      interval: 200ms
+      timeout: 2s
+      retries: 2
+"#;
+
+/// A Compose project of the notes service in a temp folder; its containers, network and
+/// agent go on drop, whatever the test did.
+struct Stack {
+    ctx: Context,
+    project: String,
+    /// The port Compose publishes (recreate), or the proxy's stable address.
+    address: String,
+    image: String,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.ctx.command().args(["agent", "stop", "--state-dir", ".upshift"]).output();
+        let filter = format!("label=com.docker.compose.project={}", self.project);
+        let ids = Command::new("docker").args(["ps", "-aq", "--filter", &filter]).output();
+        let ids: Vec<String> = ids
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+        let _ = Command::new("docker").args(["network", "rm", &format!("{}_default", self.project)]).output();
+        for release in RELEASES {
+            let _ = Command::new("docker").args(["rmi", &format!("{}:{release}", self.image)]).output();
+        }
+    }
+}
+
+#[derive(Deserialize, Debug)]
+struct Status {
+    version: Option<String>,
+    run: Option<serde_json::Value>,
+    components: Vec<ComponentStatus>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ComponentStatus {
+    version: Option<String>,
+    healthy: bool,
+    instances: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize, Debug)]
+struct RunResult {
+    outcome: String,
+}
+
+impl Stack {
+    /// `settings` are the component's extra keys (strategy, serve, ...).
+    fn new(settings: &str) -> Option<Stack> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        if !docker_ready() {
+            return None;
+        }
+        let base = images();
+        let ctx = Context::new();
+        let project = format!("upshift-test-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
+        // A tag of this stack's own, so a test can re-point it like a re-pushed tag.
+        let image = format!("{project}-notes");
+        for release in RELEASES {
+            docker(&["tag", &format!("{base}:{release}"), &format!("{image}:{release}")]);
+        }
+        let port = free_port();
+        ctx.write("compose.yaml", COMPOSE_FILE);
+        ctx.write(".env", &format!("NOTES_PORT={port}\n"));
+        std::fs::create_dir_all(ctx.join("data")).unwrap();
+        for (name, text) in notes::MIGRATIONS {
+            ctx.write(&format!("migrations/{name}"), text);
+        }
+        let serve = format!("127.0.0.1:{}", free_port());
+        let address = if settings.contains("{serve}") { serve.clone() } else { format!("127.0.0.1:{port}") };
+        let settings = settings.replace("{serve}", &serve);
+        ctx.write(
+            "upshift.toml",
+            &format!(
+                r#"[app]
+name = "notes"
+
+[database]
+url = "sqlite:data/notes.db"
+
+[[components]]
+name = "api"
+driver = "compose"
+project = "{project}"
+service = "api"
+image = "{image}:{{version}}"
+port = 8080
+health = {{ http = "/health", interval = "100ms", healthy_after = 2, deadline = "20s" }}
+drain = "2s"
+{settings}
+
+[[releases]]
+version = "1.0.0"
+migrate_to = "20260101000000"
+
+[[releases]]
+version = "2.0.0"
+migrate_to = "20260202000000"
+
+[[releases]]
+version = "2.0.1"
+migrate_to = "20260202000000"
+
+[[releases]]
+version = "3.0.0"
+migrate_to = "20260202000000"
+"#
+            ),
+        );
+        Some(Stack { ctx, project, address, image })
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let mut all = args.to_vec();
+        all.push("--yes");
+        self.ctx.run(&all)
+    }
+
+    fn upgrade(&self, version: &str) -> Run {
+        self.run(&["upgrade", "--to", version])
+    }
+
+    fn status(&self) -> Status {
+        self.ctx.run(&["status", "--output", "json"]).success().json()
+    }
+
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        http(&self.address, method, path, body).unwrap_or_else(|e| panic!("{method} {path} at {}: {e}", self.address))
+    }
+
+    /// The image id the live container of the service runs.
+    fn running_image(&self) -> Vec<String> {
+        let filter = format!("label=com.docker.compose.project={}", self.project);
+        let ids = docker(&["ps", "-q", "--filter", &filter]);
+        ids.split_whitespace().map(|id| docker(&["inspect", "--format", "{{.Image}}", id])).collect()
+    }
+
+    fn image_id(&self, release: &str) -> String {
+        docker(&["image", "inspect", "--format", "{{.Id}}", &format!("{}:{release}", self.image)])
+    }
+}
+
+/// One HTTP/1.1 request on a new connection; the status and body.
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("not HTTP")?;
+    Ok((code, response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned()))
+}
+
+/// Clients sending GET /api/notes to `addr` until stopped; every answer is counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(addr: &str, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, addr) = (Arc::clone(&stop), addr.to_owned());
+                std::thread::spawn(move || {
+                    let (mut ok, mut failed) = (0, Vec::new());
+                    while !stop.load(Ordering::SeqCst) {
+                        match http(&addr, "GET", "/api/notes", "") {
+                            Ok((200, _)) => ok += 1,
+                            Ok((code, body)) => failed.push(format!("{code} {body}")),
+                            Err(e) => failed.push(e),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, threads }
+    }
+
+    /// Stops the clients: the answers that were 200, and every failure.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads.into_iter().map(|t| t.join().unwrap()).fold((0, Vec::new()), |(ok, mut failed), (o, f)| {
+            failed.extend(f);
+            (ok + o, failed)
+        })
+    }
+}
+
+#[test]
+fn recreate_upgrades_undoes_a_failed_release_and_puts_back_the_image_it_ran() {
+    let Some(stack) = Stack::new("") else { return };
+    stack.upgrade("1.0.0").success().stderr_has("deploy api (compose, recreate)");
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+    assert_eq!(code, 201);
+    stack.upgrade("2.0.0").success();
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains("kept across everything") && body.contains("tags"), "{body}");
+    let ran = stack.image_id("2.0.0");
+    assert_eq!(stack.running_image(), std::slice::from_ref(&ran));
+
+    // The 2.0.0 tag is re-pointed (a re-pushed tag) at broken code; 3.0.0 fails its health
+    // check and is undone: the container runs 2.0.0's image by id, not what the tag says.
+    docker(&["tag", &format!("{}:3.0.0", stack.image), &format!("{}:2.0.0", stack.image)]);
+    stack.upgrade("3.0.0").code(3).stderr_has("unhealthy by its own healthcheck").stderr_has("2.0.0 is back");
+    assert_eq!(stack.running_image(), [ran]);
+    let (code, body) = stack.http("GET", "/health", "");
+    assert_eq!((code, body.contains("2.0.0")), (200, true), "{body}");
+    let status = stack.status();
+    assert_eq!(status.version.as_deref(), Some("2.0.0"));
+    assert_eq!(status.components[0].version.as_deref(), Some("2.0.0"));
+    assert!(status.components[0].healthy, "{status:?}");
+    assert_eq!(status.components[0].instances.len(), 1, "{status:?}");
+
+    // Back to 1.0.0: its image, and the backup taken before the contract migration.
+    stack.run(&["rollback"]).success();
+    let (code, body) = stack.http("GET", "/api/notes", "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"title\":\"first\""), "{body}");
+    assert_eq!(stack.running_image(), [stack.image_id("1.0.0")]);
+}
+
+#[test]
+fn blue_green_and_rolling_switch_containers_with_no_failed_request() {
+    let Some(stack) = Stack::new("strategy = \"blue-green\"\nserve = \"{serve}\"") else { return };
+    stack.upgrade("1.0.0").success();
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+    assert_eq!(code, 201);
+
+    let mut report = Vec::new();
+    let mut under_load = |what: &str, version: &str, code: i32| {
+        let load = Load::start(&stack.address, 4);
+        // Requests are flowing before the switch starts.
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        stack.upgrade(version).code(code);
+        let took = started.elapsed();
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, failed) = load.finish();
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} requests failed: {:?}",
+            failed.len(),
+            ok + failed.len() as u64,
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > 20, "{what}: only {ok} requests answered");
+        report.push(format!("{what}: {ok} requests, 0 failed, upgrade took {:.1}s", took.as_secs_f64()));
+    };
+    under_load("blue-green 1.0.0 -> 2.0.0", "2.0.0", 0);
+    // 3.0.0 never becomes healthy: the old container serves throughout, and stays.
+    under_load("blue-green 2.0.0 -> 3.0.0 (failed, undone)", "3.0.0", 3);
+    assert_eq!(stack.status().components[0].version.as_deref(), Some("2.0.0"));
+
+    // The same stack, now rolling over two containers.
+    let manifest =
+        stack.ctx.read("upshift.toml").replace("strategy = \"blue-green\"", "strategy = \"rolling\"\ninstances = 2");
+    stack.ctx.write("upshift.toml", &manifest);
+    under_load("rolling 2.0.0 -> 2.0.1 (2 containers)", "2.0.1", 0);
+    let status = stack.status();
+    assert_eq!(status.components[0].version.as_deref(), Some("2.0.1"));
+    assert_eq!(status.components[0].instances.len(), 2, "{status:?}");
+    under_load("rolling 2.0.1 -> 3.0.0 (failed, undone)", "3.0.0", 3);
+    let status = stack.status();
+    assert_eq!(status.components[0].version.as_deref(), Some("2.0.1"));
+    assert_eq!(status.components[0].instances.len(), 2, "{status:?}");
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains("kept across everything"), "{body}");
+    for line in report {
+        eprintln!("{line}");
+    }
+}
+
+/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
+/// `write`-th write; false when the run finished before it.
+fn crash_at_write(stack: &Stack, version: &str, write: u64) -> bool {
+    let output = stack
+        .ctx
+        .command()
+        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
+        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
+        .output()
+        .unwrap();
+    output.status.code().is_none()
+}
+
+/// The crash-at-every-write contract on real containers: an upgrade 1.0.0 -> 2.0.0
+/// (blue-green behind the proxy) is killed after each of its journal writes in turn, then
+/// `resume` or `abort` runs (alternating); the stack must converge: nothing in flight, the
+/// journal's version is what the containers run and what answers, with the note kept.
+#[test]
+fn killed_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(stack) = Stack::new("strategy = \"blue-green\"\nserve = \"{serve}\"") else { return };
+    stack.upgrade("1.0.0").success();
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+    assert_eq!(code, 201);
+    let mut write = 1;
+    while crash_at_write(&stack, "2.0.0", write) {
+        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
+        let context = format!("killed at write {write}, then {recovery}");
+        let run = stack.ctx.run(&[recovery, "--yes", "--output", "json"]);
+        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
+            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
+            let result: RunResult = run.json();
+            assert!(["succeeded", "rolled-back"].contains(&result.outcome.as_str()), "{context}: {result:?}");
+        }
+        let status = stack.status();
+        assert!(status.run.is_none(), "{context}: {status:?}");
+        let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+        assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+        assert!(status.components[0].healthy, "{context}: {status:?}");
+        let (code, body) = stack.http("GET", "/health", "");
+        assert_eq!(code, 200, "{context}: {body}");
+        assert!(body.contains(&version), "{context}: {body} answers, {version} is deployed");
+        let (_, notes) = stack.http("GET", "/api/notes", "");
+        assert!(notes.contains("kept across everything"), "{context}: {notes}");
+        // Exactly the serving container runs: nothing left over from the killed run.
+        assert_eq!(stack.running_image().len(), 1, "{context}: leftover containers");
+        // Undoing again is a no-op.
+        stack.ctx.run(&["abort", "--yes"]).code(1).stderr_has("nothing is in flight");
+        if version == "2.0.0" {
+            stack.run(&["rollback"]).success();
+        }
+        write += 1;
+    }
+    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
+    eprintln!("{} crash points, each converged", write - 1);
+}
+
+#[test]
+fn compose_settings_are_checked_with_their_line() {
+    let ctx = Context::new();
+    let manifest = |extra: &str| {
+        format!(
+            "[app]\nname = \"x\"\n\n[[components]]\nname = \"api\"\ndriver = \"compose\"\nservice = \"api\"\n{extra}\n\n[[releases]]\nversion = \"1.0.0\"\n"
+        )
+    };
+    ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nversion_env = \"V\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:9").stderr_has("not both or neither");
+    ctx.write("upshift.toml", &manifest(""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:5").stderr_has("set `image");
+    ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nstrategy = \"blue-green\"\nserve = \"127.0.0.1:1\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("needs `serve`").stderr_has("and `port`");
+    ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nhealth = { http = \"/health\" }"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("needs an address (`port`");
+    ctx.write("upshift.toml", &manifest("version_env = \"1X\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:8").stderr_has("not a variable name");
+    ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nrun = [\"x\"]"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("`run` is a setting of the process driver");
+    ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nport = 8080"));
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api");
+}
