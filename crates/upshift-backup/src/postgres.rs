@@ -413,8 +413,12 @@ pub(crate) fn check_target<'a>(config: &'a Config, info: &DatabaseInfo, force: b
     Ok(Target { config, name, exists, tools: Tools::find(major)? })
 }
 
+/// A session on another database than the target (which is renamed and dropped under
+/// it): `postgres`, or `template1` when the target is `postgres` itself.
 fn maintenance(config: &Config) -> Result<Client, Error> {
-    connect(config, Some("postgres")).or_else(|_| connect(config, Some("template1")))
+    let [first, second] =
+        if database_name(config) == "postgres" { ["template1", "postgres"] } else { ["postgres", "template1"] };
+    connect(config, Some(first)).or_else(|_| connect(config, Some(second)))
 }
 
 /// Restores the unpacked dump over the target database: into a scratch database first, then

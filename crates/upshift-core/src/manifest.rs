@@ -501,6 +501,24 @@ struct RawDatabase {
     min_server: Option<String>,
     #[serde(default)]
     no_transaction: Vec<String>,
+    via: Option<Spanned<RawVia>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVia {
+    compose: String,
+}
+
+/// `[database] via`: how upshift reaches a database that is not published on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DatabaseVia {
+    /// The database is this service of the Compose project of the manifest's compose
+    /// components: upshift connects to its container's address on the project's network.
+    Compose {
+        /// The service.
+        service: String,
+    },
 }
 
 /// A loaded manifest.
@@ -518,6 +536,8 @@ pub struct Manifest {
     pub migrations_dir: PathBuf,
     /// `[database] min_server`: the oldest database server version the application supports.
     pub min_server: Option<String>,
+    /// `[database] via`: where the URL's host really is.
+    pub database_via: Option<DatabaseVia>,
     /// `[database] no_transaction`: revisions to run outside a transaction without editing
     /// their files.
     pub no_transaction: Vec<String>,
@@ -608,9 +628,11 @@ impl Manifest {
         let mut loader = Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new() };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let (database_url_raw, migrations, min_server, no_transaction) = match raw.database {
-            Some(database) => (database.url, database.migrations, database.min_server, database.no_transaction),
-            None => (None, None, None, Vec::new()),
+        let (database_url_raw, migrations, min_server, no_transaction, via) = match raw.database {
+            Some(database) => {
+                (database.url, database.migrations, database.min_server, database.no_transaction, database.via)
+            }
+            None => (None, None, None, Vec::new(), None),
         };
         let database_url = database_url_raw.as_ref().map(|url| loader.expand(url)).transpose()?;
         let backup = loader.backup(raw.backup, base)?;
@@ -619,6 +641,33 @@ impl Manifest {
             let component = loader.component(raw, &components)?;
             components.push(component);
         }
+        let database_via = match via {
+            Some(via) => {
+                let at = Some(via.span());
+                let service = via.into_inner().compose;
+                if !components.iter().any(|c| c.compose().is_some()) {
+                    return Err(loader.error(
+                        at,
+                        "[database] via = { compose = ... } names a service of the Compose project of a component with \
+                         driver = \"compose\", and there is none"
+                            .into(),
+                    ));
+                }
+                if !database_url
+                    .as_deref()
+                    .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+                {
+                    return Err(loader.error(
+                        at,
+                        "[database] via = { compose = ... } needs a PostgreSQL URL (postgres://user@host:port/db) in [database] url; \
+                         its host is replaced by the container's address"
+                            .into(),
+                    ));
+                }
+                Some(DatabaseVia::Compose { service })
+            }
+            None => None,
+        };
         let verify = loader.verify(raw.verify)?;
         let releases = loader.releases(raw.releases)?;
         let agent = match raw.agent.and_then(|a| a.metrics) {
@@ -643,6 +692,7 @@ impl Manifest {
             state_dir: base.join(app.and_then(|a| a.state_dir).unwrap_or_else(|| ".upshift".into())),
             database_url,
             min_server,
+            database_via,
             no_transaction,
             migrations_dir: base.join(migrations.unwrap_or_else(|| "migrations".into())),
             base_dir: base.to_path_buf(),

@@ -259,9 +259,15 @@ fn build(
         to: input.target.clone(),
         expand: builder.expand,
         contract: builder.contract,
-        no_backup: input.no_backup,
+        no_backup: input.no_backup || nothing_to_back_up(input),
         steps: builder.steps,
     }
+}
+
+/// Whether an upgrade has nothing to back up: no database and no saved paths (a stateless
+/// service, a worker without state of its own).
+fn nothing_to_back_up(input: &PlanInput<'_>) -> bool {
+    input.database.is_none() && input.manifest.backup.paths.is_empty()
 }
 
 impl Builder<'_> {
@@ -349,9 +355,14 @@ impl Builder<'_> {
 
     fn backup(&mut self) {
         let input = self.input;
-        if input.no_backup {
+        if input.no_backup || nothing_to_back_up(input) {
             let nothing = failure(UndoDepth::Nothing, "nothing was changed yet");
-            self.push(StepKind::Backup, "backup skipped (--no-backup, recorded)".to_owned(), Vec::new(), nothing);
+            let title = if input.no_backup {
+                "backup skipped (--no-backup, recorded)"
+            } else {
+                "backup skipped: no database and no [backup] paths (a stateless application)"
+            };
+            self.push(StepKind::Backup, title.to_owned(), Vec::new(), nothing);
             return;
         }
         let mut what = Vec::new();

@@ -146,6 +146,15 @@ struct InspectedHealth {
 struct InspectedNetwork {
     #[serde(default)]
     ports: Option<BTreeMap<String, Option<Vec<PortBinding>>>>,
+    #[serde(default)]
+    networks: Option<BTreeMap<String, Attachment>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Attachment {
+    #[serde(rename = "IPAddress")]
+    ip_address: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -229,7 +238,10 @@ impl ComposeDriver {
         Ok(ComposeDriver {
             manifest: manifest.clone(),
             cwd,
-            overrides: manifest.state_dir.join("compose"),
+            overrides: std::env::current_dir()
+                .map_err(|e| refused(e.to_string()))?
+                .join(&manifest.state_dir)
+                .join("compose"),
             program: program.map(Path::to_path_buf),
             agent: None,
             projects: RefCell::default(),
@@ -450,6 +462,46 @@ impl ComposeDriver {
     }
 }
 
+/// The address of the running container of `service` in the Compose project of the
+/// manifest's first compose component, on its network: `[database] via = { compose = .. }`
+/// (on Linux the host reaches container networks directly, so the database needs no
+/// published port).
+pub fn service_address(manifest: &Manifest, service: &str) -> Result<String, DriverError> {
+    let component =
+        manifest.components.iter().find(|c| c.compose().is_some()).ok_or_else(|| {
+            refused("[database] via names a Compose service, and no component uses driver = \"compose\"")
+        })?;
+    let driver = ComposeDriver::new(manifest, None)?;
+    let project = driver.project(component)?;
+    let ids = docker(
+        &strings(&[
+            "ps",
+            "--quiet",
+            "--filter",
+            &format!("label={LABEL_PROJECT}={project}"),
+            "--filter",
+            &format!("label={LABEL_SERVICE}={service}"),
+        ]),
+        &[],
+        &driver.cwd,
+    )?;
+    let Some(id) = ids.split_whitespace().next() else {
+        return Err(DriverError::Unavailable(format!(
+            "[database] via: service {service} of Compose project {project} runs no container; start it \
+             (docker compose -p {project} up --detach {service})"
+        )));
+    };
+    let inspected: Vec<Inspected> = serde_json::from_str(&docker(&strings(&["inspect", id]), &[], &driver.cwd)?)
+        .map_err(|e| refused(format!("`docker inspect` printed something unexpected: {e}")))?;
+    inspected
+        .first()
+        .and_then(|c| c.network_settings.networks.as_ref())
+        .and_then(|networks| networks.values().map(|n| n.ip_address.clone()).find(|ip| !ip.is_empty()))
+        .ok_or_else(|| {
+            DriverError::Unavailable(format!("[database] via: the container of {service} has no network address"))
+        })
+}
+
 /// The last lines a container wrote (stdout and stderr), for a failure message.
 fn logs(id: &str) -> String {
     let Ok(output) = Command::new("docker").args(["logs", "--tail", "5", id]).stdin(Stdio::null()).output() else {
@@ -646,8 +698,10 @@ impl Driver for ComposeDriver {
         // The image is here, or Compose can pull it (or build it).
         if !spec.build {
             let (mut args, env) = self.compose(component, Some(version), Some(&override_file))?;
-            args.extend(strings(&["config", "--images", &spec.service]));
-            let image = docker(&args, &env, &self.cwd)?.trim().to_owned();
+            args.extend(strings(&["config", "--format", "json", &spec.service]));
+            let config: serde_json::Value = serde_json::from_str(&docker(&args, &env, &self.cwd)?)
+                .map_err(|e| refused(format!("`docker compose config` printed something that is not JSON: {e}")))?;
+            let image = config["services"][&spec.service]["image"].as_str().unwrap_or_default().to_owned();
             let here = docker(&strings(&["image", "inspect", "--format", "{{.Id}}", &image]), &[], &self.cwd).is_ok();
             if !here {
                 let (mut args, env) = self.compose(component, Some(version), Some(&override_file))?;

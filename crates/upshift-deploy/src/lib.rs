@@ -8,5 +8,5 @@ pub mod health;
 mod process;
 pub mod rollout;
 
-pub use compose::ComposeDriver;
+pub use compose::{ComposeDriver, service_address};
 pub use process::ProcessDriver;

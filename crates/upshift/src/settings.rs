@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use upshift_core::Manifest;
+use upshift_core::manifest::DatabaseVia;
 use upshift_migrate::DatabaseUrl;
 
 use crate::cli::{BackupArgs, ConnectArgs, DatabaseArgs, GlobalArgs};
@@ -37,10 +38,14 @@ pub(crate) fn required_manifest(global: &GlobalArgs) -> anyhow::Result<Manifest>
 /// never silently redirects a manifest that names its own database (a manifest that wants it
 /// says `url = "${DATABASE_URL}"`). When it is set and differs, a warning names both,
 /// redacted. Unparsed: commands that do not need a URL must not fail on it.
-pub(crate) fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>, printer: &Printer) -> Option<String> {
+pub(crate) fn database_url(
+    args: &DatabaseArgs,
+    manifest: Option<&Manifest>,
+    printer: &Printer,
+) -> anyhow::Result<Option<String>> {
     let environment = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty());
     if let Some(url) = &args.database_url {
-        return Some(url.clone());
+        return Ok(Some(url.clone()));
     }
     match (manifest.and_then(|m| m.database_url.as_ref().map(|url| (m, url))), environment) {
         (Some((manifest, url)), Some(environment)) => {
@@ -52,11 +57,47 @@ pub(crate) fn database_url(args: &DatabaseArgs, manifest: Option<&Manifest>, pri
                     manifest.redact(&upshift_migrate::redact(url))
                 ));
             }
-            Some(url.clone())
+            via(manifest, url).map(Some)
         }
-        (Some((_, url)), None) => Some(url.clone()),
-        (None, environment) => environment,
+        (Some((manifest, url)), None) => via(manifest, url).map(Some),
+        (None, environment) => Ok(environment),
     }
+}
+
+/// The manifest's URL with its host replaced by where `[database] via` says the database
+/// is (a Compose service's container address), when it says so.
+fn via(manifest: &Manifest, url: &str) -> anyhow::Result<String> {
+    match &manifest.database_via {
+        None => Ok(url.to_owned()),
+        Some(DatabaseVia::Compose { service }) => {
+            let address = upshift_deploy::service_address(manifest, service)?;
+            with_host(url, &address).ok_or_else(|| {
+                UsageError(format!(
+                    "{}: [database] via needs a URL like postgres://user@host:port/db in [database] url",
+                    manifest.path.display()
+                ))
+                .into()
+            })
+        }
+    }
+}
+
+/// `url` (`scheme://[user[:password]@]host[:port][/...]`) with another host.
+fn with_host(url: &str, host: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hostport) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let port = if hostport.starts_with('[') {
+        hostport.find(']').map(|end| &hostport[end + 1..])?
+    } else {
+        hostport.find(':').map_or("", |colon| &hostport[colon..])
+    };
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+    Some(format!("{scheme}://{userinfo}{host}{port}{tail}"))
 }
 
 /// The database URL, or a usage error saying where to put one.
@@ -85,7 +126,7 @@ impl MigrateSettings {
         printer: &Printer,
     ) -> anyhow::Result<MigrateSettings> {
         let manifest = manifest(global)?;
-        let url = database_url(&connect.database, manifest.as_ref(), printer);
+        let url = database_url(&connect.database, manifest.as_ref(), printer)?;
         let no_transaction = manifest.as_ref().map(|m| m.no_transaction.clone()).unwrap_or_default();
         let dir = connect
             .dir
@@ -142,7 +183,7 @@ impl BackupSettings {
             .unwrap_or_else(|| PathBuf::from(".upshift/backups"));
         Ok(BackupSettings {
             store: upshift_backup::Store::new(dir),
-            url: database_url(&args.database, manifest.as_ref(), printer),
+            url: database_url(&args.database, manifest.as_ref(), printer)?,
             base: manifest.as_ref().map_or_else(|| PathBuf::from("."), |m| m.base_dir.clone()),
             paths: settings.paths,
             retention: upshift_backup::Retention { keep_last: settings.keep_last, keep_within: settings.keep_within },
@@ -157,5 +198,28 @@ impl BackupSettings {
 
     pub(crate) fn optional_url(&self) -> anyhow::Result<Option<DatabaseUrl>> {
         self.url.as_ref().map(|_| self.url()).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_host;
+
+    #[test]
+    fn via_replaces_only_the_host() {
+        let cases = [
+            (
+                "postgres://app:s3cret@db:5432/app?sslmode=disable",
+                "postgres://app:s3cret@172.18.0.2:5432/app?sslmode=disable",
+            ),
+            ("postgresql://db/app", "postgresql://172.18.0.2/app"),
+            ("postgres://u:p%40ss@db", "postgres://u:p%40ss@172.18.0.2"),
+            ("postgres://u@[::1]:6432/x", "postgres://u@172.18.0.2:6432/x"),
+        ];
+        for (url, expected) in cases {
+            assert_eq!(with_host(url, "172.18.0.2").as_deref(), Some(expected), "{url}");
+        }
+        assert_eq!(with_host("postgres://db:5432/x", "fd00::2").as_deref(), Some("postgres://[fd00::2]:5432/x"));
+        assert_eq!(with_host("host=db dbname=x", "172.18.0.2"), None);
     }
 }

@@ -187,9 +187,36 @@ struct RunResult {
     outcome: String,
 }
 
+const POSTGRES_COMPOSE_FILE: &str = r#"services:
+  db:
+    image: upshift-test-postgres:15
+    healthcheck:
+      test: ["CMD", "pg_isready", "-U", "postgres", "-h", "127.0.0.1"]
+      interval: 200ms
+      retries: 100
+  api:
+    image: upshift-test-notes:1.0.0
+    init: true
+    environment:
+      DATABASE_URL: postgres://postgres@db:5432/postgres
+    depends_on: [db]
+    ports: ["127.0.0.1:${NOTES_PORT}:8080"]
+    healthcheck:
+      test: ["CMD", "/busybox", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8080/health"]
+      interval: 200ms
+      timeout: 2s
+      retries: 2
+"#;
+
 impl Stack {
-    /// `settings` are the component's extra keys (strategy, serve, ...).
+    /// The notes service over SQLite; `settings` are the component's extra keys
+    /// (strategy, serve, ...).
     fn new(settings: &str) -> Option<Stack> {
+        Stack::with(COMPOSE_FILE, "url = \"sqlite:data/notes.db\"", settings)
+    }
+
+    /// A stack of `compose_file`, with `database` as the manifest's `[database]` table.
+    fn with(compose_file: &str, database: &str, settings: &str) -> Option<Stack> {
         static COUNT: AtomicU64 = AtomicU64::new(0);
         if !docker_ready() {
             return None;
@@ -203,7 +230,7 @@ impl Stack {
             docker(&["tag", &format!("{base}:{release}"), &format!("{image}:{release}")]);
         }
         let port = free_port();
-        ctx.write("compose.yaml", COMPOSE_FILE);
+        ctx.write("compose.yaml", compose_file);
         ctx.write(".env", &format!("NOTES_PORT={port}\n"));
         std::fs::create_dir_all(ctx.join("data")).unwrap();
         for (name, text) in notes::MIGRATIONS {
@@ -219,7 +246,7 @@ impl Stack {
 name = "notes"
 
 [database]
-url = "sqlite:data/notes.db"
+{database}
 
 [[components]]
 name = "api"
@@ -476,6 +503,101 @@ fn killed_at_every_journal_write_then_resume_or_abort_converges() {
     eprintln!("{} crash points, each converged", write - 1);
 }
 
+/// The runbook's database: PostgreSQL as a service of the stack with no published port.
+/// upshift reaches it through the container's address (`[database] via`): the backup,
+/// the migrations, and the restore of a rollback.
+#[test]
+fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_container() {
+    let Some(stack) = Stack::with(
+        POSTGRES_COMPOSE_FILE,
+        "url = \"postgres://postgres@db:5432/postgres\"\nvia = { compose = \"db\" }",
+        "",
+    ) else {
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ci/engines/postgres-image.sh");
+    let built = Command::new("bash").args([script, "upshift-test-postgres:15"]).status().unwrap();
+    assert!(built.success(), "{script}");
+    // The stack runs before the upgrade, as in the runbook; only its database for now.
+    let up = Command::new("docker")
+        .args(["compose", "-p", &stack.project, "up", "--detach", "--wait", "db"])
+        .current_dir(stack.ctx.path())
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+
+    stack.upgrade("1.0.0").success().stderr_has("backup").stderr_has("applied 20260101000000");
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+    assert_eq!(code, 201);
+    stack.upgrade("2.0.0").success().stderr_has("applied 20260202000000");
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains("kept across everything") && !body.contains("title"), "{body}");
+    stack.upgrade("3.0.0").code(3).stderr_has("2.0.0 is back");
+    // Back to 1.0.0: the contract migration dropped `title`, so the backup is restored with
+    // the host's pg_restore into the container's database.
+    stack.run(&["rollback"]).success().stderr_has("restored backup");
+    let (code, body) = stack.http("GET", "/api/notes", "");
+    assert_eq!(code, 200);
+    assert!(body.contains("\"title\":\"first\""), "{body}");
+    // Backups list and verify through the same address.
+    let listed = stack.ctx.run(&["backup", "list"]).success().stdout.clone();
+    assert!(listed.lines().count() >= 3, "{listed}");
+}
+
+/// A worker (no port, no proxy) mid-task: the old container gets `stop_signal` and `drain`
+/// to finish before SIGKILL, and only then does the new one start; a task longer than
+/// `drain` is cut off at the drain.
+#[test]
+fn a_worker_mid_task_is_drained_not_killed() {
+    // The task takes 2 s after SIGTERM; the version reaches the container by `version_env`.
+    let worker = r#"services:
+  worker:
+    image: upshift-test-notes:1.0.0
+    init: true
+    environment:
+      V: "${WORKER_VERSION:-none}"
+    volumes: ["./data:/data"]
+    entrypoint:
+      - /busybox
+      - sh
+      - -c
+      - >-
+        echo "$$V started" >> /data/worker.log;
+        trap 'echo "$$V draining" >> /data/worker.log; /busybox sleep 2; echo "$$V finished its task" >> /data/worker.log; exit 0' TERM;
+        while true; do /busybox sleep 0.1; done
+"#;
+    let Some(stack) = Stack::with(worker, "", "") else { return };
+    let manifest = |drain: &str| {
+        format!(
+            "[app]\nname = \"worker\"\n\n[[components]]\nname = \"worker\"\ndriver = \"compose\"\nproject = \"{}\"\n\
+             service = \"worker\"\nversion_env = \"WORKER_VERSION\"\nstop_signal = \"SIGTERM\"\ndrain = \"{drain}\"\n\n\
+             [[releases]]\nversion = \"1.0.0\"\n\n[[releases]]\nversion = \"2.0.0\"\n\n[[releases]]\nversion = \"3.0.0\"\n",
+            stack.project
+        )
+    };
+    let log = || std::fs::read_to_string(stack.ctx.join("data/worker.log")).unwrap_or_default();
+    let wait_for = |line: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !log().contains(line) {
+            assert!(Instant::now() < deadline, "no {line:?} in the worker's log: {}", log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    stack.ctx.write("upshift.toml", &manifest("5s"));
+    stack.upgrade("1.0.0").success();
+    wait_for("1.0.0 started");
+    stack.upgrade("2.0.0").success();
+    wait_for("2.0.0 started");
+    let lines: Vec<String> = log().lines().map(str::to_owned).collect();
+    assert_eq!(lines, ["1.0.0 started", "1.0.0 draining", "1.0.0 finished its task", "2.0.0 started"]);
+
+    // A drain shorter than the task: SIGKILL at the drain, the task never finishes.
+    stack.ctx.write("upshift.toml", &manifest("1s"));
+    stack.upgrade("3.0.0").success();
+    wait_for("3.0.0 started");
+    assert!(log().contains("2.0.0 draining") && !log().contains("2.0.0 finished"), "{}", log());
+}
+
 #[test]
 fn compose_settings_are_checked_with_their_line() {
     let ctx = Context::new();
@@ -496,6 +618,10 @@ fn compose_settings_are_checked_with_their_line() {
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:8").stderr_has("not a variable name");
     ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nrun = [\"x\"]"));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("`run` is a setting of the process driver");
+    let via = "[database]\nurl = \"sqlite:x.db\"\nvia = { compose = \"db\" }\n\n";
+    ctx.write("upshift.toml", &format!("{via}{}", manifest("image = \"a:{version}\"")));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:3").stderr_has("needs a PostgreSQL URL");
     ctx.write("upshift.toml", &manifest("image = \"a:{version}\"\nport = 8080"));
-    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api");
+    // No database and no saved paths: nothing to back up, and the plan says so.
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api").stdout_has("backup skipped: no database");
 }

@@ -37,7 +37,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
     let deployed = journal::deployed_version(&manifest.state_dir)?;
-    let url = database_url(database, Some(&manifest), printer).map(|text| DatabaseUrl::parse(&text)).transpose()?;
+    let url = database_url(database, Some(&manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
         Some(url) => {
             let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)?;

@@ -27,7 +27,7 @@ use crate::settings::{database_url, required_manifest};
 const CRASH_AT_WRITE: &str = "UPSHIFT_TEST_CRASH_AT_WRITE";
 
 fn database(database: &DatabaseArgs, manifest: &Manifest, printer: &Printer) -> anyhow::Result<Option<DatabaseUrl>> {
-    Ok(database_url(database, Some(manifest), printer).map(|text| DatabaseUrl::parse(&text)).transpose()?)
+    Ok(database_url(database, Some(manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?)
 }
 
 /// The drivers this build has, each made when a component first needs it (the process
