@@ -121,6 +121,10 @@ pub(crate) enum Command {
         /// Write the deployment and stop, to drive it by hand
         #[arg(long)]
         prepare_only: bool,
+        /// Run it as a Docker Compose stack (needs Docker with Compose v2; images are made
+        /// from this binary)
+        #[arg(long)]
+        compose: bool,
     },
     /// The upgrade guide for a range of releases, in Markdown
     Guide {

@@ -47,78 +47,17 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }
 
-/// The shared libraries a dynamically linked program needs, from `ldd`.
-fn libraries(program: &str) -> Vec<String> {
-    let output = Command::new("ldd").arg(program).output().unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|line| line.split_whitespace().find(|w| w.starts_with('/')).map(str::to_owned))
-        .collect()
-}
-
-/// The notes images `upshift-test-notes:<release>`: a root filesystem holding this binary
-/// as `/notes`, its libraries and a busybox for the container's own healthcheck, imported
-/// once per build of the binary (a label keeps which).
+/// The notes images `upshift-demo-notes:<release>`, made by `upshift demo --compose
+/// --prepare-only` (from this binary, once per build), and 2.0.1: 2.0.0's code under
+/// another version.
 fn images() -> &'static str {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let binary = env!("CARGO_BIN_EXE_upshift");
-        let meta = std::fs::metadata(binary).unwrap();
-        let modified = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let build = format!("{}-{modified}", meta.len());
-        let label = "{{index .Config.Labels \"dev.upshift.test.build\"}}";
-        let current = |release: &str| {
-            Command::new("docker")
-                .args(["image", "inspect", "--format", label, &format!("upshift-test-notes:{release}")])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == build)
-        };
-        if RELEASES.iter().all(|r| current(r)) {
-            return;
-        }
-        let busybox = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| std::path::Path::new(p).exists());
-        let busybox = busybox.expect("busybox (Debian busybox-static) for the container's healthcheck");
-        let mut archive = tar::Builder::new(Vec::new());
-        // Docker's importer takes no GNU sparse entries.
-        archive.sparse(false);
-        archive.append_path_with_name(binary, "notes").unwrap();
-        archive.append_path_with_name(busybox, "busybox").unwrap();
-        let mut libs = libraries(binary);
-        libs.extend(libraries(busybox));
-        libs.sort();
-        libs.dedup();
-        for lib in libs {
-            let real = std::fs::canonicalize(&lib).unwrap();
-            archive.append_path_with_name(real, lib.trim_start_matches('/')).unwrap();
-        }
-        let mut data = tar::Header::new_gnu();
-        data.set_entry_type(tar::EntryType::Directory);
-        data.set_mode(0o777);
-        data.set_size(0);
-        archive.append_data(&mut data, "data", std::io::empty()).unwrap();
-        let rootfs = archive.into_inner().unwrap();
-        for release in RELEASES {
-            // 2.0.1 is 2.0.0's code under another version.
-            let code = if release == "2.0.1" { "2.0.0" } else { release };
-            let mut import = Command::new("docker")
-                .args([
-                    "import",
-                    "--change",
-                    &format!(r#"ENTRYPOINT ["/notes", "--release", "{code}", "--listen", "0.0.0.0:8080"]"#),
-                    "--change",
-                    &format!("LABEL dev.upshift.test.build={build}"),
-                    "-",
-                    &format!("upshift-test-notes:{release}"),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            import.stdin.take().unwrap().write_all(&rootfs).unwrap();
-            assert!(import.wait().unwrap().success(), "docker import");
-        }
+        let ctx = Context::new();
+        ctx.run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
+        docker(&["tag", "upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.1"]);
     });
-    "upshift-test-notes"
+    "upshift-demo-notes"
 }
 
 fn free_port() -> u16 {
@@ -127,7 +66,7 @@ fn free_port() -> u16 {
 
 const COMPOSE_FILE: &str = r#"services:
   api:
-    image: upshift-test-notes:1.0.0
+    image: upshift-demo-notes:1.0.0
     init: true
     environment:
       DATABASE_URL: sqlite:/data/notes.db
@@ -195,7 +134,7 @@ const POSTGRES_COMPOSE_FILE: &str = r#"services:
       interval: 200ms
       retries: 100
   api:
-    image: upshift-test-notes:1.0.0
+    image: upshift-demo-notes:1.0.0
     init: true
     environment:
       DATABASE_URL: postgres://postgres@db:5432/postgres
@@ -505,7 +444,8 @@ fn killed_at_every_journal_write_then_resume_or_abort_converges() {
 
 /// The runbook's database: PostgreSQL as a service of the stack with no published port.
 /// upshift reaches it through the container's address (`[database] via`): the backup,
-/// the migrations, and the restore of a rollback.
+/// the migrations, and the restore of a rollback. The runbook's three rollback levels, one
+/// command each: code only, code + down, and restore of the backup.
 #[test]
 fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_container() {
     let Some(stack) = Stack::with(
@@ -515,6 +455,12 @@ fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_containe
     ) else {
         return;
     };
+    let manifest = stack.ctx.read("upshift.toml").replacen(
+        "[[releases]]",
+        "[verify]\nsmoke = [[\"sh\", \"-c\", \"test ! -e fail-smoke-{version}\"]]\n\n[[releases]]",
+        1,
+    );
+    stack.ctx.write("upshift.toml", &manifest);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ci/engines/postgres-image.sh");
     let built = Command::new("bash").args([script, "upshift-test-postgres:15"]).status().unwrap();
     assert!(built.success(), "{script}");
@@ -529,11 +475,19 @@ fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_containe
     stack.upgrade("1.0.0").success().stderr_has("backup").stderr_has("applied 20260101000000");
     let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
     assert_eq!(code, 201);
+    // Level 2: 2.0.0 fails its smoke test after the switch; its expand revision has a down
+    // section, so the old code goes back and the revision is reverted (no restore).
+    stack.ctx.write("fail-smoke-2.0.0", "");
+    stack.upgrade("2.0.0").code(3).stderr_has("undoing (code + down)").stderr_has("1.0.0 is back");
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains("\"title\":\"first\""), "{body}");
+    std::fs::remove_file(stack.ctx.join("fail-smoke-2.0.0")).unwrap();
     stack.upgrade("2.0.0").success().stderr_has("applied 20260202000000");
     let (_, body) = stack.http("GET", "/api/notes", "");
     assert!(body.contains("kept across everything") && !body.contains("title"), "{body}");
-    stack.upgrade("3.0.0").code(3).stderr_has("2.0.0 is back");
-    // Back to 1.0.0: the contract migration dropped `title`, so the backup is restored with
+    // Level 1: 3.0.0 never becomes healthy; no migration ran, so only the code goes back.
+    stack.upgrade("3.0.0").code(3).stderr_has("undoing (code only)").stderr_has("2.0.0 is back");
+    // Level 3, back to 1.0.0: the contract migration dropped `title`, so the backup is restored with
     // the host's pg_restore into the container's database.
     stack.run(&["rollback"]).success().stderr_has("restored backup");
     let (code, body) = stack.http("GET", "/api/notes", "");
@@ -552,7 +506,7 @@ fn a_worker_mid_task_is_drained_not_killed() {
     // The task takes 2 s after SIGTERM; the version reaches the container by `version_env`.
     let worker = r#"services:
   worker:
-    image: upshift-test-notes:1.0.0
+    image: upshift-demo-notes:1.0.0
     init: true
     environment:
       V: "${WORKER_VERSION:-none}"
@@ -596,6 +550,37 @@ fn a_worker_mid_task_is_drained_not_killed() {
     stack.upgrade("3.0.0").success();
     wait_for("3.0.0 started");
     assert!(log().contains("2.0.0 draining") && !log().contains("2.0.0 finished"), "{}", log());
+}
+
+/// The Compose demo runs its whole story on the real engine and leaves nothing running.
+#[test]
+fn the_compose_demo_runs_its_story_and_cleans_up() {
+    if !docker_ready() {
+        return;
+    }
+    images();
+    let ctx = Context::new();
+    let run =
+        ctx.run(&["demo", "--compose", "--dir", "demo", "--output", "json"]).success().json::<Vec<serde_json::Value>>();
+    let codes: Vec<i64> = run.iter().map(|p| p["exit_code"].as_i64().unwrap()).collect();
+    assert_eq!(codes, [0, 0, 3, 0]);
+    // The switches lose nothing; only the restore window of the rollback may.
+    assert!(run[1]["requests"].as_u64().unwrap() > 0 && run[1]["failed"] == 0 && run[2]["failed"] == 0, "{run:?}");
+    let worker = ctx.read("demo/data/worker.log");
+    assert!(worker.contains("worker 1.0.0: task done, exiting\nworker 2.0.0 started"), "{worker}");
+    let left = docker(&["ps", "--all", "--quiet", "--filter", "label=com.docker.compose.project=upshift-demo"]);
+    assert!(left.is_empty(), "containers left: {left}");
+}
+
+/// Without Docker the Compose demo says what is missing, and writes nothing.
+#[test]
+fn the_compose_demo_says_what_is_missing_without_docker() {
+    let ctx = Context::new();
+    let run = Run::from(
+        &ctx.command().args(["demo", "--compose", "--dir", "demo"]).env("PATH", "/nonexistent").output().unwrap(),
+    );
+    run.code(1).stderr_has("needs a running Docker Engine").stderr_has("no docker command");
+    assert!(!ctx.join("demo/upshift.toml").exists());
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use serde::Serialize;
 
+use super::demo_compose;
 use crate::exit::UsageError;
 use crate::printer::Printer;
 
@@ -26,6 +27,8 @@ pub(crate) struct DemoArgs<'a> {
     pub(crate) port: Option<u16>,
     pub(crate) database_url: Option<&'a str>,
     pub(crate) prepare_only: bool,
+    /// `--compose`: the stack on Docker Compose instead of processes under the agent.
+    pub(crate) compose: bool,
 }
 
 fn manifest(url: &str, port: u16) -> String {
@@ -123,6 +126,9 @@ fn prepare(args: &DemoArgs<'_>, port: u16) -> anyhow::Result<String> {
         ))
         .into());
     }
+    if args.compose {
+        return prepare_compose(dir, port);
+    }
     let url = args.database_url.map_or_else(|| "sqlite:notes.db".to_owned(), str::to_owned);
     let program = std::env::current_exe().context("finding the upshift binary")?;
     for version in notes::RELEASES {
@@ -130,19 +136,40 @@ fn prepare(args: &DemoArgs<'_>, port: u16) -> anyhow::Result<String> {
         fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
         install_binary(&program, &folder.join("notes"))?;
     }
+    write_migrations(dir)?;
+    write_manifest(dir, &manifest(&url, port))?;
+    Ok(url)
+}
+
+fn write_migrations(dir: &Path) -> anyhow::Result<()> {
     let migrations = dir.join("migrations");
     fs::create_dir_all(&migrations).with_context(|| format!("creating {}", migrations.display()))?;
     for (name, text) in notes::MIGRATIONS {
         fs::write(migrations.join(name), text).with_context(|| format!("writing {name}"))?;
     }
-    // The manifest may hold a database password: owner-only.
+    Ok(())
+}
+
+/// Writes `upshift.toml`, owner-only: it may hold a database password.
+fn write_manifest(dir: &Path, text: &str) -> anyhow::Result<()> {
     let path = dir.join("upshift.toml");
     let _ = fs::remove_file(&path);
     let mut file = std::os::unix::fs::OpenOptionsExt::mode(fs::OpenOptions::new().write(true).create_new(true), 0o600)
         .open(&path)
         .context("writing upshift.toml")?;
-    file.write_all(manifest(&url, port).as_bytes()).context("writing upshift.toml")?;
-    Ok(url)
+    file.write_all(text.as_bytes()).context("writing upshift.toml")
+}
+
+/// The Compose stack: its images (made from this binary), compose file, migrations and
+/// manifest. Says what is missing when Docker or Compose v2 is not there.
+fn prepare_compose(dir: &Path, port: u16) -> anyhow::Result<String> {
+    demo_compose::check_docker()?;
+    demo_compose::build_images(notes::RELEASES)?;
+    fs::write(dir.join("compose.yaml"), demo_compose::COMPOSE_FILE).context("writing compose.yaml")?;
+    fs::create_dir_all(dir.join("data")).context("creating data/")?;
+    write_migrations(dir)?;
+    write_manifest(dir, &demo_compose::manifest(port))?;
+    Ok("sqlite:data/notes.db".to_owned())
 }
 
 /// How to get `upshift` on PATH, when it is not.
@@ -253,6 +280,12 @@ fn upshift(dir: &Path, args: &[&str]) -> anyhow::Result<i32> {
 }
 
 pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> {
+    if args.compose && args.database_url.is_some() {
+        return Err(UsageError(
+            "--compose runs its own SQLite file inside the stack; --database-url is for the process demo".into(),
+        )
+        .into());
+    }
     let port = choose_port(args.port, printer)?;
     fs::create_dir_all(args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let url = prepare(args, port)?;
@@ -323,35 +356,46 @@ pub(crate) fn run(args: &DemoArgs<'_>, printer: &Printer) -> anyhow::Result<()> 
         let _ = loader.join();
     }
     let stopped = upshift(&dir, &["agent", "stop"]);
+    let down = if args.compose { demo_compose::down(&dir) } else { Ok(()) };
     result?;
     stopped?;
-    printer.result(&phases, || {
-        let mut out = String::from(
-            "\nWhat happened (load: 2 clients reading the notes, a write in ten; p99 over answered requests):\n\n",
-        );
+    down?;
+    printer.result(&phases, || summary(&phases, args.compose, &dir, &upshift_command, on_path))
+}
+
+/// What happened, for people: the phases' figures and what they mean.
+fn summary(phases: &[PhaseJson], compose: bool, dir: &Path, upshift_command: &str, on_path: bool) -> String {
+    let mut out = String::from(
+        "\nWhat happened (load: 2 clients reading the notes, a write in ten; p99 over answered requests):\n\n",
+    );
+    let _ =
+        writeln!(out, "{:<62} {:>5} {:>9} {:>7} {:>9} {:>7}", "phase", "exit", "requests", "failed", "p99 ms", "secs");
+    for p in phases {
         let _ = writeln!(
             out,
-            "{:<62} {:>5} {:>9} {:>7} {:>9} {:>7}",
-            "phase", "exit", "requests", "failed", "p99 ms", "secs"
+            "{:<62} {:>5} {:>9} {:>7} {:>9.1} {:>7.1}",
+            p.phase, p.exit_code, p.requests, p.failed, p.p99_ms, p.seconds
         );
-        for p in &phases {
-            let _ = writeln!(
-                out,
-                "{:<62} {:>5} {:>9} {:>7} {:>9.1} {:>7.1}",
-                p.phase, p.exit_code, p.requests, p.failed, p.p99_ms, p.seconds
-            );
-        }
+    }
+    if compose {
         let _ = writeln!(
             out,
-            "\nUpgrades switch blue-green behind the agent's proxy: the new version starts beside the\n\
-             old one and gets traffic only once healthy, so 3.0.0 never serves a request. The\n\
-             rollback restores the backup taken before 2.0.0 (its contract migration dropped a\n\
-             column): the service is down while the database is restored, and the requests of\n\
-             that window fail. The deployment is in {}; `cd {} && {upshift_command} history` shows it all.",
-            dir.display(),
-            dir.display()
+            "\nThe stack ran on Docker Compose (project {}): the api's containers side by side behind\n\
+             the agent's proxy, the worker drained on SIGTERM (data/worker.log shows it finish its\n\
+             task before the next one starts). The stack is down again.",
+            demo_compose::PROJECT
         );
-        out.push_str(&install_hint(on_path));
-        out
-    })
+    }
+    let _ = writeln!(
+        out,
+        "\nUpgrades switch blue-green behind the agent's proxy: the new version starts beside the\n\
+         old one and gets traffic only once healthy, so 3.0.0 never serves a request. The\n\
+         rollback restores the backup taken before 2.0.0 (its contract migration dropped a\n\
+         column): the service is down while the database is restored, and the requests of\n\
+         that window fail. The deployment is in {}; `cd {} && {upshift_command} history` shows it all.",
+        dir.display(),
+        dir.display()
+    );
+    out.push_str(&install_hint(on_path));
+    out
 }

@@ -4,6 +4,7 @@
 mod agent;
 mod backup;
 mod demo;
+mod demo_compose;
 mod graph_lines;
 mod guide;
 mod init;
@@ -34,8 +35,14 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
             clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut page)?;
             printer.document(&page)
         }
-        Command::Demo { dir, port, database_url, prepare_only } => demo::run(
-            &demo::DemoArgs { dir, port: *port, database_url: database_url.as_deref(), prepare_only: *prepare_only },
+        Command::Demo { dir, port, database_url, prepare_only, compose } => demo::run(
+            &demo::DemoArgs {
+                dir,
+                port: *port,
+                database_url: database_url.as_deref(),
+                prepare_only: *prepare_only,
+                compose: *compose,
+            },
             printer,
         ),
         Command::Plan(target) => plan::run(&cli.global, target, printer),
