@@ -67,7 +67,8 @@ fn spec(component: &Component) -> Result<&ComposeSpec, DriverError> {
 }
 
 /// Runs `docker` with `args` (and `env`), and returns its stdout; a failure names the
-/// command and says what Docker said.
+/// command and says what Docker said: `Unavailable` when there is no Docker to ask,
+/// `Refused` when it answered no.
 fn docker(args: &[String], env: &[(String, String)], cwd: &Path) -> Result<String, DriverError> {
     let output = Command::new("docker")
         .args(args)
@@ -93,7 +94,8 @@ fn docker(args: &[String], env: &[(String, String)], cwd: &Path) -> Result<Strin
             "{message}\n  Docker does not answer: start dockerd, or set DOCKER_HOST to where it listens"
         )));
     }
-    Err(DriverError::Unavailable(message))
+    // It ran and said no: a bad file, a port taken, an image missing.
+    Err(DriverError::Refused(message))
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -362,6 +364,19 @@ impl ComposeDriver {
         Ok(path)
     }
 
+    /// Checks that the compose files are valid with `version`'s override, as Compose reads
+    /// them (`docker compose config --quiet`); returns the override file.
+    fn check_files(&self, component: &Component, version: &str) -> Result<PathBuf, DriverError> {
+        let override_file = self.write_override(component, version, "preflight", None)?;
+        let (mut args, env) = self.compose(component, Some(version), Some(&override_file))?;
+        args.extend(strings(&["config", "--quiet"]));
+        docker(&args, &env, &self.cwd).map_err(|e| match e {
+            DriverError::Refused(m) => refused(format!("{} {version}: {m}", component.name)),
+            other => other,
+        })?;
+        Ok(override_file)
+    }
+
     /// Every container of the component's service (Compose's own and upshift's), oldest
     /// first.
     fn containers(&self, component: &Component) -> Result<Vec<Container>, DriverError> {
@@ -460,6 +475,15 @@ impl ComposeDriver {
         pinned.component = Some(old);
         pinned
     }
+}
+
+/// Checks, changing nothing in the project, that `component`'s compose files are valid
+/// with `version` (`docker compose config --quiet`): for `upshift config check`.
+pub fn check_compose_files(manifest: &Manifest, component: &Component, version: &str) -> Result<(), DriverError> {
+    let driver = ComposeDriver::new(manifest, None)?;
+    let override_file = driver.check_files(component, version)?;
+    let _ = std::fs::remove_file(override_file);
+    Ok(())
 }
 
 /// The address of the running container of `service` in the Compose project of the
@@ -690,11 +714,7 @@ impl Driver for ComposeDriver {
 
     fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
         let spec = spec(component)?.clone();
-        // The files are valid with this version's override, as Compose reads them.
-        let override_file = self.write_override(component, version, "preflight", None)?;
-        let (mut args, env) = self.compose(component, Some(version), Some(&override_file))?;
-        args.extend(strings(&["config", "--quiet"]));
-        docker(&args, &env, &self.cwd).map_err(|e| refused(format!("{} {version}: {e}", component.name)))?;
+        let override_file = self.check_files(component, version)?;
         // The image is here, or Compose can pull it (or build it).
         if !spec.build {
             let (mut args, env) = self.compose(component, Some(version), Some(&override_file))?;

@@ -8,5 +8,5 @@ pub mod health;
 mod process;
 pub mod rollout;
 
-pub use compose::{ComposeDriver, service_address};
+pub use compose::{ComposeDriver, check_compose_files, service_address};
 pub use process::ProcessDriver;

@@ -572,6 +572,21 @@ fn the_compose_demo_runs_its_story_and_cleans_up() {
     assert!(left.is_empty(), "containers left: {left}");
 }
 
+/// `config check` asks Compose whether the files hold with the release: a broken compose
+/// file is bad input (exit 2) with Compose's own words.
+#[test]
+fn config_check_validates_the_compose_files() {
+    let Some(stack) = Stack::new("") else { return };
+    stack.ctx.run(&["config", "check", "--to", "2.0.0"]).success();
+    stack.ctx.write("compose.yaml", &COMPOSE_FILE.replace("    init: true", "    init: maybe"));
+    stack
+        .ctx
+        .run(&["config", "check", "--to", "2.0.0"])
+        .code(2)
+        .stderr_has("the compose files of api")
+        .stderr_has("init");
+}
+
 /// Without Docker the Compose demo says what is missing, and writes nothing.
 #[test]
 fn the_compose_demo_says_what_is_missing_without_docker() {

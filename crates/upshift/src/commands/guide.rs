@@ -12,6 +12,7 @@ use crate::cli::GlobalArgs;
 use crate::exit::UsageError;
 use crate::printer::Printer;
 use crate::settings::required_manifest;
+use upshift_core::driver::DriverError;
 
 fn version(flag: &str, text: &str) -> anyhow::Result<semver::Version> {
     Ok(text
@@ -71,6 +72,17 @@ pub(crate) fn config_check(
         None => (config::options_set(&manifest), false),
     };
     let report = config::check(&manifest, &to, &set, from_file);
+    // Compose files are configuration too: Compose itself says whether they hold with
+    // this release's override (when Docker answers; the upgrade's preflight checks again).
+    for component in manifest.components.iter().filter(|c| c.compose().is_some()) {
+        match upshift_deploy::check_compose_files(&manifest, component, &to.to_string()) {
+            Ok(()) => {}
+            Err(DriverError::Refused(message)) => {
+                return Err(UsageError(format!("the compose files of {}: {message}", component.name)).into());
+            }
+            Err(e) => printer.warn(&format!("the compose files of {} were not checked: {e}", component.name)),
+        }
+    }
     for name in &report.removed {
         printer.warn(&format!("{name} is set but was removed; it does nothing any more"));
     }
