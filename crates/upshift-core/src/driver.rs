@@ -28,17 +28,35 @@ pub struct Deployed {
     pub component: Option<Component>,
     /// What the driver observed of it (for the process driver, its address).
     pub detail: serde_json::Value,
+    /// It was not deployed by upshift (a Compose service started by hand, a Deployment
+    /// applied by someone else): a first deploy may take it over, and its undo puts this
+    /// back as it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopted: bool,
 }
 
 impl Deployed {
     /// A record of this build's format.
     pub fn new(version: &str, component: &Component, detail: serde_json::Value) -> Deployed {
-        Deployed { format: DEPLOYED_FORMAT, version: version.to_owned(), component: Some(component.clone()), detail }
+        Deployed {
+            format: DEPLOYED_FORMAT,
+            version: version.to_owned(),
+            component: Some(component.clone()),
+            detail,
+            adopted: false,
+        }
+    }
+
+    /// A record of something upshift did not deploy, which a first deploy takes over.
+    #[must_use]
+    pub fn adopted(mut self) -> Deployed {
+        self.adopted = true;
+        self
     }
 
     /// A record read from journal schema 0.
     pub fn legacy(version: String, detail: serde_json::Value) -> Deployed {
-        Deployed { format: 0, version, component: None, detail }
+        Deployed { format: 0, version, component: None, detail, adopted: false }
     }
 
     /// The component to start again: the recorded one, else (schema 0) `fallback`.
@@ -216,7 +234,7 @@ impl Drivers {
         let kind = component.driver.kind();
         let slot = self.slots.remove(&kind).ok_or_else(|| {
             DriverError::Refused(format!(
-                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\" or \"compose\"",
+                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\", \"compose\" or \"kubernetes\"",
                 component.name,
                 kind.as_str()
             ))

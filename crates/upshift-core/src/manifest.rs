@@ -152,6 +152,7 @@ struct RawComponent {
     // kubernetes
     deployment: Option<Spanned<String>>,
     container: Option<Spanned<String>>,
+    context: Option<Spanned<String>>,
     // helm
     release: Option<Spanned<String>>,
     chart: Option<Spanned<String>>,
@@ -339,6 +340,8 @@ pub enum DriverSpec {
         container: Option<String>,
         /// The image, with `{version}`.
         image: String,
+        /// The kubeconfig context (default: the current one).
+        context: Option<String>,
     },
     /// A Helm release.
     Helm {
@@ -821,7 +824,15 @@ impl Loader<'_> {
         for (key, value) in &raw.env {
             env.insert(key.clone(), self.component_template(value)?);
         }
-        let strategy = raw.strategy.unwrap_or(Strategy::Recreate);
+        // A Deployment rolls by default, as Kubernetes does.
+        let strategy = raw.strategy.unwrap_or(if raw.driver == DriverKind::Kubernetes {
+            Strategy::Rolling
+        } else {
+            Strategy::Recreate
+        });
+        if raw.driver == DriverKind::Kubernetes {
+            self.kubernetes_keys(&raw, &name, strategy)?;
+        }
         let takes_address = run.iter().chain(env.values()).any(|v| placeholders(v).any(|p| p == "addr" || p == "port"));
         if raw.driver == DriverKind::Process {
             if run.is_empty() {
@@ -932,6 +943,7 @@ impl Loader<'_> {
                 )?,
                 container: raw.container.as_ref().map(|c| self.component_template(c)).transpose()?,
                 image: self.required(raw.image.as_ref(), at_name.clone(), (&name, "kubernetes", "image"))?,
+                context: raw.context.as_ref().map(|c| self.component_template(c)).transpose()?,
             },
             DriverKind::Helm => DriverSpec::Helm {
                 release: self.required(raw.release.as_ref(), at_name.clone(), (&name, "helm", "release"))?,
@@ -955,7 +967,7 @@ impl Loader<'_> {
         let span = |value: Option<&Spanned<String>>| value.map(Spanned::span);
         let first_span = |values: Option<&Vec<Spanned<String>>>| values.and_then(|v| v.first()).map(Spanned::span);
         // (key, the drivers that read it, where it is, whether it is set)
-        let keys: [KeyUse<'_>; 20] = [
+        let keys: [KeyUse<'_>; 21] = [
             ("run", &[DriverKind::Process], first_span(raw.run.as_ref()), raw.run.is_some()),
             ("env", &[DriverKind::Process], raw.env.values().next().map(Spanned::span), !raw.env.is_empty()),
             ("serve", &[DriverKind::Process, DriverKind::Compose], span(raw.serve.as_ref()), raw.serve.is_some()),
@@ -975,6 +987,7 @@ impl Loader<'_> {
             ),
             ("deployment", &[DriverKind::Kubernetes], span(raw.deployment.as_ref()), raw.deployment.is_some()),
             ("container", &[DriverKind::Kubernetes], span(raw.container.as_ref()), raw.container.is_some()),
+            ("context", &[DriverKind::Kubernetes], span(raw.context.as_ref()), raw.context.is_some()),
             ("release", &[DriverKind::Helm], span(raw.release.as_ref()), raw.release.is_some()),
             ("chart", &[DriverKind::Helm], span(raw.chart.as_ref()), raw.chart.is_some()),
             ("chart_version", &[DriverKind::Helm], span(raw.chart_version.as_ref()), raw.chart_version.is_some()),
@@ -994,6 +1007,30 @@ impl Loader<'_> {
                     ),
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// The Kubernetes driver's rules: the strategies it has, and health from the pods.
+    fn kubernetes_keys(&self, raw: &RawComponent, name: &str, strategy: Strategy) -> Result<(), ManifestError> {
+        let at_name = Some(raw.name.span());
+        if matches!(strategy, Strategy::BlueGreen | Strategy::Canary) {
+            return Err(self.error(
+                at_name,
+                format!(
+                    "component `{name}`: strategy {} is not in this build's kubernetes driver; use rolling (the default) or recreate",
+                    strategy.as_str()
+                ),
+            ));
+        }
+        if raw.health.is_some() {
+            return Err(self.error(
+                at_name,
+                format!(
+                    "component `{name}`: the kubernetes driver judges health by the pods' readiness; put the check in the \
+                     Deployment's readinessProbe instead of `health`"
+                ),
+            ));
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ pub enum PlanError {
     Config { target: Version, missing: Vec<String> },
     /// A component uses a driver this build cannot run yet.
     #[error(
-        "component `{component}` uses the {driver} driver, which this build of upshift cannot run yet; use driver = \"process\" or \"compose\""
+        "component `{component}` uses the {driver} driver, which this build of upshift cannot run yet; use driver = \"process\", \"compose\" or \"kubernetes\""
     )]
     Driver { component: String, driver: String },
     /// The migrations cannot be planned (heads, drift, unknown `migrate_to`).
@@ -192,9 +192,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             missing: config.missing.into_iter().map(|m| m.name).collect(),
         });
     }
-    if let Some(component) =
-        manifest.components.iter().find(|c| matches!(c.driver.kind(), DriverKind::Kubernetes | DriverKind::Helm))
-    {
+    if let Some(component) = manifest.components.iter().find(|c| c.driver.kind() == DriverKind::Helm) {
         return Err(PlanError::Driver {
             component: component.name.clone(),
             driver: component.driver.kind().as_str().to_owned(),

@@ -707,6 +707,11 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
         let driver = ctx.drivers.get(component).map_err(|e| RunError::Preflight(chain(&e)))?;
         let current = driver.current(component).map_err(|e| RunError::Preflight(chain(&e)))?;
         match (&current, &deployed) {
+            // A service run by hand, or a Deployment someone else applied: the first deploy
+            // takes it over, and its undo puts it back as it was.
+            (Some(running), None) if running.adopted => {
+                (ctx.say)(&format!("  {}: taking over {} (not deployed by upshift)", component.name, running.version));
+            }
             (Some(running), None) => {
                 return Err(RunError::Preflight(format!(
                     "component {} already runs {}, but the journal records no deployed release; upshift will not treat this as a first deploy. If the journal was moved or deleted, put it back; else stop what runs (`upshift agent stop`) first",

@@ -40,6 +40,9 @@ const LABEL_COMPONENT: &str = "dev.upshift.component";
 const LABEL_SLOT: &str = "dev.upshift.slot";
 const LABEL_VERSION: &str = "dev.upshift.version";
 const LABEL_ADDR: &str = "dev.upshift.addr";
+/// On a container put back in place of one upshift took over: it still counts as not
+/// deployed by upshift.
+const LABEL_ADOPTED: &str = "dev.upshift.adopted";
 /// Compose's own labels.
 const LABEL_PROJECT: &str = "com.docker.compose.project";
 const LABEL_SERVICE: &str = "com.docker.compose.service";
@@ -180,6 +183,8 @@ struct Container {
     health: Option<String>,
     status: String,
     exit_code: i64,
+    /// Not deployed by upshift: Compose made it before upshift took the service over.
+    adopted: bool,
 }
 
 impl Container {
@@ -230,6 +235,9 @@ pub struct ComposeDriver {
     agent: Option<Agent>,
     /// Project names Compose gave, by component (asked once).
     projects: RefCell<BTreeMap<String, String>>,
+    /// A put back of a service upshift took over is under way: its containers keep
+    /// counting as not deployed by upshift.
+    putting_back_adopted: bool,
 }
 
 impl ComposeDriver {
@@ -247,6 +255,7 @@ impl ComposeDriver {
             program: program.map(Path::to_path_buf),
             agent: None,
             projects: RefCell::default(),
+            putting_back_adopted: false,
         })
     }
 
@@ -350,6 +359,9 @@ impl ComposeDriver {
         if let Some(addr) = addr {
             labels[LABEL_ADDR] = json!(addr);
         }
+        if self.putting_back_adopted {
+            labels[LABEL_ADOPTED] = json!("true");
+        }
         service.insert("labels".into(), labels);
         if let Some(signal) = &spec.stop_signal {
             service.insert("stop_signal".into(), json!(signal));
@@ -430,6 +442,7 @@ impl ComposeDriver {
                 health: c.state.health.as_ref().map(|h| h.status.clone()),
                 status: c.state.status.clone(),
                 exit_code: c.state.exit_code,
+                adopted: !ours || labels.get(LABEL_ADOPTED).is_some_and(|a| a == "true"),
             });
         }
         Ok(containers)
@@ -684,8 +697,10 @@ impl Driver for ComposeDriver {
 
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
         let Some(live) = rollout::live(self, component)? else { return Ok(None) };
-        let image = self.container(component, &live.slot)?.map(|c| c.image);
-        Ok(Some(Deployed::new(&live.version, component, json!({ "addr": live.addr, "image": image }))))
+        let container = self.container(component, &live.slot)?;
+        let image = container.as_ref().map(|c| c.image.clone());
+        let deployed = Deployed::new(&live.version, component, json!({ "addr": live.addr, "image": image }));
+        Ok(Some(if container.is_some_and(|c| c.adopted) { deployed.adopted() } else { deployed }))
     }
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
@@ -694,7 +709,10 @@ impl Driver for ComposeDriver {
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
         let pinned = previous.map(|p| ComposeDriver::pinned(p, component));
-        rollout::put_back(self, component, pinned.as_ref())
+        self.putting_back_adopted = previous.is_some_and(|p| p.adopted);
+        let result = rollout::put_back(self, component, pinned.as_ref());
+        self.putting_back_adopted = false;
+        result
     }
 
     fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {

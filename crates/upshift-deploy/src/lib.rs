@@ -1,12 +1,16 @@
-//! Drivers that roll components out, and health checks. The process driver runs them as
-//! local processes under the agent (`upshift-agent`); Compose, Kubernetes and Helm drivers
-//! will implement the same `upshift_core::driver::Driver` trait.
+//! Drivers that roll components out, and health checks: processes under the agent
+//! (`upshift-agent`), Docker Compose services, and (with the `kubernetes` feature, on by
+//! default) Kubernetes Deployments, each an `upshift_core::driver::Driver`.
 
 mod agent;
 mod compose;
 pub mod health;
+#[cfg(feature = "kubernetes")]
+mod kubernetes;
 mod process;
 pub mod rollout;
 
 pub use compose::{ComposeDriver, check_compose_files, service_address};
+#[cfg(feature = "kubernetes")]
+pub use kubernetes::KubernetesDriver;
 pub use process::ProcessDriver;

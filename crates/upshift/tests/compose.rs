@@ -464,15 +464,27 @@ fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_containe
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ci/engines/postgres-image.sh");
     let built = Command::new("bash").args([script, "upshift-test-postgres:15"]).status().unwrap();
     assert!(built.success(), "{script}");
-    // The stack runs before the upgrade, as in the runbook; only its database for now.
-    let up = Command::new("docker")
-        .args(["compose", "-p", &stack.project, "up", "--detach", "--wait", "db"])
-        .current_dir(stack.ctx.path())
-        .output()
-        .unwrap();
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    // The stack runs before upshift, as in the runbook: its database has 1.0.0's schema
+    // (migrated by the old tooling) and the api was started by hand.
+    let compose_up = |services: &[&str]| {
+        let up = Command::new("docker")
+            .args(["compose", "-p", &stack.project, "up", "--detach", "--wait"])
+            .args(services)
+            .current_dir(stack.ctx.path())
+            .output()
+            .unwrap();
+        assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    };
+    compose_up(&["db"]);
+    stack.ctx.run(&["migrate", "up", "20260101000000"]).success();
+    compose_up(&["api"]);
+    let hand_run = stack.running_image();
 
-    stack.upgrade("1.0.0").success().stderr_has("backup").stderr_has("applied 20260101000000");
+    // A first deploy takes the hand-run api over; when it fails, the undo puts that very
+    // container's image back, still not upshift's, so the next first deploy takes it over.
+    stack.upgrade("3.0.0").code(3).stderr_has("taking over upshift-demo-notes:1.0.0");
+    assert_eq!(stack.running_image(), hand_run);
+    stack.upgrade("1.0.0").success().stderr_has("taking over upshift-demo-notes:1.0.0").stderr_has("backup");
     let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
     assert_eq!(code, 201);
     // Level 2: 2.0.0 fails its smoke test after the switch; its expand revision has a down

@@ -47,7 +47,22 @@ fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
             move || Ok(Box::new(ComposeDriver::new(&for_compose, Some(&program_for_compose))?) as Box<dyn Driver>),
         ),
     );
+    register_kubernetes(&mut drivers, manifest);
     Ok(drivers)
+}
+
+/// The Kubernetes driver, in builds with the `kubernetes` feature.
+fn register_kubernetes(drivers: &mut Drivers, manifest: &Manifest) {
+    #[cfg(feature = "kubernetes")]
+    {
+        let manifest = manifest.clone();
+        drivers.register_lazy(
+            DriverKind::Kubernetes,
+            Box::new(move || Ok(Box::new(upshift_deploy::KubernetesDriver::new(&manifest)?) as Box<dyn Driver>)),
+        );
+    }
+    #[cfg(not(feature = "kubernetes"))]
+    let _ = (drivers, manifest);
 }
 
 /// SIGINT and SIGTERM set the flag; the runner stops at the next step boundary and undoes.
@@ -281,6 +296,7 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
         DriverKind::Compose,
         Box::new(move || Ok(Box::new(ComposeDriver::new(&for_compose, None)?) as Box<dyn Driver>)),
     );
+    register_kubernetes(&mut drivers, &manifest);
     let components: Vec<StatusComponent<'_>> = manifest
         .components
         .iter()

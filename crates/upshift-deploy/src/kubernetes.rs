@@ -1,0 +1,546 @@
+//! The Kubernetes driver: a component is an existing Deployment whose container image
+//! upshift changes, through the API server (kube-rs), with the configuration `kubectl`
+//! uses (the kubeconfig's current context, or `context`; in a pod, the service account).
+//!
+//! Only apps/v1 and core/v1 fields that Kubernetes 1.20 serves are used.
+//!
+//! - `rolling` (the default for this driver) sets the Deployment's strategy to
+//!   `RollingUpdate` with `maxUnavailable: 0` and `maxSurge: 1`: no pod is taken away
+//!   before its replacement is available. `recreate` sets the Recreate strategy.
+//! - The new version goes into the pod template: the container's image (`image` with
+//!   `{version}`) and the annotation `upshift.dev/version`, in one update of the whole
+//!   object (optimistic concurrency on its resourceVersion).
+//! - The rollout is followed through a watch on the Deployment, with `kubectl rollout
+//!   status` semantics: the controller observed the new generation, every replica is
+//!   updated, no old replica is left, every updated replica is available; a Progressing
+//!   condition with reason `ProgressDeadlineExceeded` fails it.
+//! - What ran is journaled as the Deployment's pod template, strategy and replica count
+//!   (`Deployed.detail`), and an undo or rollback puts exactly that back: never the
+//!   `ReplicaSet` history, which someone else may have changed.
+
+use std::time::Duration;
+
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use serde_json::json;
+use upshift_core::Manifest;
+use upshift_core::driver::{ComponentStatus, Deployed, Driver, DriverError, InstanceStatus};
+use upshift_core::manifest::{Component, DriverKind, DriverSpec, Strategy};
+
+/// The pod template annotation that names the version a Deployment runs.
+pub(crate) const VERSION_ANNOTATION: &str = "upshift.dev/version";
+
+fn refused(message: impl Into<String>) -> DriverError {
+    DriverError::Refused(message.into())
+}
+
+fn unavailable(e: &kube::Error) -> DriverError {
+    DriverError::Unavailable(format!("the Kubernetes API: {e}"))
+}
+
+/// The Kubernetes settings of a component.
+struct Target {
+    namespace: Option<String>,
+    deployment: String,
+    container: Option<String>,
+    image: String,
+    context: Option<String>,
+}
+
+/// Runs components as Kubernetes Deployments.
+pub struct KubernetesDriver {
+    manifest: Manifest,
+    runtime: tokio::runtime::Runtime,
+    /// Clients by kubeconfig context (`None`: the current one), made on first use.
+    clients: Vec<(Option<String>, kube::Client)>,
+}
+
+/// Where a rollout stands, as `kubectl rollout status` reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Progress {
+    /// Every replica runs the new template and is available.
+    Done,
+    /// Still going, and why.
+    Waiting(String),
+    /// It will not finish: the progress deadline passed.
+    Failed(String),
+}
+
+/// Reads a Deployment's rollout like `kubectl rollout status`.
+pub(crate) fn progress(deployment: &Deployment) -> Progress {
+    let name = deployment.metadata.name.as_deref().unwrap_or("deployment");
+    let generation = deployment.metadata.generation.unwrap_or(0);
+    let Some(status) = &deployment.status else { return Progress::Waiting("no status yet".into()) };
+    if status.observed_generation.unwrap_or(0) < generation {
+        return Progress::Waiting(format!("waiting for the controller to see {name}'s new spec"));
+    }
+    let failed = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    if let Some(condition) = failed {
+        return Progress::Failed(format!(
+            "{name} exceeded its progress deadline: {}",
+            condition.message.as_deref().unwrap_or("no progress")
+        ));
+    }
+    let wanted = deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let total = status.replicas.unwrap_or(0);
+    let available = status.available_replicas.unwrap_or(0);
+    if updated < wanted {
+        return Progress::Waiting(format!("{updated} of {wanted} replicas updated"));
+    }
+    if total > updated {
+        return Progress::Waiting(format!("{} old replicas are pending termination", total - updated));
+    }
+    if available < updated {
+        return Progress::Waiting(format!("{available} of {updated} updated replicas available"));
+    }
+    Progress::Done
+}
+
+/// The version a pod template runs: its annotation, else its container's image tag.
+fn template_version(template: &PodTemplateSpec, container: Option<&str>) -> Option<String> {
+    let annotated =
+        template.metadata.as_ref().and_then(|m| m.annotations.as_ref()).and_then(|a| a.get(VERSION_ANNOTATION));
+    if let Some(version) = annotated {
+        return Some(version.clone());
+    }
+    let spec = template.spec.as_ref()?;
+    let image = spec.containers.iter().find(|c| container.is_none_or(|n| c.name == n))?.image.as_deref()?;
+    Some(image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(image, |(_, tag)| tag).to_owned())
+}
+
+impl KubernetesDriver {
+    /// A driver for the manifest's Kubernetes components; nothing is contacted yet.
+    pub fn new(manifest: &Manifest) -> Result<KubernetesDriver, DriverError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| refused(format!("starting the Kubernetes client's runtime: {e}")))?;
+        Ok(KubernetesDriver { manifest: manifest.clone(), runtime, clients: Vec::new() })
+    }
+
+    fn target(&self, component: &Component) -> Result<Target, DriverError> {
+        let DriverSpec::Kubernetes { namespace, deployment, container, image, context } = &component.driver else {
+            return Err(refused(format!("component {} does not use the kubernetes driver", component.name)));
+        };
+        let expand = |text: &String| self.manifest.expand(text).map_err(refused);
+        Ok(Target {
+            namespace: namespace.as_ref().map(expand).transpose()?,
+            deployment: expand(deployment)?,
+            container: container.as_ref().map(expand).transpose()?,
+            image: expand(image)?,
+            context: context.as_ref().map(expand).transpose()?,
+        })
+    }
+
+    /// The client of a context, made like `kubectl` makes it.
+    fn client(&mut self, context: Option<&String>) -> Result<kube::Client, DriverError> {
+        if let Some((_, client)) = self.clients.iter().find(|(c, _)| c.as_ref() == context) {
+            return Ok(client.clone());
+        }
+        let options = kube::config::KubeConfigOptions { context: context.cloned(), ..Default::default() };
+        let client = self
+            .runtime
+            .block_on(async {
+                let config = match &options.context {
+                    Some(_) => kube::Config::from_kubeconfig(&options).await.map_err(|e| e.to_string())?,
+                    None => kube::Config::infer().await.map_err(|e| e.to_string())?,
+                };
+                kube::Client::try_from(config).map_err(|e| e.to_string())
+            })
+            .map_err(|e| {
+                DriverError::Unavailable(format!(
+                    "no Kubernetes configuration ({e}); set KUBECONFIG or run where `kubectl` works"
+                ))
+            })?;
+        self.clients.push((context.cloned(), client.clone()));
+        Ok(client)
+    }
+
+    /// The Deployments API of the component's namespace (the context's own by default).
+    fn api(&mut self, target: &Target) -> Result<(Api<Deployment>, String), DriverError> {
+        let client = self.client(target.context.as_ref())?;
+        let namespace = target.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok((Api::namespaced(client, &namespace), namespace))
+    }
+
+    /// The Deployment, which must exist: upshift changes it, it does not create it.
+    fn deployment(&mut self, target: &Target) -> Result<(Api<Deployment>, Deployment), DriverError> {
+        let (api, namespace) = self.api(target)?;
+        match self.runtime.block_on(api.get(&target.deployment)) {
+            Ok(deployment) => Ok((api, deployment)),
+            Err(kube::Error::Api(status)) if status.code == 404 => Err(refused(format!(
+                "deployment {} does not exist in namespace {namespace}: create it first (upshift changes a \
+                 Deployment's image; it does not create the Deployment)",
+                target.deployment
+            ))),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Updates the Deployment with `change` (retried on a conflict with another writer),
+    /// then follows its rollout to the end.
+    fn update(
+        &mut self,
+        target: &Target,
+        change: &dyn Fn(&mut Deployment) -> Result<(), DriverError>,
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let mut attempts = 0;
+        let (api, updated) = loop {
+            let (api, mut deployment) = self.deployment(target)?;
+            change(&mut deployment)?;
+            match self.runtime.block_on(api.replace(&target.deployment, &PostParams::default(), &deployment)) {
+                Ok(updated) => break (api, updated),
+                Err(kube::Error::Api(status)) if status.code == 409 && attempts < 5 => attempts += 1,
+                Err(e) => return Err(unavailable(&e)),
+            }
+        };
+        self.follow(&api, updated, say)
+    }
+
+    /// Follows a rollout through a watch on the Deployment until it is done or fails.
+    fn follow(
+        &mut self,
+        api: &Api<Deployment>,
+        mut deployment: Deployment,
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        // The controller flags a stuck rollout at its deadline; a little more, then give up.
+        let deadline_s = deployment.spec.as_ref().and_then(|s| s.progress_deadline_seconds).unwrap_or(600);
+        let limit = Duration::from_secs(u64::try_from(deadline_s).unwrap_or(600) + 30);
+        let started = std::time::Instant::now();
+        let mut last = String::new();
+        loop {
+            match progress(&deployment) {
+                Progress::Done => return Ok(()),
+                Progress::Failed(why) => return Err(DriverError::Unhealthy(why)),
+                Progress::Waiting(why) => {
+                    if why != last {
+                        say(&format!("  {name}: {why}"));
+                        last = why;
+                    }
+                }
+            }
+            let left = limit.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                return Err(DriverError::Unhealthy(format!(
+                    "{name}: the rollout did not finish within {}s",
+                    limit.as_secs()
+                )));
+            }
+            let version = deployment.metadata.resource_version.clone().unwrap_or_default();
+            let params = WatchParams::default()
+                .fields(&format!("metadata.name={name}"))
+                .timeout(u32::try_from(left.as_secs().clamp(1, 290)).unwrap_or(290));
+            let next = self.runtime.block_on(async {
+                let stream = api.watch(&params, &version).await?;
+                let mut stream = stream.boxed();
+                while let Some(event) = stream.try_next().await? {
+                    match event {
+                        WatchEvent::Added(d) | WatchEvent::Modified(d) => return Ok(Some(d)),
+                        WatchEvent::Deleted(_) => return Ok(None),
+                        WatchEvent::Bookmark(_) => {}
+                        WatchEvent::Error(status) if status.code == 410 => break,
+                        WatchEvent::Error(status) => return Err(kube::Error::Api(status)),
+                    }
+                }
+                // The watch ended (its timeout, or an expired version): read the object again.
+                api.get(&name).await.map(Some)
+            });
+            deployment = match next {
+                Ok(Some(d)) => d,
+                Ok(None) => return Err(refused(format!("deployment {name} was deleted during the rollout"))),
+                Err(e) => return Err(unavailable(&e)),
+            };
+        }
+    }
+
+    /// The pods of a Deployment (by its selector).
+    fn pods(&mut self, target: &Target, deployment: &Deployment) -> Result<Vec<Pod>, DriverError> {
+        let (_, namespace) = self.api(target)?;
+        let client = self.client(target.context.as_ref())?;
+        let selector = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.as_ref())
+            .map(|labels| labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
+        let pods: Api<Pod> = Api::namespaced(client, &namespace);
+        self.runtime
+            .block_on(pods.list(&ListParams::default().labels(&selector)))
+            .map(|list| list.items)
+            .map_err(|e| unavailable(&e))
+    }
+}
+
+/// Sets the new version into a Deployment: image, annotation, and the strategy.
+fn set_version(
+    deployment: &mut Deployment,
+    target: &Target,
+    component: &Component,
+    version: &str,
+) -> Result<(), DriverError> {
+    let image = crate::process::fill(&target.image, version, None);
+    let spec = deployment.spec.get_or_insert_with(Default::default);
+    let pod = spec.template.spec.get_or_insert_with(Default::default);
+    let names: Vec<String> = pod.containers.iter().map(|c| c.name.clone()).collect();
+    let container = match &target.container {
+        Some(name) => pod.containers.iter_mut().find(|c| &c.name == name).ok_or_else(|| {
+            refused(format!("deployment {} has no container {name} (it has {})", target.deployment, names.join(", ")))
+        })?,
+        None => pod
+            .containers
+            .first_mut()
+            .ok_or_else(|| refused(format!("deployment {} has no container", target.deployment)))?,
+    };
+    container.image = Some(image);
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(VERSION_ANNOTATION.to_owned(), version.to_owned());
+    spec.strategy = Some(match component.strategy {
+        Strategy::Recreate => DeploymentStrategy { type_: Some("Recreate".into()), rolling_update: None },
+        _ => DeploymentStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateDeployment {
+                max_unavailable: Some(IntOrString::Int(0)),
+                max_surge: Some(IntOrString::Int(1)),
+            }),
+        },
+    });
+    Ok(())
+}
+
+impl Driver for KubernetesDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Kubernetes
+    }
+
+    fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
+        let target = self.target(component)?;
+        let (_, deployment) = match self.deployment(&target) {
+            Ok(found) => found,
+            Err(DriverError::Refused(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(spec) = &deployment.spec else { return Ok(None) };
+        let Some(version) = template_version(&spec.template, target.container.as_deref()) else { return Ok(None) };
+        let detail = json!({
+            "template": spec.template,
+            "strategy": spec.strategy,
+            "replicas": spec.replicas,
+        });
+        let deployed = Deployed::new(&version, component, detail);
+        // Without upshift's annotation, someone else applied it: a first deploy takes it over.
+        let annotated = spec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .is_some_and(|a| a.contains_key(VERSION_ANNOTATION));
+        Ok(Some(if annotated { deployed } else { deployed.adopted() }))
+    }
+
+    fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
+        let target = self.target(component)?;
+        self.update(&target, &|d| set_version(d, &target, component, version), say)
+    }
+
+    fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
+        let target = self.target(component)?;
+        // Nothing to put back (or the runner stops the component while it restores the
+        // database): scaled to zero, the Deployment kept; upshift never deletes it.
+        let Some(previous) = previous else {
+            if let Err(DriverError::Refused(_)) = self.deployment(&target) {
+                return Ok(()); // no Deployment: nothing runs
+            }
+            return self.update(
+                &target,
+                &|d| {
+                    d.spec.get_or_insert_with(Default::default).replicas = Some(0);
+                    Ok(())
+                },
+                &|_| {},
+            );
+        };
+        let template: PodTemplateSpec = serde_json::from_value(previous.detail["template"].clone())
+            .map_err(|e| refused(format!("the journal's record of {} has no pod template: {e}", component.name)))?;
+        let strategy: Option<DeploymentStrategy> =
+            serde_json::from_value(previous.detail["strategy"].clone()).unwrap_or(None);
+        let replicas: Option<i32> = serde_json::from_value(previous.detail["replicas"].clone()).unwrap_or(None);
+        let (_, now) = self.deployment(&target)?;
+        let same = now.spec.as_ref().is_some_and(|s| s.template == template && s.replicas == replicas);
+        if same && progress(&now) == Progress::Done {
+            return Ok(());
+        }
+        self.update(
+            &target,
+            &|d| {
+                let spec = d.spec.get_or_insert_with(Default::default);
+                spec.template = template.clone();
+                spec.strategy.clone_from(&strategy);
+                spec.replicas = replicas;
+                Ok(())
+            },
+            &|_| {},
+        )
+    }
+
+    fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {
+        serde_json::from_value::<PodTemplateSpec>(previous.detail["template"].clone()).map(drop).map_err(|e| {
+            refused(format!("the journal's record of {} {} has no pod template: {e}", fallback.name, previous.version))
+        })
+    }
+
+    fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
+        let target = self.target(component)?;
+        let (_, mut deployment) = self.deployment(&target)?;
+        // The change applies (the container is there), without sending it.
+        set_version(&mut deployment, &target, component, version)
+    }
+
+    fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
+        let target = self.target(component)?;
+        let (api, deployment) = self.deployment(&target)?;
+        self.follow(&api, deployment, &|_| {})
+    }
+
+    fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
+        let target = self.target(component)?;
+        let (_, deployment) = self.deployment(&target)?;
+        let spec = deployment.spec.clone().unwrap_or_default();
+        let version = template_version(&spec.template, target.container.as_deref());
+        let status = deployment.status.clone().unwrap_or_default();
+        let problem = match progress(&deployment) {
+            Progress::Done => None,
+            Progress::Waiting(why) | Progress::Failed(why) => Some(why),
+        };
+        let conditions: Vec<String> = status
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| format!("{}={} ({})", c.type_, c.status, c.reason.as_deref().unwrap_or("-")))
+            .collect();
+        let problem = problem.map(|p| {
+            format!(
+                "{p}; replicas {} ready, {} updated of {}; {}",
+                status.ready_replicas.unwrap_or(0),
+                status.updated_replicas.unwrap_or(0),
+                spec.replicas.unwrap_or(1),
+                conditions.join(", ")
+            )
+        });
+        let instances = self
+            .pods(&target, &deployment)?
+            .iter()
+            .map(|pod| {
+                let ready = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let restarts = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .map_or(0, |c| c.iter().map(|c| c.restart_count).sum::<i32>());
+                // A terminating pod still says Running until it is gone.
+                let terminating = pod.metadata.deletion_timestamp.is_some();
+                let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+                let template = PodTemplateSpec { metadata: Some(pod.metadata.clone()), spec: pod.spec.clone() };
+                InstanceStatus {
+                    version: template_version(&template, target.container.as_deref()).unwrap_or_default(),
+                    slot: pod.metadata.name.clone().unwrap_or_default(),
+                    addr: pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+                    pid: None,
+                    running: phase == "Running" && !terminating,
+                    restarts: u32::try_from(restarts).unwrap_or(0),
+                    serving: ready && !terminating,
+                    weight: None,
+                    requests: None,
+                    errors: None,
+                    p99_ms: None,
+                }
+            })
+            .collect();
+        Ok(ComponentStatus { healthy: problem.is_none(), problem, version, instances, versions: Vec::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Deployment as the API server answers it (recorded shapes, trimmed).
+    fn deployment(status: &serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": { "name": "notes", "generation": 3 },
+            "spec": {
+                "replicas": 2,
+                "selector": { "matchLabels": { "app": "notes" } },
+                "template": {
+                    "metadata": { "labels": { "app": "notes" } },
+                    "spec": { "containers": [{ "name": "notes", "image": "registry.local:5000/notes:2.0.0" }] }
+                }
+            },
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rollout_status_reads_like_kubectl() {
+        let waiting = |status: serde_json::Value| match progress(&deployment(&status)) {
+            Progress::Waiting(why) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(waiting(json!({ "observedGeneration": 2 })).contains("controller"));
+        assert_eq!(
+            waiting(json!({ "observedGeneration": 3, "updatedReplicas": 1, "replicas": 3 })),
+            "1 of 2 replicas updated"
+        );
+        assert_eq!(
+            waiting(json!({ "observedGeneration": 3, "updatedReplicas": 2, "replicas": 3 })),
+            "1 old replicas are pending termination"
+        );
+        assert_eq!(
+            waiting(json!({ "observedGeneration": 3, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 1 })),
+            "1 of 2 updated replicas available"
+        );
+        let done = json!({ "observedGeneration": 3, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 2 });
+        assert_eq!(progress(&deployment(&done)), Progress::Done);
+        let stuck = json!({
+            "observedGeneration": 3, "updatedReplicas": 1, "replicas": 3, "availableReplicas": 2,
+            "conditions": [{
+                "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet \"notes-5d\" has timed out progressing."
+            }]
+        });
+        assert!(
+            matches!(progress(&deployment(&stuck)), Progress::Failed(why) if why.contains("exceeded its progress deadline"))
+        );
+    }
+
+    #[test]
+    fn the_version_is_the_annotation_else_the_image_tag() {
+        let mut d = deployment(&json!({}));
+        let template = &mut d.spec.as_mut().unwrap().template;
+        assert_eq!(template_version(template, None).as_deref(), Some("2.0.0"));
+        template.spec.as_mut().unwrap().containers[0].image = Some("registry.local:5000/notes".into());
+        assert_eq!(template_version(template, None).as_deref(), Some("registry.local:5000/notes"));
+        template.metadata.as_mut().unwrap().annotations =
+            Some([(VERSION_ANNOTATION.to_owned(), "2.1.0".to_owned())].into_iter().collect());
+        assert_eq!(template_version(template, Some("notes")).as_deref(), Some("2.1.0"));
+    }
+}

@@ -1,0 +1,356 @@
+//! The Kubernetes driver against a real v1.20 cluster (`ci/engines/kubernetes.sh start`:
+//! API server, controllers, scheduler and a real kubelet on the Docker Engine): the notes
+//! service as a Deployment (its image made by `upshift demo --compose --prepare-only`, its
+//! SQLite file on a hostPath), upgraded, stuck at its progress deadline and put back,
+//! rolled back, and killed at every journal write. Skipped, with the reason, when no
+//! cluster answers; under CI (`CI` set) a missing cluster fails instead.
+
+#![allow(clippy::print_stderr)] // the skip reason, and the figures the closing note quotes
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use common::{Context, Run};
+use serde::Deserialize;
+
+/// The kubeconfig of the test cluster: `UPSHIFT_TEST_KUBECONFIG`, else the one
+/// `ci/engines/kubernetes.sh start` writes.
+fn kubeconfig() -> Option<String> {
+    let path = std::env::var("UPSHIFT_TEST_KUBECONFIG").unwrap_or_else(|_| "/tmp/upshift-k8s/kubeconfig".into());
+    let answers = std::path::Path::new(&path).exists()
+        && Command::new("kubectl")
+            .args(["--kubeconfig", &path, "get", "--raw", "/readyz"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if answers {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI starts every engine, but no Kubernetes cluster answers at {path} (ci/engines/kubernetes.sh start)"
+    );
+    eprintln!("skipped: no Kubernetes cluster answers at {path} (ci/engines/kubernetes.sh start runs one)");
+    None
+}
+
+/// The notes images, made by the Compose demo from this binary.
+fn images() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        Context::new().run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
+    });
+}
+
+const DEPLOYMENT: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: notes, namespace: NAMESPACE}
+spec:
+  replicas: 2
+  progressDeadlineSeconds: 12
+  selector: {matchLabels: {app: notes}}
+  template:
+    metadata: {labels: {app: notes}}
+    spec:
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: notes
+        image: upshift-demo-notes:1.0.0
+        imagePullPolicy: Never
+        env: [{name: DATABASE_URL, value: "sqlite:/data/notes.db"}]
+        ports: [{containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1, failureThreshold: 2}
+        volumeMounts: [{name: data, mountPath: /data}]
+      volumes: [{name: data, hostPath: {path: DATA_DIR}}]
+"#;
+
+/// A namespace with the notes Deployment running 1.0.0 (applied by hand, as before
+/// upshift), its database migrated to 1.0.0; the namespace goes on drop.
+struct Cluster {
+    ctx: Context,
+    kubeconfig: String,
+    namespace: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.kubectl_output(&["delete", "namespace", &self.namespace, "--wait=false"]);
+    }
+}
+
+#[derive(Deserialize, Debug)]
+struct Status {
+    version: Option<String>,
+    run: Option<serde_json::Value>,
+    components: Vec<ComponentStatus>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ComponentStatus {
+    version: Option<String>,
+    healthy: bool,
+    problem: Option<String>,
+}
+
+impl Cluster {
+    fn new() -> Option<Cluster> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let kubeconfig = kubeconfig()?;
+        images();
+        let ctx = Context::new();
+        let namespace = format!("upshift-test-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
+        std::fs::create_dir_all(ctx.join("data")).unwrap();
+        for (name, text) in notes::MIGRATIONS {
+            ctx.write(&format!("migrations/{name}"), text);
+        }
+        ctx.write(
+            "upshift.toml",
+            &format!(
+                r#"[app]
+name = "notes"
+
+[database]
+url = "sqlite:data/notes.db"
+
+[[components]]
+name = "api"
+driver = "kubernetes"
+namespace = "{namespace}"
+deployment = "notes"
+image = "upshift-demo-notes:{{version}}"
+
+[[releases]]
+version = "1.0.0"
+migrate_to = "20260101000000"
+
+[[releases]]
+version = "2.0.0"
+migrate_to = "20260202000000"
+
+[[releases]]
+version = "3.0.0"
+migrate_to = "20260202000000"
+"#
+            ),
+        );
+        let cluster = Cluster { ctx, kubeconfig, namespace };
+        cluster.ctx.run(&["migrate", "up", "20260101000000"]).success();
+        cluster.kubectl(&["create", "namespace", &cluster.namespace]);
+        let deployment = DEPLOYMENT
+            .replace("NAMESPACE", &cluster.namespace)
+            .replace("DATA_DIR", &cluster.ctx.join("data").display().to_string());
+        cluster.ctx.write("deployment.yaml", &deployment);
+        cluster.kubectl(&["apply", "-f", &cluster.ctx.join("deployment.yaml").display().to_string()]);
+        cluster.kubectl(&["-n", &cluster.namespace, "rollout", "status", "deployment/notes", "--timeout=60s"]);
+        Some(cluster)
+    }
+
+    fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().unwrap()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = self.kubectl_output(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    fn upshift(&self, args: &[&str]) -> Run {
+        let mut command = self.ctx.command();
+        command.args(args).arg("--yes").env("KUBECONFIG", &self.kubeconfig);
+        Run::from(&command.output().unwrap())
+    }
+
+    fn status(&self) -> Status {
+        self.upshift(&["status", "--output", "json"]).success().json()
+    }
+
+    /// The Deployment's field at `path` (a kubectl `JSONPath`).
+    fn field(&self, path: &str) -> String {
+        self.kubectl(&["-n", &self.namespace, "get", "deployment", "notes", "-o", &format!("jsonpath={{{path}}}")])
+    }
+
+    /// The images of the pods that are ready and not going away.
+    fn ready_images(&self) -> Vec<String> {
+        let pods = self.kubectl(&["-n", &self.namespace, "get", "pods", "-o", "json"]);
+        let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+        let mut images: Vec<String> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .filter(|p| {
+                p["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+            })
+            .map(|p| p["spec"]["containers"][0]["image"].as_str().unwrap().to_owned())
+            .collect();
+        images.sort();
+        images
+    }
+}
+
+/// Watches the Deployment's available replicas while `work` runs; the lowest seen.
+fn fewest_available(cluster: &Cluster, work: impl FnOnce()) -> i64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, kubeconfig, namespace) = (Arc::clone(&stop), cluster.kubeconfig.clone(), cluster.namespace.clone());
+        std::thread::spawn(move || {
+            let mut fewest = i64::MAX;
+            while !stop.load(Ordering::SeqCst) {
+                let out = Command::new("kubectl")
+                    .args(["--kubeconfig", &kubeconfig, "-n", &namespace, "get", "deployment", "notes"])
+                    .args(["-o", "jsonpath={.status.availableReplicas}"])
+                    .output()
+                    .unwrap();
+                if let Ok(n) = String::from_utf8_lossy(&out.stdout).trim().parse::<i64>() {
+                    fewest = fewest.min(n);
+                } else {
+                    fewest = 0;
+                }
+            }
+            fewest
+        })
+    };
+    work();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap()
+}
+
+#[test]
+fn a_rolling_upgrade_keeps_every_replica_available_and_a_stuck_rollout_is_put_back() {
+    let Some(cluster) = Cluster::new() else { return };
+    // The Deployment someone applied is taken over by the first deploy.
+    let started = Instant::now();
+    let fewest = fewest_available(&cluster, || {
+        cluster.upshift(&["upgrade", "--to", "1.0.0"]).success().stderr_has("taking over 1.0.0");
+    });
+    eprintln!("take over 1.0.0: {:.1}s, fewest available replicas {fewest} of 2", started.elapsed().as_secs_f64());
+    assert_eq!(fewest, 2, "a replica was unavailable during the rollout");
+
+    let started = Instant::now();
+    let fewest = fewest_available(&cluster, || {
+        cluster.upshift(&["upgrade", "--to", "2.0.0"]).success().stderr_has("deploy api (kubernetes, rolling)");
+    });
+    eprintln!(
+        "rolling 1.0.0 -> 2.0.0: {:.1}s, fewest available replicas {fewest} of 2",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(fewest, 2, "a replica was unavailable during the rollout");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    assert_eq!(cluster.field(".spec.strategy.rollingUpdate.maxUnavailable"), "0");
+
+    // 3.0.0 never gets ready: stopped at the progress deadline, 2.0.0's template put back
+    // from the journal, and 2.0.0 served throughout.
+    let started = Instant::now();
+    let fewest = fewest_available(&cluster, || {
+        cluster
+            .upshift(&["upgrade", "--to", "3.0.0"])
+            .code(3)
+            .stderr_has("exceeded its progress deadline")
+            .stderr_has("2.0.0 is back");
+    });
+    eprintln!(
+        "stuck 3.0.0, put back: {:.1}s, fewest available replicas {fewest} of 2",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(fewest, 2, "a replica was unavailable while 3.0.0 was stuck and put back");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    let status = cluster.status();
+    assert_eq!(status.version.as_deref(), Some("2.0.0"));
+    assert_eq!(status.components[0].version.as_deref(), Some("2.0.0"));
+    assert!(status.components[0].healthy, "{status:?}");
+
+    // Back to 1.0.0: the Deployment scaled to zero while the backup is restored, then 1.0.0.
+    cluster.upshift(&["rollback"]).success().stderr_has("restored backup");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:1.0.0", "upshift-demo-notes:1.0.0"]);
+    assert_eq!(cluster.field(".spec.template.metadata.annotations.upshift\\.dev/version"), "1.0.0");
+}
+
+#[test]
+fn a_missing_deployment_or_container_is_refused_in_preflight() {
+    let Some(cluster) = Cluster::new() else { return };
+    let manifest = cluster.ctx.read("upshift.toml");
+    cluster.ctx.write("upshift.toml", &manifest.replace("deployment = \"notes\"", "deployment = \"nope\""));
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).code(1).stderr_has("deployment nope does not exist");
+    cluster.ctx.write(
+        "upshift.toml",
+        &manifest.replace("deployment = \"notes\"", "deployment = \"notes\"\ncontainer = \"sidecar\""),
+    );
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).code(1).stderr_has("has no container sidecar (it has notes)");
+    // Nothing was changed: still the hand-applied 1.0.0, not annotated.
+    assert_eq!(cluster.field(".spec.template.metadata.annotations"), "");
+}
+
+/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
+/// `write`-th write; false when the run finished before it.
+fn crash_at_write(cluster: &Cluster, version: &str, write: u64) -> bool {
+    let output = cluster
+        .ctx
+        .command()
+        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
+        .env("KUBECONFIG", &cluster.kubeconfig)
+        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
+        .output()
+        .unwrap();
+    output.status.code().is_none()
+}
+
+/// The crash-at-every-write contract on a real cluster: 1.0.0 -> 2.0.0 killed after each
+/// journal write in turn, then `resume` or `abort` (alternating): nothing in flight after,
+/// the journal's version is what the Deployment runs and every ready pod runs it.
+#[test]
+fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(cluster) = Cluster::new() else { return };
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    let mut write = 1;
+    while crash_at_write(&cluster, "2.0.0", write) {
+        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
+        let context = format!("killed at write {write}, then {recovery}");
+        let run = cluster.upshift(&[recovery, "--output", "json"]);
+        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
+            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
+        }
+        let status = cluster.status();
+        assert!(status.run.is_none(), "{context}: {status:?}");
+        let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+        assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+        assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
+        let image = format!("upshift-demo-notes:{version}");
+        assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}");
+        cluster.upshift(&["abort"]).code(1).stderr_has("nothing is in flight");
+        if version == "2.0.0" {
+            cluster.upshift(&["rollback"]).success();
+        }
+        write += 1;
+    }
+    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
+    eprintln!("{} crash points, each converged", write - 1);
+}
+
+#[test]
+fn kubernetes_settings_are_checked_with_their_line() {
+    let ctx = Context::new();
+    let manifest = |extra: &str| {
+        format!(
+            "[app]\nname = \"x\"\n\n[[components]]\nname = \"api\"\ndriver = \"kubernetes\"\ndeployment = \"api\"\nimage = \"a:{{version}}\"\n{extra}\n\n[[releases]]\nversion = \"1.0.0\"\n"
+        )
+    };
+    ctx.write("upshift.toml", &manifest("strategy = \"blue-green\""));
+    ctx.run(&["plan", "--to", "1.0.0"])
+        .code(2)
+        .stderr_has("upshift.toml:5")
+        .stderr_has("use rolling (the default) or recreate");
+    ctx.write("upshift.toml", &manifest("health = { http = \"/health\" }"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("readinessProbe");
+    ctx.write("upshift.toml", &manifest("serve = \"127.0.0.1:1\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("`serve` is a setting of the process and compose driver");
+    ctx.write("upshift.toml", &manifest("context = \"prod\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, rolling)");
+}
