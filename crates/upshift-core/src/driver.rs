@@ -184,6 +184,12 @@ pub trait Driver {
 
     /// The run the next calls serve, for the driver's own logs. Nothing by default.
     fn note_run(&mut self, _run: &str) {}
+
+    /// What deploying `version` would change beyond the version, for the plan (a Helm
+    /// release's values and chart), changing nothing. Nothing by default.
+    fn describe_change(&mut self, _component: &Component, _version: &str) -> Result<Vec<String>, DriverError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Creates a driver when a component first needs it (the process driver starts the agent).
@@ -234,7 +240,7 @@ impl Drivers {
         let kind = component.driver.kind();
         let slot = self.slots.remove(&kind).ok_or_else(|| {
             DriverError::Refused(format!(
-                "component `{}` uses the {} driver, which this build of upshift cannot run yet; use driver = \"process\", \"compose\" or \"kubernetes\"",
+                "component `{}` uses the {} driver, which this build of upshift does not have (it was built without the `kubernetes` feature); use driver = \"process\" or \"compose\", or a build with it",
                 component.name,
                 kind.as_str()
             ))

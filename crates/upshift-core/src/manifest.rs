@@ -430,6 +430,12 @@ impl Component {
         }
     }
 
+    /// Whether the component's health is checked: it has a `health` check, or its driver
+    /// judges health itself (a Deployment's readiness, a Helm release's state and tests).
+    pub fn checks_health(&self) -> bool {
+        self.health.is_some() || matches!(self.driver.kind(), DriverKind::Kubernetes | DriverKind::Helm)
+    }
+
     /// The stable address the agent's proxy holds, if any.
     pub fn serve(&self) -> Option<&str> {
         match &self.driver {
@@ -830,8 +836,11 @@ impl Loader<'_> {
         } else {
             Strategy::Recreate
         });
-        if raw.driver == DriverKind::Kubernetes {
-            self.kubernetes_keys(&raw, &name, strategy)?;
+        match raw.driver {
+            DriverKind::Compose => self.compose_keys(&raw, &name, strategy)?,
+            DriverKind::Kubernetes => self.kubernetes_keys(&raw, &name, strategy)?,
+            DriverKind::Helm => self.helm_keys(&raw, &name)?,
+            DriverKind::Process => {}
         }
         let takes_address = run.iter().chain(env.values()).any(|v| placeholders(v).any(|p| p == "addr" || p == "port"));
         if raw.driver == DriverKind::Process {
@@ -857,9 +866,6 @@ impl Loader<'_> {
                     format!("component `{name}` has `serve` but its `run` and `env` never use {{addr}} or {{port}}, so it cannot be told where to listen"),
                 ));
             }
-        }
-        if raw.driver == DriverKind::Compose {
-            self.compose_keys(&raw, &name, strategy)?;
         }
         if let Some(serve) = &raw.serve
             && serve.get_ref().parse::<std::net::SocketAddr>().is_err()
@@ -1029,6 +1035,21 @@ impl Loader<'_> {
                 format!(
                     "component `{name}`: the kubernetes driver judges health by the pods' readiness; put the check in the \
                      Deployment's readinessProbe instead of `health`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Helm driver's rules: the chart decides how its workloads roll and when they are
+    /// healthy.
+    fn helm_keys(&self, raw: &RawComponent, name: &str) -> Result<(), ManifestError> {
+        if raw.strategy.is_some() || raw.health.is_some() {
+            return Err(self.error(
+                Some(raw.name.span()),
+                format!(
+                    "component `{name}`: a Helm release rolls out as its chart says and is healthy when Helm's --wait \
+                     and `tests = true` (helm test) say so; drop `strategy` and `health`"
                 ),
             ));
         }

@@ -31,11 +31,6 @@ pub enum PlanError {
     /// Required options of the target release are not set.
     #[error("release {target} needs options that are not set: {}; set them (see `upshift config check --to {target}`)", missing.join(", "))]
     Config { target: Version, missing: Vec<String> },
-    /// A component uses a driver this build cannot run yet.
-    #[error(
-        "component `{component}` uses the {driver} driver, which this build of upshift cannot run yet; use driver = \"process\", \"compose\" or \"kubernetes\""
-    )]
-    Driver { component: String, driver: String },
     /// The migrations cannot be planned (heads, drift, unknown `migrate_to`).
     #[error(transparent)]
     Migrate(#[from] upshift_migrate::Error),
@@ -190,12 +185,6 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         return Err(PlanError::Config {
             target: input.target.clone(),
             missing: config.missing.into_iter().map(|m| m.name).collect(),
-        });
-    }
-    if let Some(component) = manifest.components.iter().find(|c| c.driver.kind() == DriverKind::Helm) {
-        return Err(PlanError::Driver {
-            component: component.name.clone(),
-            driver: component.driver.kind().as_str().to_owned(),
         });
     }
 
@@ -407,12 +396,13 @@ impl Builder<'_> {
                 };
                 details.push(format!("health-gated: {probe} within {}", humantime::format_duration(health.deadline)));
             }
-            let title = format!(
-                "deploy {} ({}, {})",
-                component.name,
-                component.driver.kind().as_str(),
+            // A chart rolls out its workloads its own way.
+            let strategy = if component.driver.kind() == DriverKind::Helm {
+                "as its chart says"
+            } else {
                 component.strategy.as_str()
-            );
+            };
+            let title = format!("deploy {} ({}, {strategy})", component.name, component.driver.kind().as_str());
             let on_failure = self.after_code();
             self.push(StepKind::Deploy, title, details, on_failure);
             self.steps.last_mut().expect("just pushed").component = Some(component.name.clone());
@@ -421,12 +411,8 @@ impl Builder<'_> {
 
     fn verify(&mut self) {
         let manifest = self.input.manifest;
-        let mut checks: Vec<String> = manifest
-            .components
-            .iter()
-            .filter(|c| c.health.is_some())
-            .map(|c| format!("health of {}", c.name))
-            .collect();
+        let mut checks: Vec<String> =
+            manifest.components.iter().filter(|c| c.checks_health()).map(|c| format!("health of {}", c.name)).collect();
         checks.extend(manifest.verify.smoke.iter().map(|command| format!("smoke: {}", self.shown(command))));
         if !manifest.verify.watch.is_zero() {
             checks.push(format!(

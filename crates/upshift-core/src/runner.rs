@@ -252,7 +252,7 @@ fn execute(
         }
         StepKind::Verify => {
             for component in &ctx.manifest.components {
-                if component.health.is_some() {
+                if component.checks_health() {
                     let driver = ctx.drivers.get(component).map_err(|e| format!("verify: {}", chain(&e)))?;
                     driver.check_health(component).map_err(|e| format!("verify: {}", chain(&e)))?;
                     (ctx.say)(&format!("  {} is healthy", component.name));
@@ -280,7 +280,7 @@ fn watch(ctx: &mut Context<'_>) -> Result<(), String> {
         if ctx.interrupted.load(Ordering::SeqCst) {
             return Err("interrupted (SIGINT/SIGTERM) during the watch".into());
         }
-        for component in ctx.manifest.components.iter().filter(|c| c.health.is_some()) {
+        for component in ctx.manifest.components.iter().filter(|c| c.checks_health()) {
             let driver = ctx.drivers.get(component).map_err(|e| format!("watch: {}", chain(&e)))?;
             let status = driver.status(component).map_err(|e| format!("watch: {}", chain(&e)))?;
             if !status.healthy {
@@ -726,7 +726,7 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
             }
             _ => {}
         }
-        if current.is_some() && component.health.is_some() {
+        if current.is_some() && component.checks_health() {
             driver.check_health(component).map_err(|e| {
                 RunError::Preflight(format!("{}; fix it before upgrading (a rollback may help)", chain(&e)))
             })?;

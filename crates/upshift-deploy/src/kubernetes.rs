@@ -194,23 +194,30 @@ impl KubernetesDriver {
         say: &dyn Fn(&str),
     ) -> Result<(), DriverError> {
         let mut attempts = 0;
-        let (api, updated) = loop {
+        let (api, updated, timed_out_before) = loop {
             let (api, mut deployment) = self.deployment(target)?;
+            let timed_out = matches!(progress(&deployment), Progress::Failed(_));
             change(&mut deployment)?;
             match self.runtime.block_on(api.replace(&target.deployment, &PostParams::default(), &deployment)) {
-                Ok(updated) => break (api, updated),
+                Ok(updated) => break (api, updated, timed_out),
                 Err(kube::Error::Api(status)) if status.code == 409 && attempts < 5 => attempts += 1,
                 Err(e) => return Err(unavailable(&e)),
             }
         };
-        self.follow(&api, updated, say)
+        self.follow(&api, updated, timed_out_before, say)
     }
 
     /// Follows a rollout through a watch on the Deployment until it is done or fails.
+    ///
+    /// `timed_out_before`: the Deployment had already exceeded its progress deadline before
+    /// this rollout (an earlier one got stuck). The controller keeps that condition, naming
+    /// the new `ReplicaSet`, until the new rollout makes progress, so it is not this
+    /// rollout's failure until a progress deadline has passed since it began.
     fn follow(
         &mut self,
         api: &Api<Deployment>,
         mut deployment: Deployment,
+        mut timed_out_before: bool,
         say: &dyn Fn(&str),
     ) -> Result<(), DriverError> {
         let name = deployment.metadata.name.clone().unwrap_or_default();
@@ -219,10 +226,24 @@ impl KubernetesDriver {
         let limit = Duration::from_secs(u64::try_from(deadline_s).unwrap_or(600) + 30);
         let started = std::time::Instant::now();
         let mut last = String::new();
+        let deadline = Duration::from_secs(u64::try_from(deadline_s).unwrap_or(600));
         loop {
-            match progress(&deployment) {
+            let now = progress(&deployment);
+            if timed_out_before && !matches!(now, Progress::Failed(_)) {
+                timed_out_before = false;
+            }
+            match now {
                 Progress::Done => return Ok(()),
-                Progress::Failed(why) => return Err(DriverError::Unhealthy(why)),
+                Progress::Failed(why) if !timed_out_before || started.elapsed() >= deadline => {
+                    return Err(DriverError::Unhealthy(why));
+                }
+                Progress::Failed(_) => {
+                    let why = "waiting for progress (an earlier rollout had exceeded the deadline)".to_owned();
+                    if why != last {
+                        say(&format!("  {name}: {why}"));
+                        last = why;
+                    }
+                }
                 Progress::Waiting(why) => {
                     if why != last {
                         say(&format!("  {name}: {why}"));
@@ -413,7 +434,7 @@ impl Driver for KubernetesDriver {
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
         let target = self.target(component)?;
         let (api, deployment) = self.deployment(&target)?;
-        self.follow(&api, deployment, &|_| {})
+        self.follow(&api, deployment, false, &|_| {})
     }
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {

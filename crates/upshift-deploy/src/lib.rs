@@ -6,11 +6,15 @@ mod agent;
 mod compose;
 pub mod health;
 #[cfg(feature = "kubernetes")]
+mod helm;
+#[cfg(feature = "kubernetes")]
 mod kubernetes;
 mod process;
 pub mod rollout;
 
 pub use compose::{ComposeDriver, check_compose_files, service_address};
+#[cfg(feature = "kubernetes")]
+pub use helm::HelmDriver;
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesDriver;
 pub use process::ProcessDriver;

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 use anyhow::Context as _;
 use serde::Serialize;
 use upshift_core::journal;
-use upshift_core::plan::{Plan, PlanInput, UndoDepth};
+use upshift_core::manifest::DriverKind;
+use upshift_core::plan::{Plan, PlanInput, StepKind, UndoDepth};
 use upshift_migrate::{DatabaseUrl, Migrator};
 
 use crate::cli::{GlobalArgs, TargetArgs};
@@ -48,7 +49,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         }
         None => (None, Vec::new(), None),
     };
-    let plan = upshift_core::plan(&PlanInput {
+    let mut plan = upshift_core::plan(&PlanInput {
         manifest: &manifest,
         target: &target,
         deployed: deployed.as_ref(),
@@ -57,6 +58,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         no_backup,
         options: &upshift_core::config::options_set(&manifest),
     })?;
+    describe_changes(&manifest, &mut plan, &target.to_string())?;
     let app = manifest.app_name.as_deref();
     printer.result(&PlanJson { app, plan: &plan }, || {
         let mut out = format!(
@@ -74,4 +76,26 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         }
         out
     })
+}
+
+/// Adds to each Helm deploy step what it changes beyond the version (values, chart), as
+/// the cluster says; what cannot be asked is said instead. Other drivers are not started:
+/// a plan changes nothing.
+fn describe_changes(manifest: &upshift_core::Manifest, plan: &mut Plan, version: &str) -> anyhow::Result<()> {
+    let helm = |name: &str| manifest.components.iter().find(|c| c.name == name && c.driver.kind() == DriverKind::Helm);
+    if !plan.steps.iter().any(|s| s.component.as_deref().is_some_and(|c| helm(c).is_some())) {
+        return Ok(());
+    }
+    let mut drivers = super::run::drivers(manifest)?;
+    for step in plan.steps.iter_mut().filter(|s| s.kind == StepKind::Deploy) {
+        let Some(component) = step.component.as_deref().and_then(helm) else { continue };
+        match drivers.get(component).and_then(|driver| driver.describe_change(component, version)) {
+            Ok(lines) => step.details.extend(lines),
+            Err(e) => {
+                let why = manifest.redact(&e.to_string());
+                step.details.push(format!("could not compare with what runs: {why}"));
+            }
+        }
+    }
+    Ok(())
 }

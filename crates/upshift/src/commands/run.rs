@@ -32,7 +32,7 @@ fn database(database: &DatabaseArgs, manifest: &Manifest, printer: &Printer) -> 
 
 /// The drivers this build has, each made when a component first needs it (the process
 /// driver starts the agent then).
-fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
+pub(crate) fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
     let program = std::env::current_exe().context("finding the upshift binary")?;
     let mut drivers = Drivers::new();
     let (for_process, for_compose) = (manifest.clone(), manifest.clone());
@@ -51,14 +51,19 @@ fn drivers(manifest: &Manifest) -> anyhow::Result<Drivers> {
     Ok(drivers)
 }
 
-/// The Kubernetes driver, in builds with the `kubernetes` feature.
+/// The Kubernetes and Helm drivers, in builds with the `kubernetes` feature.
 fn register_kubernetes(drivers: &mut Drivers, manifest: &Manifest) {
     #[cfg(feature = "kubernetes")]
     {
         let manifest = manifest.clone();
+        let for_helm = manifest.clone();
         drivers.register_lazy(
             DriverKind::Kubernetes,
             Box::new(move || Ok(Box::new(upshift_deploy::KubernetesDriver::new(&manifest)?) as Box<dyn Driver>)),
+        );
+        drivers.register_lazy(
+            DriverKind::Helm,
+            Box::new(move || Ok(Box::new(upshift_deploy::HelmDriver::new(&for_helm)?) as Box<dyn Driver>)),
         );
     }
     #[cfg(not(feature = "kubernetes"))]

@@ -1,0 +1,366 @@
+//! The Helm driver with the real Helm 3 CLI against the real v1.20 cluster (see
+//! `kubernetes.rs`): three charts upgraded strictly in order, the second failing (the first
+//! put back, the third never started, the schema undone); `helm test` failing as a verify
+//! failure; kill -9 of upshift in the middle of `helm upgrade`, then `resume` or `abort`,
+//! with no release left pending. Skipped, with the reason, without a cluster or `helm`;
+//! under CI (`CI` set) that fails instead.
+
+#![allow(clippy::print_stderr)] // the skip reason
+
+mod common;
+
+use std::fmt::Write as _;
+use std::os::unix::process::CommandExt as _;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Context, Run};
+use serde::Deserialize;
+
+/// The test cluster's kubeconfig, when it answers and `helm` runs.
+fn cluster() -> Option<String> {
+    let path = std::env::var("UPSHIFT_TEST_KUBECONFIG").unwrap_or_else(|_| "/tmp/upshift-k8s/kubeconfig".into());
+    let quiet = |program: &str, args: &[&str]| {
+        Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    };
+    let ready = std::path::Path::new(&path).exists()
+        && quiet("kubectl", &["--kubeconfig", &path, "get", "--raw", "/readyz"])
+        && quiet("helm", &["version", "--short"]);
+    if ready {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI starts every engine, but no cluster answers at {path} or helm is missing (ci/engines/kubernetes.sh, ci/engines/helm.sh)"
+    );
+    eprintln!(
+        "skipped: no Kubernetes cluster at {path}, or no helm (ci/engines/kubernetes.sh and helm.sh set them up)"
+    );
+    None
+}
+
+/// The notes images, made by the Compose demo from this binary, and `data-<v>` tags the
+/// second chart runs (a missing one makes that chart fail).
+fn images() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        Context::new().run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
+    });
+}
+
+fn docker_tag(from: &str, to: &str) {
+    let ok = Command::new("docker").args(["tag", from, to]).status().unwrap().success();
+    assert!(ok, "docker tag {from} {to}");
+}
+
+const CHART: &str = "apiVersion: v2\nname: notes\nversion: 0.1.0\nappVersion: \"0.0.0\"\n";
+
+const VALUES: &str = "tag: \"1.0.0\"\ndataDir: /tmp\n";
+
+const TEMPLATE: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: {{ .Release.Name }}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: {{ .Release.Name }}}}
+  template:
+    metadata: {labels: {app: {{ .Release.Name }}}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: notes
+        image: "upshift-demo-notes:{{ .Values.tag }}"
+        imagePullPolicy: Never
+        env: [{name: DATABASE_URL, value: "sqlite:/data/notes.db"}]
+        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1, failureThreshold: 2}
+        volumeMounts: [{name: data, mountPath: /data}]
+      volumes: [{name: data, hostPath: {path: {{ .Values.dataDir }}}}]
+"#;
+
+/// `helm test`: passes unless the file `fail-helm-test-<tag>` is in the data folder.
+const TEST_HOOK: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {{ .Release.Name }}-test
+  annotations: {"helm.sh/hook": test, "helm.sh/hook-delete-policy": before-hook-creation}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: test
+    image: "upshift-demo-notes:1.0.0"
+    imagePullPolicy: Never
+    command: ["/busybox", "sh", "-c", "test ! -e /data/fail-helm-test-{{ .Values.tag }}"]
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes: [{name: data, hostPath: {path: {{ .Values.dataDir }}}}]
+"#;
+
+/// A namespace, the chart, the migrations and a manifest of three releases of it
+/// (`platform`, `data`, `services`, in that order); the namespace goes on drop.
+struct Charts {
+    ctx: Context,
+    kubeconfig: String,
+    namespace: String,
+}
+
+impl Drop for Charts {
+    fn drop(&mut self) {
+        let _ = Command::new("kubectl")
+            .args(["--kubeconfig", &self.kubeconfig, "delete", "namespace", &self.namespace, "--wait=false"])
+            .output();
+    }
+}
+
+#[derive(Deserialize, Debug)]
+struct Entry {
+    revision: u64,
+    status: String,
+    description: String,
+}
+
+#[derive(Deserialize, Debug)]
+struct Status {
+    version: Option<String>,
+    run: Option<serde_json::Value>,
+    components: Vec<ComponentStatus>,
+}
+
+#[derive(Deserialize, Debug)]
+struct ComponentStatus {
+    version: Option<String>,
+    healthy: bool,
+}
+
+impl Charts {
+    /// `components`: each release's name and its image tag (with `{version}`); a tag with no
+    /// image makes that release's `helm upgrade --wait` time out.
+    fn new(components: &[(&str, &str)]) -> Option<Charts> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let kubeconfig = cluster()?;
+        images();
+        let ctx = Context::new();
+        let namespace = format!("upshift-helm-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
+        ctx.write("chart/Chart.yaml", CHART);
+        ctx.write("chart/values.yaml", VALUES);
+        ctx.write("chart/templates/deployment.yaml", TEMPLATE);
+        ctx.write("chart/templates/tests/test.yaml", TEST_HOOK);
+        std::fs::create_dir_all(ctx.join("data")).unwrap();
+        for (name, text) in notes::MIGRATIONS {
+            ctx.write(&format!("migrations/{name}"), text);
+        }
+        let data = ctx.join("data").display().to_string();
+        let mut manifest = "[app]\nname = \"notes\"\n\n[database]\nurl = \"sqlite:data/notes.db\"\n".to_owned();
+        for (name, tag) in components {
+            let _ = write!(
+                manifest,
+                "\n[[components]]\nname = \"{name}\"\ndriver = \"helm\"\nrelease = \"{name}\"\nchart = \"chart\"\n\
+                 namespace = \"{namespace}\"\nset = {{ tag = \"{tag}\", dataDir = \"{data}\" }}\ntimeout = \"12s\"\n\
+                 tests = true\n"
+            );
+        }
+        for (version, to) in [("1.0.0", "20260101000000"), ("2.0.0", "20260202000000"), ("3.0.0", "20260202000000")] {
+            let _ = write!(manifest, "\n[[releases]]\nversion = \"{version}\"\nmigrate_to = \"{to}\"\n");
+        }
+        ctx.write("upshift.toml", &manifest);
+        let charts = Charts { ctx, kubeconfig, namespace };
+        let created = Command::new("kubectl")
+            .args(["--kubeconfig", &charts.kubeconfig, "create", "namespace", &charts.namespace])
+            .output()
+            .unwrap();
+        assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+        Some(charts)
+    }
+
+    fn command(&self) -> Command {
+        let mut command = self.ctx.command();
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
+
+    fn upshift(&self, args: &[&str]) -> Run {
+        Run::from(&self.command().args(args).arg("--yes").output().unwrap())
+    }
+
+    fn status(&self) -> Status {
+        self.upshift(&["status", "--output", "json"]).success().json()
+    }
+
+    fn history(&self, release: &str) -> Vec<Entry> {
+        let out = Command::new("helm")
+            .args(["history", release, "--namespace", &self.namespace, "--output", "json"])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return Vec::new();
+        }
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn has_table(&self, table: &str) -> bool {
+        let db = rusqlite::Connection::open(self.ctx.join("data/notes.db")).unwrap();
+        db.query_row("SELECT count(*) FROM sqlite_master WHERE name = ?1", [table], |r| r.get::<_, i64>(0)).unwrap()
+            == 1
+    }
+}
+
+#[test]
+fn three_charts_upgrade_in_order_and_a_failure_in_the_second_undoes_the_first_and_the_schema() {
+    // The data chart runs `data-<version>` images: leaving one out fails it.
+    let Some(charts) = Charts::new(&[("platform", "{version}"), ("data", "data-{version}"), ("services", "{version}")])
+    else {
+        return;
+    };
+    docker_tag("upshift-demo-notes:1.0.0", "upshift-demo-notes:data-1.0.0");
+    // A tag left by an earlier run of this test would let 2.0.0 pass.
+    let _ = Command::new("docker").args(["rmi", "upshift-demo-notes:data-2.0.0"]).output();
+    charts.upshift(&["upgrade", "--to", "1.0.0"]).success().stderr_has("deploy platform (helm, as its chart says)");
+    for release in ["platform", "data", "services"] {
+        assert_eq!(charts.history(release).last().unwrap().status, "deployed", "{release}");
+    }
+    // 2.0.0: the data chart's image is not there, so its `helm upgrade --wait` times out.
+    // platform is rolled back to its recorded revision, services never started, and the
+    // expand migration is reverted.
+    let run = charts.upshift(&["upgrade", "--to", "2.0.0"]);
+    run.code(3).stderr_has("deploy data").stderr_has("undoing (code + down)").stderr_has("platform: 1.0.0 is back");
+    let platform = charts.history("platform");
+    assert_eq!(
+        platform.iter().map(|r| r.status.as_str()).collect::<Vec<_>>(),
+        ["superseded", "superseded", "deployed"]
+    );
+    assert_eq!(platform.last().unwrap().description, "Rollback to 1");
+    assert_eq!(charts.history("data").last().unwrap().description, "Rollback to 1");
+    assert_eq!(charts.history("services").len(), 1, "services was touched");
+    assert!(!charts.has_table("tags"), "the expand revision was not reverted");
+    let status = charts.status();
+    assert_eq!(status.version.as_deref(), Some("1.0.0"));
+    assert!(status.components.iter().all(|c| c.healthy && c.version.as_deref() == Some("1.0.0")), "{status:?}");
+
+    // With the image there, the same upgrade goes through, in order.
+    docker_tag("upshift-demo-notes:2.0.0", "upshift-demo-notes:data-2.0.0");
+    charts.upshift(&["upgrade", "--to", "2.0.0"]).success();
+    assert!(charts.has_table("tags"));
+    // And `upshift rollback` takes all three back, with the database (restore).
+    charts.upshift(&["rollback"]).success().stderr_has("restored backup");
+    let status = charts.status();
+    assert!(status.components.iter().all(|c| c.healthy && c.version.as_deref() == Some("1.0.0")), "{status:?}");
+    assert!(!charts.has_table("tags"));
+}
+
+#[test]
+fn a_failing_helm_test_fails_verify_and_the_release_is_undone() {
+    let Some(charts) = Charts::new(&[("services", "{version}")]) else { return };
+    charts.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    // The plan shows the values that change, from the cluster's own rendering.
+    charts.upshift(&["plan", "--to", "2.0.0"]).success().stdout_has("helm services values: tag \"1.0.0\" -> \"2.0.0\"");
+    charts.ctx.write("data/fail-helm-test-2.0.0", "");
+    charts.upshift(&["upgrade", "--to", "2.0.0"]).code(3).stderr_has("helm test services").stderr_has("1.0.0 is back");
+    assert_eq!(charts.status().components[0].version.as_deref(), Some("1.0.0"));
+}
+
+/// Starts `upgrade --to 2.0.0`, waits until Helm marks the release pending, and kills
+/// upshift and its `helm` with SIGKILL.
+fn kill_during_helm_upgrade(charts: &Charts) {
+    let mut child = charts
+        .command()
+        .args(["upgrade", "--to", "2.0.0", "--yes"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !charts.history("services").last().is_some_and(|r| r.status.starts_with("pending-")) {
+        assert!(Instant::now() < deadline, "the release never went pending");
+        assert!(child.try_wait().unwrap().is_none(), "upshift ended before helm upgrade began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let group = i32::try_from(child.id()).unwrap();
+    let killed = Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).status().unwrap();
+    assert!(killed.success());
+    let _ = child.wait();
+}
+
+#[test]
+fn killed_during_helm_upgrade_then_resume_or_abort_leaves_nothing_pending() {
+    // `slow-2.0.0` has no image: the upgrade stays pending until its timeout, long enough
+    // to be killed in the middle.
+    let Some(charts) = Charts::new(&[("services", "slow-{version}")]) else { return };
+    docker_tag("upshift-demo-notes:1.0.0", "upshift-demo-notes:slow-1.0.0");
+    charts.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    for recovery in ["abort", "resume"] {
+        kill_during_helm_upgrade(&charts);
+        assert!(charts.history("services").last().unwrap().status.starts_with("pending-"));
+        // Preflight of another upgrade refuses to touch a pending release.
+        charts.upshift(&["upgrade", "--to", "2.0.0"]).code(1).stderr_has("did not finish");
+        let run = charts.upshift(&[recovery]);
+        assert!([0, 3].contains(&run.code), "{recovery}: {}", run.stderr);
+        run.stderr_has("by an interrupted run");
+        let last = charts.history("services").pop().unwrap();
+        assert_eq!(last.status, "deployed", "{recovery}: {last:?}");
+        let status = charts.status();
+        assert!(status.run.is_none(), "{recovery}: {status:?}");
+        assert_eq!(status.components[0].version, status.version, "{recovery}: {status:?}");
+        assert!(status.components[0].healthy, "{recovery}: {status:?}");
+        // Undoing again is a no-op.
+        charts.upshift(&["abort"]).code(1).stderr_has("nothing is in flight");
+        eprintln!("{recovery}: {} at revision {}", status.version.unwrap_or_default(), last.revision);
+    }
+}
+
+/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
+/// `write`-th write; false when the run finished before it.
+fn crash_at_write(charts: &Charts, version: &str, write: u64) -> bool {
+    let output = charts
+        .command()
+        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
+        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
+        .output()
+        .unwrap();
+    output.status.code().is_none()
+}
+
+/// The crash-at-every-write contract on Helm: 1.0.0 -> 2.0.0 killed after each journal
+/// write, then `resume` or `abort` (alternating): nothing in flight, no release pending,
+/// the journal's version is what the release runs.
+#[test]
+fn killed_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(charts) = Charts::new(&[("services", "{version}")]) else { return };
+    charts.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    let mut write = 1;
+    while crash_at_write(&charts, "2.0.0", write) {
+        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
+        let context = format!("killed at write {write}, then {recovery}");
+        let run = charts.upshift(&[recovery, "--output", "json"]);
+        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
+            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
+        }
+        let status = charts.status();
+        assert!(status.run.is_none(), "{context}: {status:?}");
+        assert_eq!(status.components[0].version, status.version, "{context}: {status:?}");
+        assert!(status.components[0].healthy, "{context}: {status:?}");
+        let last = charts.history("services").pop().unwrap();
+        assert_eq!(last.status, "deployed", "{context}: {last:?}");
+        if status.version.as_deref() == Some("2.0.0") {
+            charts.upshift(&["rollback"]).success();
+        }
+        write += 1;
+    }
+    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
+    eprintln!("{} crash points, each converged with no release pending", write - 1);
+}
+
+#[test]
+fn helm_settings_are_checked_with_their_line() {
+    let ctx = Context::new();
+    let manifest = |extra: &str| {
+        format!(
+            "[app]\nname = \"x\"\n\n[[components]]\nname = \"api\"\ndriver = \"helm\"\nrelease = \"api\"\nchart = \"c\"\n{extra}\n\n[[releases]]\nversion = \"1.0.0\"\n"
+        )
+    };
+    ctx.write("upshift.toml", &manifest("strategy = \"rolling\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:5").stderr_has("rolls out as its chart says");
+    ctx.write("upshift.toml", &manifest("set = { \"image.tag\" = \"{version}\" }"));
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (helm, as its chart says)");
+}
