@@ -55,46 +55,10 @@ fn docker_tag(from: &str, to: &str) {
     assert!(ok, "docker tag {from} {to}");
 }
 
-const CHART: &str = "apiVersion: v2\nname: notes\nversion: 0.1.0\nappVersion: \"0.0.0\"\n";
-
-const VALUES: &str = "tag: \"1.0.0\"\ndataDir: /tmp\n";
-
-const TEMPLATE: &str = r#"apiVersion: apps/v1
-kind: Deployment
-metadata: {name: {{ .Release.Name }}}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: {{ .Release.Name }}}}
-  template:
-    metadata: {labels: {app: {{ .Release.Name }}}}
-    spec:
-      terminationGracePeriodSeconds: 2
-      containers:
-      - name: notes
-        image: "upshift-demo-notes:{{ .Values.tag }}"
-        imagePullPolicy: Never
-        env: [{name: DATABASE_URL, value: "sqlite:/data/notes.db"}]
-        readinessProbe: {httpGet: {path: /health, port: 8080}, periodSeconds: 1, failureThreshold: 2}
-        volumeMounts: [{name: data, mountPath: /data}]
-      volumes: [{name: data, hostPath: {path: {{ .Values.dataDir }}}}]
-"#;
-
-/// `helm test`: passes unless the file `fail-helm-test-<tag>` is in the data folder.
-const TEST_HOOK: &str = r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {{ .Release.Name }}-test
-  annotations: {"helm.sh/hook": test, "helm.sh/hook-delete-policy": before-hook-creation}
-spec:
-  restartPolicy: Never
-  containers:
-  - name: test
-    image: "upshift-demo-notes:1.0.0"
-    imagePullPolicy: Never
-    command: ["/busybox", "sh", "-c", "test ! -e /data/fail-helm-test-{{ .Values.tag }}"]
-    volumeMounts: [{name: data, mountPath: /data}]
-  volumes: [{name: data, hostPath: {path: {{ .Values.dataDir }}}}]
-"#;
+/// The example's chart (`examples/helm/charts/notes`): the notes Deployment with a
+/// readiness probe, and a `helm test` hook that passes unless the file
+/// `fail-helm-test-<tag>` is in the data folder.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/helm");
 
 /// A namespace, the chart, the migrations and a manifest of three releases of it
 /// (`platform`, `data`, `services`, in that order); the namespace goes on drop.
@@ -141,10 +105,10 @@ impl Charts {
         images();
         let ctx = Context::new();
         let namespace = format!("upshift-helm-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
-        ctx.write("chart/Chart.yaml", CHART);
-        ctx.write("chart/values.yaml", VALUES);
-        ctx.write("chart/templates/deployment.yaml", TEMPLATE);
-        ctx.write("chart/templates/tests/test.yaml", TEST_HOOK);
+        for file in ["Chart.yaml", "values.yaml", "templates/deployment.yaml", "templates/tests/test.yaml"] {
+            let text = std::fs::read_to_string(format!("{EXAMPLE}/charts/notes/{file}")).unwrap();
+            ctx.write(&format!("chart/{file}"), &text);
+        }
         std::fs::create_dir_all(ctx.join("data")).unwrap();
         for (name, text) in notes::MIGRATIONS {
             ctx.write(&format!("migrations/{name}"), text);
@@ -363,4 +327,14 @@ fn helm_settings_are_checked_with_their_line() {
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:5").stderr_has("rolls out as its chart says");
     ctx.write("upshift.toml", &manifest("set = { \"image.tag\" = \"{version}\" }"));
     ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (helm, as its chart says)");
+    // The example's manifest holds.
+    let example = format!("{EXAMPLE}/upshift.toml");
+    let run = Run::from(
+        &ctx.command()
+            .args(["config", "check", "--to", "2.0.0", "--config", &example])
+            .env("NOTES_DATA", "/tmp")
+            .output()
+            .unwrap(),
+    );
+    run.success();
 }
