@@ -32,6 +32,9 @@ fn refused(message: impl Into<String>) -> DriverError {
 #[derive(Clone, Debug, Deserialize)]
 struct HistoryEntry {
     revision: u64,
+    /// When it was made (RFC 3339).
+    #[serde(default)]
+    updated: String,
     status: String,
     chart: String,
     app_version: String,
@@ -256,6 +259,14 @@ fn values_diff(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> 
     lines
 }
 
+/// A Helm component's revisions with when each was made (RFC 3339), oldest first: for
+/// `upshift history`, which puts each next to the upshift release whose run made it.
+pub fn helm_revisions(manifest: &Manifest, component: &Component) -> Result<Vec<(u64, String)>, DriverError> {
+    let driver = HelmDriver::new(manifest)?;
+    let release = driver.release(component, "")?;
+    Ok(driver.history(&release)?.into_iter().map(|r| (r.revision, r.updated)).collect())
+}
+
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -439,6 +450,7 @@ mod tests {
     fn entry(revision: u64, status: &str, description: &str) -> HistoryEntry {
         HistoryEntry {
             revision,
+            updated: String::new(),
             status: status.into(),
             chart: "notes-0.1.0".into(),
             app_version: "1.0.0".into(),

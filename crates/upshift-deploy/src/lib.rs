@@ -14,7 +14,7 @@ pub mod rollout;
 
 pub use compose::{ComposeDriver, check_compose_files, service_address};
 #[cfg(feature = "kubernetes")]
-pub use helm::HelmDriver;
+pub use helm::{HelmDriver, helm_revisions};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesDriver;
 pub use process::ProcessDriver;

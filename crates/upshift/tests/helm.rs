@@ -197,6 +197,11 @@ fn three_charts_upgrade_in_order_and_a_failure_in_the_second_undoes_the_first_an
     assert_eq!(charts.history("data").last().unwrap().description, "Rollback to 1");
     assert_eq!(charts.history("services").len(), 1, "services was touched");
     assert!(!charts.has_table("tags"), "the expand revision was not reverted");
+    // `history` puts each Helm revision next to the upshift release whose run made it.
+    let history: Vec<serde_json::Value> = charts.upshift(&["history", "--output", "json"]).success().json();
+    assert_eq!(history[0]["helm"], serde_json::json!({ "platform": [1], "data": [1], "services": [1] }));
+    assert_eq!(history[1]["helm"], serde_json::json!({ "platform": [2, 3], "data": [2, 3] }));
+    charts.upshift(&["history"]).success().stdout_has("data r2,r3; platform r2,r3");
     let status = charts.status();
     assert_eq!(status.version.as_deref(), Some("1.0.0"));
     assert!(status.components.iter().all(|c| c.healthy && c.version.as_deref() == Some("1.0.0")), "{status:?}");

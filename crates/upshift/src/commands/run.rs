@@ -1,6 +1,7 @@
 //! `upshift upgrade`, `rollback`, `resume`, `abort`, `status` and `history`: the runner and
 //! the journal, seen from the command line.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, IsTerminal, Write as _};
 use std::sync::Arc;
@@ -328,11 +329,16 @@ struct HistoryEntry<'a> {
     status: &'a str,
     started_at: &'a str,
     finished_at: Option<&'a str>,
+    /// Per Helm component, the Helm revisions its run made (its upgrade, and the rollback
+    /// of an undo).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    helm: BTreeMap<String, Vec<u64>>,
 }
 
 pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<()> {
     let manifest = required_manifest(global)?;
     let releases = Journal::open_existing(&manifest.state_dir)?.map(|j| j.releases()).transpose()?.unwrap_or_default();
+    let helm = helm_revisions(&manifest, printer);
     let entries: Vec<HistoryEntry<'_>> = releases
         .iter()
         .map(|r| HistoryEntry {
@@ -341,15 +347,79 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
             status: r.status.as_str(),
             started_at: &r.started_at,
             finished_at: r.finished_at.as_deref(),
+            helm: helm
+                .iter()
+                .map(|(component, revisions)| {
+                    let made = revisions.iter().filter(|(_, at)| within(at, &r.started_at, r.finished_at.as_deref()));
+                    (component.clone(), made.map(|(n, _)| *n).collect::<Vec<_>>())
+                })
+                .filter(|(_, made)| !made.is_empty())
+                .collect(),
         })
         .collect();
     printer.result(&entries, || {
-        let mut out = format!("{:<9} {:<10} {:<12} {}\n", "REVISION", "VERSION", "STATUS", "STARTED");
+        let helm_column = !helm.is_empty();
+        let mut out = format!("{:<9} {:<10} {:<12} {:<25}", "REVISION", "VERSION", "STATUS", "STARTED");
+        out.push_str(if helm_column { " HELM\n" } else { "\n" });
         for e in &entries {
-            let _ = writeln!(out, "{:<9} {:<10} {:<12} {}", e.revision, e.version, e.status, e.started_at);
+            let _ = write!(out, "{:<9} {:<10} {:<12} {:<25}", e.revision, e.version, e.status, e.started_at);
+            if helm_column {
+                let made: Vec<String> = e
+                    .helm
+                    .iter()
+                    .map(|(c, n)| format!("{c} {}", n.iter().map(|n| format!("r{n}")).collect::<Vec<_>>().join(",")))
+                    .collect();
+                let _ = write!(out, " {}", made.join("; "));
+            }
+            out.push('\n');
         }
         out
     })
+}
+
+/// Each Helm component's revisions with when they were made; a release that cannot be
+/// asked is left out with a warning (`history` needs no cluster).
+fn helm_revisions(manifest: &Manifest, printer: &Printer) -> BTreeMap<String, Vec<(u64, String)>> {
+    let mut found = BTreeMap::new();
+    #[cfg(feature = "kubernetes")]
+    for component in manifest.components.iter().filter(|c| c.driver.kind() == DriverKind::Helm) {
+        match upshift_deploy::helm_revisions(manifest, component) {
+            Ok(revisions) => {
+                found.insert(component.name.clone(), revisions);
+            }
+            Err(e) => printer.warn(&format!("the Helm revisions of {} are not shown: {e}", component.name)),
+        }
+    }
+    #[cfg(not(feature = "kubernetes"))]
+    let _ = (manifest, printer);
+    found
+}
+
+/// Whether the RFC 3339 time `at` falls in a run's window.
+fn within(at: &str, started: &str, finished: Option<&str>) -> bool {
+    match (rfc3339(at), rfc3339(started)) {
+        (Some(at), Some(started)) => at >= started && finished.and_then(rfc3339).is_none_or(|end| at <= end),
+        _ => false,
+    }
+}
+
+/// An RFC 3339 time, `Z` or with an offset (Helm prints local time with one).
+fn rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    let split = text.len().checked_sub(6).filter(|&i| text.is_char_boundary(i)).map(|i| text.split_at(i));
+    let (base, offset) = match split {
+        Some((base, offset)) if (offset.starts_with('+') || offset.starts_with('-')) && &offset[3..4] == ":" => {
+            let minutes = offset[1..3].parse::<u64>().ok()? * 60 + offset[4..6].parse::<u64>().ok()?;
+            (base, Some((offset.starts_with('-'), std::time::Duration::from_secs(minutes * 60))))
+        }
+        _ => (text.trim_end_matches('Z'), None),
+    };
+    let local = humantime::parse_rfc3339_weak(base).ok()?;
+    match offset {
+        // UTC = local time - offset.
+        Some((false, by)) => local.checked_sub(by),
+        Some((true, by)) => local.checked_add(by),
+        None => Some(local),
+    }
 }
 
 /// `status` for people.
@@ -424,4 +494,19 @@ fn render_status(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{rfc3339, within};
+
+    #[test]
+    fn helm_times_fall_in_run_windows_whatever_their_offset() {
+        assert_eq!(rfc3339("2026-12-02T03:10:38.077689266+01:00"), rfc3339("2026-12-02T02:10:38.077689266Z"));
+        assert_eq!(rfc3339("2026-12-01T21:10:38-05:00"), rfc3339("2026-12-02T02:10:38Z"));
+        assert!(within("2026-12-02T02:10:38.0776Z", "2026-12-02T02:10:37.417Z", Some("2026-12-02T02:10:40.001Z")));
+        assert!(within("2026-12-02T03:10:38+01:00", "2026-12-02T02:10:37.417Z", None));
+        assert!(!within("2026-12-02T02:10:41Z", "2026-12-02T02:10:37.417Z", Some("2026-12-02T02:10:40.001Z")));
+        assert!(!within("garbage", "2026-12-02T02:10:37.417Z", None));
+    }
 }
