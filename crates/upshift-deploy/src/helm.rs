@@ -2,9 +2,10 @@
 //! its Go SDK has no Rust counterpart), reading only its JSON outputs.
 //!
 //! - Deploy: `helm upgrade --install --wait` with the manifest's chart, values files and
-//!   `set` values (`{version}` filled), and the description `upshift <version>`, by which
-//!   the release's revisions are mapped back to versions (a `Rollback to N` revision runs
-//!   N's version).
+//!   `set` values (`{version}` filled), the release label `upshift.dev/version` (Helm
+//!   copies a revision's labels into a rollback to it, so every revision names its
+//!   version, whatever `--history-max` prunes) and the description `upshift <version>`
+//!   (the fallback when labels cannot be read: a `Rollback to N` runs N's version).
 //! - What ran is journaled as the release's revision; put back is `helm rollback
 //!   <release> <that revision> --wait` (with the schema and backup undo of the saga, which
 //!   Helm never does), and `helm uninstall --keep-history` when nothing ran before (or
@@ -40,6 +41,9 @@ struct HistoryEntry {
     app_version: String,
     description: String,
 }
+
+/// The release label that names the version a revision runs.
+const VERSION_LABEL: &str = "upshift.dev/version";
 
 /// The description upshift gives its revisions.
 fn description(version: &str) -> String {
@@ -177,7 +181,38 @@ impl HelmDriver {
             args.extend(["--set".to_owned(), format!("{key}={value}")]);
         }
         args.extend(["--description".to_owned(), description(version)]);
+        // A release label, which Helm copies into a rollback's revision: each revision
+        // names its version itself, whatever Helm prunes (--history-max).
+        args.extend(["--labels".to_owned(), format!("{VERSION_LABEL}={version}")]);
         args
+    }
+
+    /// Each revision's version from its release label (Helm's default Secret storage);
+    /// empty when they cannot be read (another storage driver): the descriptions serve.
+    fn labelled_versions(&self, release: &Release) -> std::collections::BTreeMap<u64, String> {
+        let found = self.runtime.block_on(async {
+            let client = kube::Client::try_default().await.ok()?;
+            let namespace = release.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+            let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> = kube::Api::namespaced(client, &namespace);
+            let params = kube::api::ListParams::default().labels(&format!("owner=helm,name={}", release.name));
+            secrets.list(&params).await.ok()
+        });
+        found
+            .map(|list| {
+                list.items
+                    .into_iter()
+                    .filter_map(|secret| {
+                        let labels = secret.metadata.labels?;
+                        Some((labels.get("version")?.parse().ok()?, labels.get(VERSION_LABEL)?.clone()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The version a revision runs: its label, else its description chain.
+    fn version(&self, release: &Release, history: &[HistoryEntry], revision: u64) -> Option<String> {
+        self.labelled_versions(release).remove(&revision).or_else(|| version_of(history, revision))
     }
 
     /// The release `helm upgrade --install --dry-run` would make, as JSON.
@@ -291,7 +326,7 @@ impl Driver for HelmDriver {
             return Ok(None);
         }
         let detail = json!({ "revision": last.revision, "chart": last.chart, "status": last.status });
-        Ok(Some(match version_of(&history, last.revision) {
+        Ok(Some(match self.version(&release, &history, last.revision) {
             Some(version) if last.status == "deployed" => Deployed::new(&version, component, detail),
             // A failed or pending revision: what it runs is not a release of the journal.
             Some(version) => Deployed::new(&format!("{version} ({})", last.status), component, detail),
@@ -320,8 +355,17 @@ impl Driver for HelmDriver {
         // uninstalled with its history kept, so that a rollback to any revision still works
         // (and a later `upgrade --install` installs it again).
         let Some(previous) = previous else {
-            if history.last().is_some_and(|r| r.status != "uninstalled") {
-                let args = strings(&["uninstall", &release.name, "--keep-history", "--wait"]);
+            if let Some(last) = history.last().filter(|r| r.status != "uninstalled") {
+                // The revision keeps its description (uninstall would write its own over
+                // it), so a later rollback to it still maps to its version.
+                let args = strings(&[
+                    "uninstall",
+                    &release.name,
+                    "--keep-history",
+                    "--wait",
+                    "--description",
+                    &last.description,
+                ]);
                 self.helm(&release, &args)?;
             }
             return Ok(());
@@ -333,7 +377,9 @@ impl Driver for HelmDriver {
         if let Some(last) = history.last()
             && last.status == "deployed"
             && (last.revision == revision
-                || version_of(&history, last.revision).is_some_and(|v| Some(v) == version_of(&history, revision)))
+                || self
+                    .version(&release, &history, last.revision)
+                    .is_some_and(|v| Some(v) == self.version(&release, &history, revision)))
         {
             return Ok(());
         }
@@ -436,7 +482,7 @@ impl Driver for HelmDriver {
         Ok(ComponentStatus {
             healthy,
             problem: (!healthy).then(|| format!("revision {} is {}: {}", last.revision, last.status, last.description)),
-            version: version_of(&history, last.revision).or_else(|| Some(last.app_version.clone())),
+            version: self.version(&release, &history, last.revision).or_else(|| Some(last.app_version.clone())),
             instances: Vec::new(),
             versions: Vec::new(),
         })

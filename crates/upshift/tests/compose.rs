@@ -15,8 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{Context, Run};
-use serde::Deserialize;
+use common::{Context, Run, Status};
 
 const RELEASES: [&str; 4] = ["1.0.0", "2.0.0", "2.0.1", "3.0.0"];
 
@@ -105,25 +104,6 @@ impl Drop for Stack {
             let _ = Command::new("docker").args(["rmi", &format!("{}:{release}", self.image)]).output();
         }
     }
-}
-
-#[derive(Deserialize, Debug)]
-struct Status {
-    version: Option<String>,
-    run: Option<serde_json::Value>,
-    components: Vec<ComponentStatus>,
-}
-
-#[derive(Deserialize, Debug)]
-struct ComponentStatus {
-    version: Option<String>,
-    healthy: bool,
-    instances: Vec<serde_json::Value>,
-}
-
-#[derive(Deserialize, Debug)]
-struct RunResult {
-    outcome: String,
 }
 
 const POSTGRES_COMPOSE_FILE: &str = r#"services:
@@ -386,19 +366,6 @@ fn blue_green_and_rolling_switch_containers_with_no_failed_request() {
     }
 }
 
-/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
-/// `write`-th write; false when the run finished before it.
-fn crash_at_write(stack: &Stack, version: &str, write: u64) -> bool {
-    let output = stack
-        .ctx
-        .command()
-        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
-        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
-        .output()
-        .unwrap();
-    output.status.code().is_none()
-}
-
 /// The crash-at-every-write contract on real containers: an upgrade 1.0.0 -> 2.0.0
 /// (blue-green behind the proxy) is killed after each of its journal writes in turn, then
 /// `resume` or `abort` runs (alternating); the stack must converge: nothing in flight, the
@@ -409,37 +376,30 @@ fn killed_at_every_journal_write_then_resume_or_abort_converges() {
     stack.upgrade("1.0.0").success();
     let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
     assert_eq!(code, 201);
-    let mut write = 1;
-    while crash_at_write(&stack, "2.0.0", write) {
-        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
-        let context = format!("killed at write {write}, then {recovery}");
-        let run = stack.ctx.run(&[recovery, "--yes", "--output", "json"]);
-        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
-            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
-            let result: RunResult = run.json();
-            assert!(["succeeded", "rolled-back"].contains(&result.outcome.as_str()), "{context}: {result:?}");
-        }
-        let status = stack.status();
-        assert!(status.run.is_none(), "{context}: {status:?}");
-        let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
-        assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
-        assert!(status.components[0].healthy, "{context}: {status:?}");
-        let (code, body) = stack.http("GET", "/health", "");
-        assert_eq!(code, 200, "{context}: {body}");
-        assert!(body.contains(&version), "{context}: {body} answers, {version} is deployed");
-        let (_, notes) = stack.http("GET", "/api/notes", "");
-        assert!(notes.contains("kept across everything"), "{context}: {notes}");
-        // Exactly the serving container runs: nothing left over from the killed run.
-        assert_eq!(stack.running_image().len(), 1, "{context}: leftover containers");
-        // Undoing again is a no-op.
-        stack.ctx.run(&["abort", "--yes"]).code(1).stderr_has("nothing is in flight");
-        if version == "2.0.0" {
-            stack.run(&["rollback"]).success();
-        }
-        write += 1;
-    }
-    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
-    eprintln!("{} crash points, each converged", write - 1);
+    let points = common::crash_at_every_write(
+        || {
+            let mut command = stack.ctx.command();
+            command.args(["upgrade", "--to", "2.0.0", "--yes"]);
+            command
+        },
+        |recovery| stack.ctx.run(&[recovery, "--yes", "--output", "json"]),
+        |context| {
+            let status = stack.status();
+            assert!(status.run.is_none(), "{context}: {status:?}");
+            let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+            assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+            assert!(status.components[0].healthy, "{context}: {status:?}");
+            let (code, body) = stack.http("GET", "/health", "");
+            assert_eq!(code, 200, "{context}: {body}");
+            assert!(body.contains(&version), "{context}: {body} answers, {version} is deployed");
+            let (_, notes) = stack.http("GET", "/api/notes", "");
+            assert!(notes.contains("kept across everything"), "{context}: {notes}");
+            // Exactly the serving container runs: nothing left over from the killed run.
+            assert_eq!(stack.running_image().len(), 1, "{context}: leftover containers");
+            version
+        },
+    );
+    eprintln!("{points} crash points, each converged");
 }
 
 /// The runbook's database: PostgreSQL as a service of the stack with no published port.

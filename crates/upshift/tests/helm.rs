@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Context, Run};
+use common::{Context, Run, Status};
 use serde::Deserialize;
 
 /// The test cluster's kubeconfig, when it answers and `helm` runs.
@@ -81,19 +81,6 @@ struct Entry {
     revision: u64,
     status: String,
     description: String,
-}
-
-#[derive(Deserialize, Debug)]
-struct Status {
-    version: Option<String>,
-    run: Option<serde_json::Value>,
-    components: Vec<ComponentStatus>,
-}
-
-#[derive(Deserialize, Debug)]
-struct ComponentStatus {
-    version: Option<String>,
-    healthy: bool,
 }
 
 impl Charts {
@@ -278,18 +265,6 @@ fn killed_during_helm_upgrade_then_resume_or_abort_leaves_nothing_pending() {
     }
 }
 
-/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
-/// `write`-th write; false when the run finished before it.
-fn crash_at_write(charts: &Charts, version: &str, write: u64) -> bool {
-    let output = charts
-        .command()
-        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
-        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
-        .output()
-        .unwrap();
-    output.status.code().is_none()
-}
-
 /// The crash-at-every-write contract on Helm: 1.0.0 -> 2.0.0 killed after each journal
 /// write, then `resume` or `abort` (alternating): nothing in flight, no release pending,
 /// the journal's version is what the release runs.
@@ -297,27 +272,24 @@ fn crash_at_write(charts: &Charts, version: &str, write: u64) -> bool {
 fn killed_at_every_journal_write_then_resume_or_abort_converges() {
     let Some(charts) = Charts::new(&[("services", "{version}")]) else { return };
     charts.upshift(&["upgrade", "--to", "1.0.0"]).success();
-    let mut write = 1;
-    while crash_at_write(&charts, "2.0.0", write) {
-        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
-        let context = format!("killed at write {write}, then {recovery}");
-        let run = charts.upshift(&[recovery, "--output", "json"]);
-        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
-            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
-        }
-        let status = charts.status();
-        assert!(status.run.is_none(), "{context}: {status:?}");
-        assert_eq!(status.components[0].version, status.version, "{context}: {status:?}");
-        assert!(status.components[0].healthy, "{context}: {status:?}");
-        let last = charts.history("services").pop().unwrap();
-        assert_eq!(last.status, "deployed", "{context}: {last:?}");
-        if status.version.as_deref() == Some("2.0.0") {
-            charts.upshift(&["rollback"]).success();
-        }
-        write += 1;
-    }
-    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
-    eprintln!("{} crash points, each converged with no release pending", write - 1);
+    let points = common::crash_at_every_write(
+        || {
+            let mut command = charts.command();
+            command.args(["upgrade", "--to", "2.0.0", "--yes"]);
+            command
+        },
+        |recovery| charts.upshift(&[recovery, "--output", "json"]),
+        |context| {
+            let status = charts.status();
+            assert!(status.run.is_none(), "{context}: {status:?}");
+            assert_eq!(status.components[0].version, status.version, "{context}: {status:?}");
+            assert!(status.components[0].healthy, "{context}: {status:?}");
+            let last = charts.history("services").pop().unwrap();
+            assert_eq!(last.status, "deployed", "{context}: {last:?}");
+            status.version.unwrap_or_else(|| panic!("{context}: nothing deployed"))
+        },
+    );
+    eprintln!("{points} crash points, each converged with no release pending");
 }
 
 #[test]

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use common::{Context, Run};
-use serde::Deserialize;
+use common::{Context, Run, Status};
 
 /// The kubeconfig of the test cluster: `UPSHIFT_TEST_KUBECONFIG`, else the one
 /// `ci/engines/kubernetes.sh start` writes.
@@ -81,20 +80,6 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let _ = self.kubectl_output(&["delete", "namespace", &self.namespace, "--wait=false"]);
     }
-}
-
-#[derive(Deserialize, Debug)]
-struct Status {
-    version: Option<String>,
-    run: Option<serde_json::Value>,
-    components: Vec<ComponentStatus>,
-}
-
-#[derive(Deserialize, Debug)]
-struct ComponentStatus {
-    version: Option<String>,
-    healthy: bool,
-    problem: Option<String>,
 }
 
 impl Cluster {
@@ -288,20 +273,6 @@ fn a_missing_deployment_or_container_is_refused_in_preflight() {
     assert_eq!(cluster.field(".spec.template.metadata.annotations"), "");
 }
 
-/// Runs `upgrade --to VERSION` killed (abort, like kill -9) right after the journal's
-/// `write`-th write; false when the run finished before it.
-fn crash_at_write(cluster: &Cluster, version: &str, write: u64) -> bool {
-    let output = cluster
-        .ctx
-        .command()
-        .args(["upgrade", "--to", version, "--yes", "--output", "json"])
-        .env("KUBECONFIG", &cluster.kubeconfig)
-        .env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string())
-        .output()
-        .unwrap();
-    output.status.code().is_none()
-}
-
 /// The crash-at-every-write contract on a real cluster: 1.0.0 -> 2.0.0 killed after each
 /// journal write in turn, then `resume` or `abort` (alternating): nothing in flight after,
 /// the journal's version is what the Deployment runs and every ready pod runs it.
@@ -309,29 +280,25 @@ fn crash_at_write(cluster: &Cluster, version: &str, write: u64) -> bool {
 fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
     let Some(cluster) = Cluster::new() else { return };
     cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
-    let mut write = 1;
-    while crash_at_write(&cluster, "2.0.0", write) {
-        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
-        let context = format!("killed at write {write}, then {recovery}");
-        let run = cluster.upshift(&[recovery, "--output", "json"]);
-        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
-            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
-        }
-        let status = cluster.status();
-        assert!(status.run.is_none(), "{context}: {status:?}");
-        let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
-        assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
-        assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
-        let image = format!("upshift-demo-notes:{version}");
-        assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}");
-        cluster.upshift(&["abort"]).code(1).stderr_has("nothing is in flight");
-        if version == "2.0.0" {
-            cluster.upshift(&["rollback"]).success();
-        }
-        write += 1;
-    }
-    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
-    eprintln!("{} crash points, each converged", write - 1);
+    let points = common::crash_at_every_write(
+        || {
+            let mut command = cluster.ctx.command();
+            command.args(["upgrade", "--to", "2.0.0", "--yes"]).env("KUBECONFIG", &cluster.kubeconfig);
+            command
+        },
+        |recovery| cluster.upshift(&[recovery, "--output", "json"]),
+        |context| {
+            let status = cluster.status();
+            assert!(status.run.is_none(), "{context}: {status:?}");
+            let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+            assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+            assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
+            let image = format!("upshift-demo-notes:{version}");
+            assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}");
+            version
+        },
+    );
+    eprintln!("{points} crash points, each converged");
 }
 
 #[test]

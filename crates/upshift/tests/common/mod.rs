@@ -109,3 +109,65 @@ impl Context {
         self.run(&all)
     }
 }
+
+/// The crash-at-every-write contract through the real binary, for any driver: `upgrade()`
+/// is an `upshift upgrade --to V --yes` command, killed (abort, like kill -9) right after
+/// the journal's Nth write for N = 1, 2, ... until a run finishes before its Nth write.
+/// After each kill `recover(recovery)` runs `resume` (odd N) or `abort` (even N) with
+/// `--output json` and returns it; it must exit 0 or 3, deployed or rolled back (or 1:
+/// nothing was in flight); then `check(context)`
+/// checks that the state converged and returns the deployed version, and a second
+/// `abort` (from `recover`) must be a no-op. A converged 2.0.0 is rolled back (`recover`
+/// given "rollback") for the next round. Returns the number of crash points.
+pub fn crash_at_every_write(
+    upgrade: impl Fn() -> Command,
+    recover: impl Fn(&str) -> Run,
+    check: impl Fn(&str) -> String,
+) -> u64 {
+    let mut write = 1;
+    loop {
+        let output = upgrade().env("UPSHIFT_TEST_CRASH_AT_WRITE", write.to_string()).output().unwrap();
+        if let Some(code) = output.status.code() {
+            // It finished before its Nth write: every crash point was tried, provided the
+            // upgrade itself went through (a refusal would end the loop early).
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(code, 0, "the upgrade uncrashed at write {write} exited {code}: {stderr}");
+            break;
+        }
+        let recovery = if write % 2 == 1 { "resume" } else { "abort" };
+        let context = format!("killed at write {write}, then {recovery}");
+        let run = recover(recovery);
+        if !(run.code == 1 && run.stderr.contains("nothing is in flight")) {
+            assert!([0, 3].contains(&run.code), "{context}: exited {}: {}", run.code, run.stderr);
+            let result: serde_json::Value = run.json();
+            let outcome = result["outcome"].as_str().unwrap_or_default();
+            assert!(["succeeded", "rolled-back"].contains(&outcome), "{context}: {result}");
+        }
+        let version = check(&context);
+        recover("abort").code(1).stderr_has("nothing is in flight");
+        if version == "2.0.0" {
+            recover("rollback").success();
+        }
+        write += 1;
+    }
+    assert!(write > 5, "the upgrade made only {} journal writes", write - 1);
+    write - 1
+}
+
+/// `upshift status --output json`, as far as the driver tests read it.
+#[derive(serde::Deserialize, Debug)]
+pub struct Status {
+    pub version: Option<String>,
+    pub run: Option<serde_json::Value>,
+    pub components: Vec<ComponentStatus>,
+}
+
+/// One component in [`Status`].
+#[derive(serde::Deserialize, Debug)]
+pub struct ComponentStatus {
+    pub version: Option<String>,
+    pub healthy: bool,
+    pub problem: Option<String>,
+    #[serde(default)]
+    pub instances: Vec<serde_json::Value>,
+}
