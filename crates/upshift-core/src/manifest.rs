@@ -342,6 +342,9 @@ pub enum DriverSpec {
         image: String,
         /// The kubeconfig context (default: the current one).
         context: Option<String>,
+        /// The Service whose selector blue-green switches.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        service: Option<String>,
     },
     /// A Helm release.
     Helm {
@@ -950,6 +953,7 @@ impl Loader<'_> {
                 container: raw.container.as_ref().map(|c| self.component_template(c)).transpose()?,
                 image: self.required(raw.image.as_ref(), at_name.clone(), (&name, "kubernetes", "image"))?,
                 context: raw.context.as_ref().map(|c| self.component_template(c)).transpose()?,
+                service: raw.service.as_ref().map(|c| self.component_template(c)).transpose()?,
             },
             DriverKind::Helm => DriverSpec::Helm {
                 release: self.required(raw.release.as_ref(), at_name.clone(), (&name, "helm", "release"))?,
@@ -979,7 +983,12 @@ impl Loader<'_> {
             ("serve", &[DriverKind::Process, DriverKind::Compose], span(raw.serve.as_ref()), raw.serve.is_some()),
             ("files", &[DriverKind::Compose], first_span(raw.files.as_ref()), raw.files.is_some()),
             ("project", &[DriverKind::Compose], span(raw.project.as_ref()), raw.project.is_some()),
-            ("service", &[DriverKind::Compose], span(raw.service.as_ref()), raw.service.is_some()),
+            (
+                "service",
+                &[DriverKind::Compose, DriverKind::Kubernetes],
+                span(raw.service.as_ref()),
+                raw.service.is_some(),
+            ),
             ("version_env", &[DriverKind::Compose], span(raw.version_env.as_ref()), raw.version_env.is_some()),
             ("stop_signal", &[DriverKind::Compose], span(raw.stop_signal.as_ref()), raw.stop_signal.is_some()),
             ("build", &[DriverKind::Compose], None, raw.build.is_some()),
@@ -1020,12 +1029,21 @@ impl Loader<'_> {
     /// The Kubernetes driver's rules: the strategies it has, and health from the pods.
     fn kubernetes_keys(&self, raw: &RawComponent, name: &str, strategy: Strategy) -> Result<(), ManifestError> {
         let at_name = Some(raw.name.span());
-        if matches!(strategy, Strategy::BlueGreen | Strategy::Canary) {
+        if strategy == Strategy::Canary {
             return Err(self.error(
                 at_name,
                 format!(
-                    "component `{name}`: strategy {} is not in this build's kubernetes driver; use rolling (the default) or recreate",
-                    strategy.as_str()
+                    "component `{name}`: strategy canary is not in this build's kubernetes driver; use rolling (the \
+                     default), recreate or blue-green"
+                ),
+            ));
+        }
+        if (strategy == Strategy::BlueGreen) != raw.service.is_some() {
+            return Err(self.error(
+                raw.service.as_ref().map(Spanned::span).or(at_name),
+                format!(
+                    "component `{name}`: the kubernetes driver's blue-green switches a Service's selector, so it needs \
+                     `service` (the Service in front of the Deployment), and `service` means nothing to another strategy"
                 ),
             ));
         }

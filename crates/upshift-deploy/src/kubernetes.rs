@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStrategy, RollingUpdateDeployment};
-use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 use upshift_core::Manifest;
 use upshift_core::driver::{ComponentStatus, Deployed, Driver, DriverError, InstanceStatus};
@@ -42,13 +42,34 @@ fn unavailable(e: &kube::Error) -> DriverError {
 }
 
 /// The Kubernetes settings of a component.
+#[derive(Clone)]
 struct Target {
     namespace: Option<String>,
     deployment: String,
     container: Option<String>,
     image: String,
     context: Option<String>,
+    /// The Service whose selector blue-green switches.
+    service: Option<String>,
 }
+
+impl Target {
+    /// The same settings for another Deployment (a blue-green slot).
+    fn named(&self, deployment: &str) -> Target {
+        Target { deployment: deployment.to_owned(), ..self.clone() }
+    }
+
+    /// The Deployment of a blue-green slot: `blue` is the component's own Deployment,
+    /// `green` its copy `<deployment>-green`.
+    fn slot(&self, slot: &str) -> String {
+        if slot == GREEN { format!("{}-green", self.deployment) } else { self.deployment.clone() }
+    }
+}
+
+/// The pod label and Service selector key of a blue-green slot.
+const SLOT_LABEL: &str = "upshift.dev/slot";
+const BLUE: &str = "blue";
+const GREEN: &str = "green";
 
 /// Runs components as Kubernetes Deployments.
 pub struct KubernetesDriver {
@@ -67,6 +88,16 @@ pub(crate) enum Progress {
     Waiting(String),
     /// It will not finish: the progress deadline passed.
     Failed(String),
+}
+
+/// Whether a Deployment's Progressing condition says its deadline passed (whichever
+/// generation the controller has seen).
+fn timed_out(deployment: &Deployment) -> bool {
+    deployment
+        .status
+        .iter()
+        .flat_map(|s| s.conditions.iter().flatten())
+        .any(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
 }
 
 /// Reads a Deployment's rollout like `kubectl rollout status`.
@@ -127,7 +158,8 @@ impl KubernetesDriver {
     }
 
     fn target(&self, component: &Component) -> Result<Target, DriverError> {
-        let DriverSpec::Kubernetes { namespace, deployment, container, image, context } = &component.driver else {
+        let DriverSpec::Kubernetes { namespace, deployment, container, image, context, service } = &component.driver
+        else {
             return Err(refused(format!("component {} does not use the kubernetes driver", component.name)));
         };
         let expand = |text: &String| self.manifest.expand(text).map_err(refused);
@@ -137,6 +169,7 @@ impl KubernetesDriver {
             container: container.as_ref().map(expand).transpose()?,
             image: expand(image)?,
             context: context.as_ref().map(expand).transpose()?,
+            service: service.as_ref().map(expand).transpose()?,
         })
     }
 
@@ -229,7 +262,8 @@ impl KubernetesDriver {
         let deadline = Duration::from_secs(u64::try_from(deadline_s).unwrap_or(600));
         loop {
             let now = progress(&deployment);
-            if timed_out_before && !matches!(now, Progress::Failed(_)) {
+            // The old condition is gone once the controller has written another one.
+            if timed_out_before && !timed_out(&deployment) {
                 timed_out_before = false;
             }
             match now {
@@ -283,6 +317,162 @@ impl KubernetesDriver {
                 Err(e) => return Err(unavailable(&e)),
             };
         }
+    }
+
+    /// The Services API of the component's namespace.
+    fn services(&mut self, target: &Target) -> Result<Api<Service>, DriverError> {
+        let client = self.client(target.context.as_ref())?;
+        let namespace = target.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok(Api::namespaced(client, &namespace))
+    }
+
+    /// The slot the Service selects, if it selects one yet.
+    fn live_slot(&mut self, target: &Target, service: &str) -> Result<Option<String>, DriverError> {
+        let services = self.services(target)?;
+        let found = match self.runtime.block_on(services.get(service)) {
+            Ok(found) => found,
+            Err(kube::Error::Api(status)) if status.code == 404 => {
+                return Err(refused(format!("service {service} does not exist: blue-green switches its selector")));
+            }
+            Err(e) => return Err(unavailable(&e)),
+        };
+        Ok(found.spec.and_then(|s| s.selector).and_then(|mut s| s.remove(SLOT_LABEL)))
+    }
+
+    /// Points the Service at `slot` (one merge patch of its selector; `None` takes the slot
+    /// out of it again).
+    fn select(&mut self, target: &Target, service: &str, slot: Option<&str>) -> Result<(), DriverError> {
+        let services = self.services(target)?;
+        let patch = json!({ "spec": { "selector": { SLOT_LABEL: slot } } });
+        self.runtime
+            .block_on(services.patch(service, &PatchParams::default(), &Patch::Merge(&patch)))
+            .map(drop)
+            .map_err(|e| unavailable(&e))
+    }
+
+    /// A Deployment, or none.
+    fn find(&mut self, target: &Target, name: &str) -> Result<Option<Deployment>, DriverError> {
+        match self.deployment(&target.named(name)) {
+            Ok((_, deployment)) => Ok(Some(deployment)),
+            Err(DriverError::Refused(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Scales a slot's Deployment to zero, when it exists.
+    fn scale_to_zero(&mut self, target: &Target, name: &str) -> Result<(), DriverError> {
+        if self.find(target, name)?.is_none() {
+            return Ok(());
+        }
+        self.update(
+            &target.named(name),
+            &|d| {
+                d.spec.get_or_insert_with(Default::default).replicas = Some(0);
+                Ok(())
+            },
+            &|_| {},
+        )
+    }
+
+    /// Blue-green: the new version in the other slot's Deployment, waited ready, then the
+    /// Service's selector switched to it in one patch, the old slot drained and scaled to
+    /// zero. The first time, the component's own Deployment becomes slot blue: its pods get
+    /// the slot label (a rolling restart with no replica unavailable), then the Service
+    /// selects them.
+    fn deploy_blue_green(
+        &mut self,
+        target: &Target,
+        component: &Component,
+        version: &str,
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let service = target.service.clone().ok_or_else(|| refused("blue-green needs `service`"))?;
+        let live = if let Some(live) = self.live_slot(target, &service)? {
+            live
+        } else {
+            say(&format!("  {}: becomes slot blue; the Service {service} then selects it", target.deployment));
+            self.update(
+                target,
+                &|d| {
+                    label_slot(d, BLUE);
+                    Ok(())
+                },
+                say,
+            )?;
+            self.select(target, &service, Some(BLUE))?;
+            BLUE.to_owned()
+        };
+        let next = if live == BLUE { GREEN } else { BLUE };
+        let (live_name, next_name) = (target.slot(&live), target.slot(next));
+        let replicas = self.find(target, &live_name)?.and_then(|d| d.spec.and_then(|s| s.replicas)).unwrap_or(1);
+        let ready = |d: &mut Deployment| {
+            label_slot(d, next);
+            set_version(d, target, component, version)?;
+            d.spec.get_or_insert_with(Default::default).replicas = Some(replicas);
+            Ok(())
+        };
+        if self.find(target, &next_name)?.is_some() {
+            self.update(&target.named(&next_name), &ready, say)?;
+        } else {
+            // The slot's Deployment: a copy of the component's own, under its slot label.
+            let (api, mut copy) = self.deployment(target)?;
+            copy.metadata = kube::api::ObjectMeta {
+                name: Some(next_name.clone()),
+                namespace: copy.metadata.namespace.clone(),
+                labels: copy.metadata.labels.clone(),
+                ..Default::default()
+            };
+            copy.status = None;
+            let spec = copy.spec.get_or_insert_with(Default::default);
+            spec.selector.match_labels.get_or_insert_with(Default::default).insert(SLOT_LABEL.into(), next.into());
+            ready(&mut copy)?;
+            let created =
+                self.runtime.block_on(api.create(&PostParams::default(), &copy)).map_err(|e| unavailable(&e))?;
+            self.follow(&api, created, false, say)?;
+        }
+        self.select(target, &service, Some(next))?;
+        say(&format!("  {service}: selects slot {next} ({version}); {live} drains for {}s", component.drain.as_secs()));
+        std::thread::sleep(component.drain);
+        self.scale_to_zero(target, &live_name)
+    }
+
+    /// Puts a blue-green component back: the recorded slot's Deployment gets its recorded
+    /// template and replicas, the Service selects it, the other slot goes to zero. A record
+    /// from before blue-green (no slot) gets the Service's selector back as it was.
+    fn put_back_blue_green(&mut self, target: &Target, previous: &Deployed) -> Result<(), DriverError> {
+        let service = target.service.clone().ok_or_else(|| refused("blue-green needs `service`"))?;
+        let slot = previous.detail["slot"].as_str().map(str::to_owned);
+        let back = slot.as_deref().unwrap_or(BLUE);
+        let other = if back == BLUE { GREEN } else { BLUE };
+        self.put_back_template(&target.named(&target.slot(back)), previous)?;
+        self.select(target, &service, slot.as_deref())?;
+        self.scale_to_zero(target, &target.slot(other))
+    }
+
+    /// The recorded pod template, strategy and replicas back on one Deployment (a no-op
+    /// when they are there and its rollout is complete).
+    fn put_back_template(&mut self, target: &Target, previous: &Deployed) -> Result<(), DriverError> {
+        let template: PodTemplateSpec = serde_json::from_value(previous.detail["template"].clone())
+            .map_err(|e| refused(format!("the journal's record of {} has no pod template: {e}", target.deployment)))?;
+        let strategy: Option<DeploymentStrategy> =
+            serde_json::from_value(previous.detail["strategy"].clone()).unwrap_or(None);
+        let replicas: Option<i32> = serde_json::from_value(previous.detail["replicas"].clone()).unwrap_or(None);
+        let (_, now) = self.deployment(target)?;
+        let same = now.spec.as_ref().is_some_and(|s| s.template == template && s.replicas == replicas);
+        if same && progress(&now) == Progress::Done {
+            return Ok(());
+        }
+        self.update(
+            target,
+            &|d| {
+                let spec = d.spec.get_or_insert_with(Default::default);
+                spec.template = template.clone();
+                spec.strategy.clone_from(&strategy);
+                spec.replicas = replicas;
+                Ok(())
+            },
+            &|_| {},
+        )
     }
 
     /// The pods of a Deployment (by its selector).
@@ -343,13 +533,32 @@ fn set_version(
     Ok(())
 }
 
+/// Puts a Deployment's pods under a blue-green slot label.
+fn label_slot(deployment: &mut Deployment, slot: &str) {
+    let spec = deployment.spec.get_or_insert_with(Default::default);
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(SLOT_LABEL.to_owned(), slot.to_owned());
+}
+
 impl Driver for KubernetesDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Kubernetes
     }
 
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
-        let target = self.target(component)?;
+        let mut target = self.target(component)?;
+        // Under blue-green, what runs is the slot the Service selects.
+        let slot = match target.service.clone() {
+            Some(service) => self.live_slot(&target, &service)?,
+            None => None,
+        };
+        if let Some(slot) = &slot {
+            target = target.named(&target.slot(slot));
+        }
         let (_, deployment) = match self.deployment(&target) {
             Ok(found) => found,
             Err(DriverError::Refused(_)) => return Ok(None),
@@ -357,11 +566,14 @@ impl Driver for KubernetesDriver {
         };
         let Some(spec) = &deployment.spec else { return Ok(None) };
         let Some(version) = template_version(&spec.template, target.container.as_deref()) else { return Ok(None) };
-        let detail = json!({
+        let mut detail = json!({
             "template": spec.template,
             "strategy": spec.strategy,
             "replicas": spec.replicas,
         });
+        if let Some(slot) = slot {
+            detail["slot"] = json!(slot);
+        }
         let deployed = Deployed::new(&version, component, detail);
         // Without upshift's annotation, someone else applied it: a first deploy takes it over.
         let annotated = spec
@@ -375,6 +587,9 @@ impl Driver for KubernetesDriver {
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
         let target = self.target(component)?;
+        if component.strategy == Strategy::BlueGreen {
+            return self.deploy_blue_green(&target, component, version, say);
+        }
         self.update(&target, &|d| set_version(d, &target, component, version), say)
     }
 
@@ -383,6 +598,10 @@ impl Driver for KubernetesDriver {
         // Nothing to put back (or the runner stops the component while it restores the
         // database): scaled to zero, the Deployment kept; upshift never deletes it.
         let Some(previous) = previous else {
+            if let Some(service) = target.service.clone() {
+                let live = self.live_slot(&target, &service)?.unwrap_or_else(|| BLUE.to_owned());
+                return self.scale_to_zero(&target, &target.slot(&live));
+            }
             if let Err(DriverError::Refused(_)) = self.deployment(&target) {
                 return Ok(()); // no Deployment: nothing runs
             }
@@ -395,27 +614,10 @@ impl Driver for KubernetesDriver {
                 &|_| {},
             );
         };
-        let template: PodTemplateSpec = serde_json::from_value(previous.detail["template"].clone())
-            .map_err(|e| refused(format!("the journal's record of {} has no pod template: {e}", component.name)))?;
-        let strategy: Option<DeploymentStrategy> =
-            serde_json::from_value(previous.detail["strategy"].clone()).unwrap_or(None);
-        let replicas: Option<i32> = serde_json::from_value(previous.detail["replicas"].clone()).unwrap_or(None);
-        let (_, now) = self.deployment(&target)?;
-        let same = now.spec.as_ref().is_some_and(|s| s.template == template && s.replicas == replicas);
-        if same && progress(&now) == Progress::Done {
-            return Ok(());
+        if component.strategy == Strategy::BlueGreen {
+            return self.put_back_blue_green(&target, previous);
         }
-        self.update(
-            &target,
-            &|d| {
-                let spec = d.spec.get_or_insert_with(Default::default);
-                spec.template = template.clone();
-                spec.strategy.clone_from(&strategy);
-                spec.replicas = replicas;
-                Ok(())
-            },
-            &|_| {},
-        )
+        self.put_back_template(&target, previous)
     }
 
     fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {
@@ -432,13 +634,25 @@ impl Driver for KubernetesDriver {
     }
 
     fn check_health(&mut self, component: &Component) -> Result<(), DriverError> {
-        let target = self.target(component)?;
+        let mut target = self.target(component)?;
+        if let Some(service) = target.service.clone()
+            && let Some(slot) = self.live_slot(&target, &service)?
+        {
+            target = target.named(&target.slot(&slot));
+        }
         let (api, deployment) = self.deployment(&target)?;
         self.follow(&api, deployment, false, &|_| {})
     }
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
-        let target = self.target(component)?;
+        let mut target = self.target(component)?;
+        let base = self.deployment(&target)?.1;
+        // Under blue-green, the slot the Service selects; the pods of both are listed.
+        if let Some(service) = target.service.clone()
+            && let Some(slot) = self.live_slot(&target, &service)?
+        {
+            target = target.named(&target.slot(&slot));
+        }
         let (_, deployment) = self.deployment(&target)?;
         let spec = deployment.spec.clone().unwrap_or_default();
         let version = template_version(&spec.template, target.container.as_deref());
@@ -463,7 +677,7 @@ impl Driver for KubernetesDriver {
             )
         });
         let instances = self
-            .pods(&target, &deployment)?
+            .pods(&target, &base)?
             .iter()
             .map(|pod| {
                 let ready = pod

@@ -258,6 +258,114 @@ fn a_rolling_upgrade_keeps_every_replica_available_and_a_stuck_rollout_is_put_ba
     assert_eq!(cluster.field(".spec.template.metadata.annotations.upshift\\.dev/version"), "1.0.0");
 }
 
+const SERVICE: &str = r"apiVersion: v1
+kind: Service
+metadata: {name: notes, namespace: NAMESPACE}
+spec:
+  selector: {app: notes}
+  ports: [{port: 80, targetPort: 8080}]
+";
+
+/// While `work` runs, what the Service selects and how many ready endpoints it has,
+/// sampled continuously: (slots seen, fewest endpoints).
+fn watch_service(cluster: &Cluster, work: impl FnOnce()) -> (Vec<String>, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, kubeconfig, namespace) = (Arc::clone(&stop), cluster.kubeconfig.clone(), cluster.namespace.clone());
+        std::thread::spawn(move || {
+            let (mut slots, mut fewest) = (Vec::<String>::new(), usize::MAX);
+            while !stop.load(Ordering::SeqCst) {
+                let get = |what: &str, path: &str| {
+                    let out = Command::new("kubectl")
+                        .args(["--kubeconfig", &kubeconfig, "-n", &namespace, "get", what, "notes", "-o"])
+                        .arg(format!("jsonpath={{{path}}}"))
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+                };
+                let slot = get("service", ".spec.selector.upshift\\.dev/slot");
+                if slots.last() != Some(&slot) {
+                    slots.push(slot);
+                }
+                fewest = fewest.min(get("endpoints", ".subsets[*].addresses[*].ip").split_whitespace().count());
+            }
+            (slots, fewest)
+        })
+    };
+    work();
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap()
+}
+
+/// Blue-green by Service selector (seed 003): the new version in the other slot's
+/// Deployment, waited ready, the selector switched in one patch, the old slot scaled to
+/// zero; a release that never gets ready is never selected; rollback selects the old slot.
+#[test]
+fn blue_green_switches_the_service_selector_and_a_failed_release_is_never_selected() {
+    let Some(cluster) = Cluster::new() else { return };
+    cluster.ctx.write("service.yaml", &SERVICE.replace("NAMESPACE", &cluster.namespace));
+    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("service.yaml").display().to_string()]);
+    let manifest = cluster.ctx.read("upshift.toml");
+    cluster.ctx.write(
+        "upshift.toml",
+        &manifest.replace(
+            "deployment = \"notes\"",
+            "deployment = \"notes\"\nstrategy = \"blue-green\"\nservice = \"notes\"",
+        ),
+    );
+    let slot = || {
+        cluster.kubectl(&[
+            "-n",
+            &cluster.namespace,
+            "get",
+            "service",
+            "notes",
+            "-o",
+            "jsonpath={.spec.selector.upshift\\.dev/slot}",
+        ])
+    };
+
+    // The first deploy takes the Deployment over as slot blue (its pods relabelled, then
+    // selected), then deploys into slot green and switches to it, without a gap.
+    let replicas = |name: &str| {
+        cluster.kubectl(&["-n", &cluster.namespace, "get", "deployment", name, "-o", "jsonpath={.spec.replicas}"])
+    };
+    let (slots, fewest) = watch_service(&cluster, || {
+        cluster.upshift(&["upgrade", "--to", "1.0.0"]).success().stderr_has("becomes slot blue");
+    });
+    assert_eq!(slot(), "green", "{slots:?}");
+    assert!(fewest >= 1, "the Service had no endpoint during the take-over");
+    assert_eq!((replicas("notes"), replicas("notes-green")), ("0".to_owned(), "2".to_owned()));
+
+    let started = Instant::now();
+    let (slots, fewest) = watch_service(&cluster, || {
+        cluster.upshift(&["upgrade", "--to", "2.0.0"]).success().stderr_has("selects slot blue");
+    });
+    eprintln!(
+        "blue-green 1.0.0 -> 2.0.0: {:.1}s, slots {slots:?}, fewest endpoints {fewest}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(slots.last().map(String::as_str), Some("blue"));
+    assert!(fewest >= 1, "the Service had no endpoint during the switch");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    assert_eq!((replicas("notes"), replicas("notes-green")), ("2".to_owned(), "0".to_owned()));
+
+    // 3.0.0 never gets ready in slot green: the Service stays on blue throughout.
+    let (slots, fewest) = watch_service(&cluster, || {
+        cluster.upshift(&["upgrade", "--to", "3.0.0"]).code(3).stderr_has("exceeded its progress deadline");
+    });
+    assert_eq!(slots, ["blue"], "the Service selected a release that was not ready");
+    assert!(fewest >= 2, "blue lost endpoints while 3.0.0 failed");
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("2.0.0"));
+    assert_eq!(replicas("notes-green"), "0");
+
+    // Rollback: slot green gets 1.0.0's template and replicas back and is selected.
+    cluster.upshift(&["rollback"]).success();
+    assert_eq!(slot(), "green");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:1.0.0", "upshift-demo-notes:1.0.0"]);
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("1.0.0"));
+}
+
 #[test]
 fn a_missing_deployment_or_container_is_refused_in_preflight() {
     let Some(cluster) = Cluster::new() else { return };
@@ -301,6 +409,41 @@ fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
     eprintln!("{points} crash points, each converged");
 }
 
+/// The same contract under blue-green: whatever write the kill comes after, `resume` or
+/// `abort` leaves the Service selecting one slot, that slot running the journal's version
+/// on every ready pod, and the other slot at zero.
+#[test]
+fn killed_mid_blue_green_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(cluster) = Cluster::new() else { return };
+    cluster.ctx.write("service.yaml", &SERVICE.replace("NAMESPACE", &cluster.namespace));
+    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("service.yaml").display().to_string()]);
+    let manifest = cluster.ctx.read("upshift.toml").replace(
+        "deployment = \"notes\"",
+        "deployment = \"notes\"\nstrategy = \"blue-green\"\nservice = \"notes\"\ndrain = \"1s\"",
+    );
+    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    let points = common::crash_at_every_write(
+        || {
+            let mut command = cluster.ctx.command();
+            command.args(["upgrade", "--to", "2.0.0", "--yes"]).env("KUBECONFIG", &cluster.kubeconfig);
+            command
+        },
+        |recovery| cluster.upshift(&[recovery, "--output", "json"]),
+        |context| {
+            let status = cluster.status();
+            assert!(status.run.is_none(), "{context}: {status:?}");
+            let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
+            assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
+            assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
+            let image = format!("upshift-demo-notes:{version}");
+            assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}: the other slot still serves");
+            version
+        },
+    );
+    eprintln!("blue-green: {points} crash points, each converged");
+}
+
 #[test]
 fn kubernetes_settings_are_checked_with_their_line() {
     let ctx = Context::new();
@@ -309,15 +452,19 @@ fn kubernetes_settings_are_checked_with_their_line() {
             "[app]\nname = \"x\"\n\n[[components]]\nname = \"api\"\ndriver = \"kubernetes\"\ndeployment = \"api\"\nimage = \"a:{{version}}\"\n{extra}\n\n[[releases]]\nversion = \"1.0.0\"\n"
         )
     };
-    ctx.write("upshift.toml", &manifest("strategy = \"blue-green\""));
+    ctx.write("upshift.toml", &manifest("strategy = \"canary\""));
     ctx.run(&["plan", "--to", "1.0.0"])
         .code(2)
         .stderr_has("upshift.toml:5")
-        .stderr_has("use rolling (the default) or recreate");
+        .stderr_has("use rolling (the default), recreate or blue-green");
+    ctx.write("upshift.toml", &manifest("strategy = \"blue-green\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("needs `service`");
     ctx.write("upshift.toml", &manifest("health = { http = \"/health\" }"));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("readinessProbe");
     ctx.write("upshift.toml", &manifest("serve = \"127.0.0.1:1\""));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("`serve` is a setting of the process and compose driver");
+    ctx.write("upshift.toml", &manifest("service = \"notes\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("means nothing to another strategy");
     ctx.write("upshift.toml", &manifest("context = \"prod\""));
     ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, rolling)");
 }
