@@ -17,13 +17,6 @@ pub(crate) fn unavailable(e: &ClientError) -> DriverError {
     DriverError::Unavailable(e.to_string())
 }
 
-/// Says on stderr that the agent is being replaced (drivers have no printer; the CLI's
-/// runner output goes to stderr too).
-fn say_aloud(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "  {line}");
-}
-
 /// A connection to the agent, and how to start a new one when it dies mid-run.
 pub(crate) struct Agent {
     client: Client,
@@ -54,7 +47,7 @@ impl Agent {
         match self.client.request(request) {
             Err(ClientError::Io(e)) if self.restart.is_some() => {
                 let (state_dir, program) = self.restart.clone().expect("checked");
-                say_aloud(&format!("the agent went away ({e}); starting a new one"));
+                crate::say_aloud(&format!("  the agent went away ({e}); starting a new one"));
                 self.client = Client::connect_or_start(&state_dir, &program)?;
                 self.client.request(request)
             }

@@ -34,6 +34,7 @@ use upshift_core::manifest::{Component, ComposeSpec, DriverKind, DriverSpec, Pro
 use crate::agent::Agent;
 use crate::health;
 use crate::rollout::{self, Instance, Instances, LIVE};
+use crate::strings;
 
 /// Labels upshift puts on the containers it makes.
 const LABEL_COMPONENT: &str = "dev.upshift.component";
@@ -99,10 +100,6 @@ fn docker(args: &[String], env: &[(String, String)], cwd: &Path) -> Result<Strin
     }
     // It ran and said no: a bad file, a port taken, an image missing.
     Err(DriverError::Refused(message))
-}
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// Whole seconds, rounded up (Docker's stop timeouts are seconds).
@@ -221,6 +218,9 @@ fn published(inspected: &Inspected, port: Option<u16>) -> Option<String> {
     };
     Some(format!("{host}:{}", binding.host_port))
 }
+
+/// What one look finds: every container, the proxy's route, and which container serves.
+type Look = (Vec<Container>, Option<RouteStatus>, Option<usize>);
 
 /// Runs components as Compose services.
 pub struct ComposeDriver {
@@ -394,31 +394,37 @@ impl ComposeDriver {
     fn containers(&self, component: &Component) -> Result<Vec<Container>, DriverError> {
         let spec = spec(component)?.clone();
         let project = self.project(component)?;
-        let ids = docker(
-            &strings(&[
-                "ps",
-                "--all",
-                "--quiet",
-                "--no-trunc",
-                "--filter",
-                &format!("label={LABEL_PROJECT}={project}"),
-                "--filter",
-                &format!("label={LABEL_SERVICE}={}", spec.service),
-            ]),
-            &[],
-            &self.cwd,
-        )?;
-        let ids: Vec<String> = ids.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut args = vec!["inspect".to_owned()];
-        args.extend(ids);
-        let inspected: Vec<Inspected> = match docker(&args, &[], &self.cwd) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| refused(format!("`docker inspect` printed something unexpected: {e}")))?,
-            // A container removed between the two calls: look again.
-            Err(_) => return self.containers(component),
+        let mut attempt = 0;
+        let inspected: Vec<Inspected> = loop {
+            let ids = docker(
+                &strings(&[
+                    "ps",
+                    "--all",
+                    "--quiet",
+                    "--no-trunc",
+                    "--filter",
+                    &format!("label={LABEL_PROJECT}={project}"),
+                    "--filter",
+                    &format!("label={LABEL_SERVICE}={}", spec.service),
+                ]),
+                &[],
+                &self.cwd,
+            )?;
+            let ids: Vec<String> = ids.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut args = vec!["inspect".to_owned()];
+            args.extend(ids);
+            match docker(&args, &[], &self.cwd) {
+                Ok(text) => {
+                    break serde_json::from_str(&text)
+                        .map_err(|e| refused(format!("`docker inspect` printed something unexpected: {e}")))?;
+                }
+                // A container removed between the two calls: look again (a few times).
+                Err(_) if attempt < 3 => attempt += 1,
+                Err(e) => return Err(e),
+            }
         };
         let mut containers = Vec::new();
         for c in inspected {
@@ -466,15 +472,34 @@ impl ComposeDriver {
     }
 
     /// Docker's verdict and upshift's check, once.
-    fn health_now(&self, component: &Component, instance: &Instance) -> Result<(), String> {
-        let container = self.container(component, &instance.slot).map_err(|e| e.to_string())?;
-        let container = container.ok_or_else(|| format!("no container in slot {}", instance.slot))?;
+    fn health_now(&self, component: &Component, container: &Container) -> Result<(), String> {
         container.docker_says_up()?;
         match (&component.health, self.probe(component, &container.instance())) {
             (Some(health), Ok(Some(probe))) => health::once(&probe, container.addr.as_deref(), health.timeout),
             (Some(_), Err(e)) => Err(e.to_string()),
             _ => Ok(()),
         }
+    }
+
+    /// The proxy's route for the component, when a proxied strategy has one.
+    fn route_of(&mut self, component: &Component) -> Result<Option<RouteStatus>, DriverError> {
+        if !rollout::behind_proxy(component) {
+            return Ok(None);
+        }
+        match self.agent()? {
+            Some(agent) => agent.route_of(component),
+            None => Ok(None),
+        }
+    }
+
+    /// Every container, the route, and the container that serves (one look at Docker).
+    fn look(&mut self, component: &Component) -> Result<Look, DriverError> {
+        let containers = self.containers(component)?;
+        let route = self.route_of(component)?;
+        let instances: Vec<Instance> = containers.iter().map(Container::instance).collect();
+        let live = rollout::live_of(component, &instances, route.as_ref())
+            .and_then(|live| instances.iter().position(|i| std::ptr::eq(i, live)));
+        Ok((containers, route, live))
     }
 
     /// The image a record puts back: its id when the record has one.
@@ -556,15 +581,7 @@ fn container_safe(slot: &str) -> String {
 impl Instances for ComposeDriver {
     fn observe(&mut self, component: &Component) -> Result<(Vec<Instance>, Option<RouteStatus>), DriverError> {
         let instances = self.containers(component)?.iter().map(Container::instance).collect();
-        let route = if rollout::behind_proxy(component) {
-            match self.agent()? {
-                Some(agent) => agent.route_of(component)?,
-                None => None,
-            }
-        } else {
-            None
-        };
-        Ok((instances, route))
+        Ok((instances, self.route_of(component)?))
     }
 
     fn start(
@@ -674,7 +691,10 @@ impl Instances for ComposeDriver {
     }
 
     fn healthy_now(&self, component: &Component, instance: &Instance) -> bool {
-        self.health_now(component, instance).is_ok()
+        self.container(component, &instance.slot)
+            .ok()
+            .flatten()
+            .is_some_and(|container| self.health_now(component, &container).is_ok())
     }
 
     fn route(&mut self, component: &Component, upstreams: Vec<Upstream>) -> Result<(), DriverError> {
@@ -696,11 +716,11 @@ impl Driver for ComposeDriver {
     }
 
     fn current(&mut self, component: &Component) -> Result<Option<Deployed>, DriverError> {
-        let Some(live) = rollout::live(self, component)? else { return Ok(None) };
-        let container = self.container(component, &live.slot)?;
-        let image = container.as_ref().map(|c| c.image.clone());
-        let deployed = Deployed::new(&live.version, component, json!({ "addr": live.addr, "image": image }));
-        Ok(Some(if container.is_some_and(|c| c.adopted) { deployed.adopted() } else { deployed }))
+        let (containers, _, live) = self.look(component)?;
+        let Some(live) = live.map(|i| &containers[i]) else { return Ok(None) };
+        let deployed =
+            Deployed::new(&live.version, component, json!({ "addr": live.addr, "image": Some(&live.image) }));
+        Ok(Some(if live.adopted { deployed.adopted() } else { deployed }))
     }
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
@@ -765,15 +785,14 @@ impl Driver for ComposeDriver {
     }
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
-        let containers = self.containers(component)?;
-        let live = rollout::live(self, component)?.filter(|i| i.running);
-        let health = match &live {
-            Some(instance) => self.health_now(component, instance).map_err(|e| {
-                format!("{} {} at {}: {e}", component.name, instance.version, instance.addr.as_deref().unwrap_or("-"))
-            }),
+        let (containers, route, live) = self.look(component)?;
+        let live = live.map(|i| &containers[i]).filter(|c| c.running);
+        let health = match live {
+            Some(c) => self
+                .health_now(component, c)
+                .map_err(|e| format!("{} {} at {}: {e}", component.name, c.version, c.addr.as_deref().unwrap_or("-"))),
             None => Err(format!("no container of {} runs and serves", component.name)),
         };
-        let (_, route) = self.observe(component)?;
         let instances = containers
             .iter()
             .map(|c| {
@@ -800,7 +819,7 @@ impl Driver for ComposeDriver {
         Ok(ComponentStatus {
             healthy: health.is_ok(),
             problem: health.err(),
-            version: live.map(|i| i.version),
+            version: live.map(|c| c.version.clone()),
             instances,
             versions: Vec::new(),
         })

@@ -25,6 +25,8 @@ use upshift_core::Manifest;
 use upshift_core::driver::{ComponentStatus, Deployed, Driver, DriverError};
 use upshift_core::manifest::{Component, DriverKind, DriverSpec};
 
+use crate::{say_aloud, strings};
+
 fn refused(message: impl Into<String>) -> DriverError {
     DriverError::Refused(message.into())
 }
@@ -210,9 +212,18 @@ impl HelmDriver {
             .unwrap_or_default()
     }
 
-    /// The version a revision runs: its label, else its description chain.
-    fn version(&self, release: &Release, history: &[HistoryEntry], revision: u64) -> Option<String> {
-        self.labelled_versions(release).remove(&revision).or_else(|| version_of(history, revision))
+    /// The version each revision runs: its label, else its description chain (one look at
+    /// the labels for the whole history).
+    fn versions(&self, release: &Release, history: &[HistoryEntry]) -> std::collections::BTreeMap<u64, String> {
+        let mut versions = self.labelled_versions(release);
+        for entry in history {
+            if let (std::collections::btree_map::Entry::Vacant(slot), Some(version)) =
+                (versions.entry(entry.revision), version_of(history, entry.revision))
+            {
+                slot.insert(version);
+            }
+        }
+        versions
     }
 
     /// The release `helm upgrade --install --dry-run` would make, as JSON.
@@ -302,17 +313,6 @@ pub fn helm_revisions(manifest: &Manifest, component: &Component) -> Result<Vec<
     Ok(driver.history(&release)?.into_iter().map(|r| (r.revision, r.updated)).collect())
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// Says on stderr what the driver does on its own (drivers have no printer; the runner's
-/// output goes to stderr too).
-fn say_aloud(line: &str) {
-    use std::io::Write as _;
-    let _ = writeln!(std::io::stderr(), "{line}");
-}
-
 impl Driver for HelmDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Helm
@@ -326,7 +326,7 @@ impl Driver for HelmDriver {
             return Ok(None);
         }
         let detail = json!({ "revision": last.revision, "chart": last.chart, "status": last.status });
-        Ok(Some(match self.version(&release, &history, last.revision) {
+        Ok(Some(match self.versions(&release, &history).remove(&last.revision) {
             Some(version) if last.status == "deployed" => Deployed::new(&version, component, detail),
             // A failed or pending revision: what it runs is not a release of the journal.
             Some(version) => Deployed::new(&format!("{version} ({})", last.status), component, detail),
@@ -376,10 +376,10 @@ impl Driver for HelmDriver {
         // Already back: that very revision, or a later one running the same version.
         if let Some(last) = history.last()
             && last.status == "deployed"
-            && (last.revision == revision
-                || self
-                    .version(&release, &history, last.revision)
-                    .is_some_and(|v| Some(v) == self.version(&release, &history, revision)))
+            && (last.revision == revision || {
+                let versions = self.versions(&release, &history);
+                versions.get(&last.revision).is_some_and(|v| versions.get(&revision) == Some(v))
+            })
         {
             return Ok(());
         }
@@ -482,7 +482,10 @@ impl Driver for HelmDriver {
         Ok(ComponentStatus {
             healthy,
             problem: (!healthy).then(|| format!("revision {} is {}: {}", last.revision, last.status, last.description)),
-            version: self.version(&release, &history, last.revision).or_else(|| Some(last.app_version.clone())),
+            version: self
+                .versions(&release, &history)
+                .remove(&last.revision)
+                .or_else(|| Some(last.app_version.clone())),
             instances: Vec::new(),
             versions: Vec::new(),
         })

@@ -602,17 +602,7 @@ impl Driver for KubernetesDriver {
                 let live = self.live_slot(&target, &service)?.unwrap_or_else(|| BLUE.to_owned());
                 return self.scale_to_zero(&target, &target.slot(&live));
             }
-            if let Err(DriverError::Refused(_)) = self.deployment(&target) {
-                return Ok(()); // no Deployment: nothing runs
-            }
-            return self.update(
-                &target,
-                &|d| {
-                    d.spec.get_or_insert_with(Default::default).replicas = Some(0);
-                    Ok(())
-                },
-                &|_| {},
-            );
+            return self.scale_to_zero(&target, &target.deployment);
         };
         if component.strategy == Strategy::BlueGreen {
             return self.put_back_blue_green(&target, previous);

@@ -18,3 +18,15 @@ pub use helm::{HelmDriver, helm_revisions};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesDriver;
 pub use process::ProcessDriver;
+
+/// An argument list from string slices (for the CLIs the drivers run).
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Says on stderr what a driver does on its own (drivers have no printer; the CLI's
+/// runner output goes to stderr too).
+pub(crate) fn say_aloud(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}

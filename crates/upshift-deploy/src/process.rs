@@ -243,15 +243,18 @@ impl Driver for ProcessDriver {
     }
 
     fn status(&mut self, component: &Component) -> Result<ComponentStatus, DriverError> {
-        let live = rollout::live(self, component)?.filter(|i| i.running);
+        // One look at the agent serves the live instance, its health and the listing.
+        let (all, mut routes) = self.agent_status()?;
+        let route = routes.remove(&component.name);
+        let mine: Vec<Instance> =
+            all.iter().filter(|i| i.spec.component == component.name).map(|i| instance(&i.spec, i.running)).collect();
+        let live = rollout::live_of(component, &mine, route.as_ref()).filter(|i| i.running).cloned();
         let health = match &live {
             Some(instance) => self.health_now(component, instance).map_err(|e| {
                 format!("{} {} at {}: {e}", component.name, instance.version, instance.addr.as_deref().unwrap_or("-"))
             }),
             None => Err(format!("no instance of {} runs and serves", component.name)),
         };
-        let (all, mut routes) = self.agent_status()?;
-        let route = routes.remove(&component.name);
         let listed = all
             .into_iter()
             .filter(|i| i.spec.component == component.name)

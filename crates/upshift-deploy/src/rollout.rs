@@ -145,8 +145,13 @@ pub(crate) fn judge(
 /// one; with whether it runs.
 pub fn live(instances: &mut dyn Instances, component: &Component) -> Result<Option<Instance>, DriverError> {
     let (all, route) = instances.observe(component)?;
-    let routed = routed(route.as_ref());
-    Ok(all.into_iter().find(|i| if behind_proxy(component) { serves(i, &routed) } else { i.slot == LIVE }))
+    Ok(live_of(component, &all, route.as_ref()).cloned())
+}
+
+/// [`live`], from what a driver already observed.
+pub fn live_of<'a>(component: &Component, all: &'a [Instance], route: Option<&RouteStatus>) -> Option<&'a Instance> {
+    let routed = routed(route);
+    all.iter().find(|i| if behind_proxy(component) { serves(i, &routed) } else { i.slot == LIVE })
 }
 
 /// Rolls `version` out with the component's strategy.
