@@ -50,10 +50,9 @@ fn docker(args: &[&str]) -> String {
 /// --prepare-only` (from this binary, once per build), and 2.0.1: 2.0.0's code under
 /// another version.
 fn images() -> &'static str {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let ctx = Context::new();
-        ctx.run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
+    static TAGGED: OnceLock<()> = OnceLock::new();
+    TAGGED.get_or_init(|| {
+        common::notes_images();
         docker(&["tag", "upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.1"]);
     });
     "upshift-demo-notes"

@@ -12,7 +12,6 @@ mod common;
 use std::fmt::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -39,15 +38,6 @@ fn cluster() -> Option<String> {
         "skipped: no Kubernetes cluster at {path}, or no helm (ci/engines/kubernetes.sh and helm.sh set them up)"
     );
     None
-}
-
-/// The notes images, made by the Compose demo from this binary, and `data-<v>` tags the
-/// second chart runs (a missing one makes that chart fail).
-fn images() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        Context::new().run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
-    });
 }
 
 fn docker_tag(from: &str, to: &str) {
@@ -89,7 +79,7 @@ impl Charts {
     fn new(components: &[(&str, &str)]) -> Option<Charts> {
         static COUNT: AtomicU64 = AtomicU64::new(0);
         let kubeconfig = cluster()?;
-        images();
+        common::notes_images();
         let ctx = Context::new();
         let namespace = format!("upshift-helm-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
         for file in ["Chart.yaml", "values.yaml", "templates/deployment.yaml", "templates/tests/test.yaml"] {

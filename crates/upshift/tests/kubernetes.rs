@@ -10,8 +10,8 @@
 mod common;
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use common::{Context, Run, Status};
@@ -36,14 +36,6 @@ fn kubeconfig() -> Option<String> {
     );
     eprintln!("skipped: no Kubernetes cluster answers at {path} (ci/engines/kubernetes.sh start runs one)");
     None
-}
-
-/// The notes images, made by the Compose demo from this binary.
-fn images() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        Context::new().run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
-    });
 }
 
 const DEPLOYMENT: &str = r#"apiVersion: apps/v1
@@ -86,7 +78,7 @@ impl Cluster {
     fn new() -> Option<Cluster> {
         static COUNT: AtomicU64 = AtomicU64::new(0);
         let kubeconfig = kubeconfig()?;
-        images();
+        common::notes_images();
         let ctx = Context::new();
         let namespace = format!("upshift-test-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
         std::fs::create_dir_all(ctx.join("data")).unwrap();
@@ -133,6 +125,18 @@ migrate_to = "20260202000000"
         cluster.kubectl(&["apply", "-f", &cluster.ctx.join("deployment.yaml").display().to_string()]);
         cluster.kubectl(&["-n", &cluster.namespace, "rollout", "status", "deployment/notes", "--timeout=60s"]);
         Some(cluster)
+    }
+
+    /// Puts a Service in front of the Deployment and the component on blue-green through it,
+    /// with `extra` manifest keys.
+    fn blue_green(&self, extra: &str) {
+        self.ctx.write("service.yaml", &SERVICE.replace("NAMESPACE", &self.namespace));
+        self.kubectl(&["apply", "-f", &self.ctx.join("service.yaml").display().to_string()]);
+        let manifest = self.ctx.read("upshift.toml").replace(
+            "deployment = \"notes\"",
+            &format!("deployment = \"notes\"\nstrategy = \"blue-green\"\nservice = \"notes\"\n{extra}"),
+        );
+        self.ctx.write("upshift.toml", &manifest);
     }
 
     fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
@@ -303,16 +307,7 @@ fn watch_service(cluster: &Cluster, work: impl FnOnce()) -> (Vec<String>, usize)
 #[test]
 fn blue_green_switches_the_service_selector_and_a_failed_release_is_never_selected() {
     let Some(cluster) = Cluster::new() else { return };
-    cluster.ctx.write("service.yaml", &SERVICE.replace("NAMESPACE", &cluster.namespace));
-    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("service.yaml").display().to_string()]);
-    let manifest = cluster.ctx.read("upshift.toml");
-    cluster.ctx.write(
-        "upshift.toml",
-        &manifest.replace(
-            "deployment = \"notes\"",
-            "deployment = \"notes\"\nstrategy = \"blue-green\"\nservice = \"notes\"",
-        ),
-    );
+    cluster.blue_green("");
     let slot = || {
         cluster.kubectl(&[
             "-n",
@@ -381,14 +376,13 @@ fn a_missing_deployment_or_container_is_refused_in_preflight() {
     assert_eq!(cluster.field(".spec.template.metadata.annotations"), "");
 }
 
-/// The crash-at-every-write contract on a real cluster: 1.0.0 -> 2.0.0 killed after each
-/// journal write in turn, then `resume` or `abort` (alternating): nothing in flight after,
-/// the journal's version is what the Deployment runs and every ready pod runs it.
-#[test]
-fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
-    let Some(cluster) = Cluster::new() else { return };
+/// The crash-at-every-write contract on the cluster's component: 1.0.0 -> 2.0.0 killed
+/// after each journal write in turn, then `resume` or `abort` (alternating): nothing in
+/// flight after, the journal's version is what the component runs and every ready pod
+/// (of whichever slot) runs it. Returns the number of crash points.
+fn converges_at_every_write(cluster: &Cluster) -> u64 {
     cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
-    let points = common::crash_at_every_write(
+    common::crash_at_every_write(
         || {
             let mut command = cluster.ctx.command();
             command.args(["upgrade", "--to", "2.0.0", "--yes"]).env("KUBECONFIG", &cluster.kubeconfig);
@@ -402,10 +396,16 @@ fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
             assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
             assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
             let image = format!("upshift-demo-notes:{version}");
-            assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}");
+            assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}: another version still serves");
             version
         },
-    );
+    )
+}
+
+#[test]
+fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(cluster) = Cluster::new() else { return };
+    let points = converges_at_every_write(&cluster);
     eprintln!("{points} crash points, each converged");
 }
 
@@ -415,32 +415,8 @@ fn killed_mid_rollout_at_every_journal_write_then_resume_or_abort_converges() {
 #[test]
 fn killed_mid_blue_green_at_every_journal_write_then_resume_or_abort_converges() {
     let Some(cluster) = Cluster::new() else { return };
-    cluster.ctx.write("service.yaml", &SERVICE.replace("NAMESPACE", &cluster.namespace));
-    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("service.yaml").display().to_string()]);
-    let manifest = cluster.ctx.read("upshift.toml").replace(
-        "deployment = \"notes\"",
-        "deployment = \"notes\"\nstrategy = \"blue-green\"\nservice = \"notes\"\ndrain = \"1s\"",
-    );
-    cluster.ctx.write("upshift.toml", &manifest);
-    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
-    let points = common::crash_at_every_write(
-        || {
-            let mut command = cluster.ctx.command();
-            command.args(["upgrade", "--to", "2.0.0", "--yes"]).env("KUBECONFIG", &cluster.kubeconfig);
-            command
-        },
-        |recovery| cluster.upshift(&[recovery, "--output", "json"]),
-        |context| {
-            let status = cluster.status();
-            assert!(status.run.is_none(), "{context}: {status:?}");
-            let version = status.version.clone().unwrap_or_else(|| panic!("{context}: nothing deployed"));
-            assert_eq!(status.components[0].version.as_deref(), Some(version.as_str()), "{context}: {status:?}");
-            assert!(status.components[0].healthy, "{context}: {:?}", status.components[0].problem);
-            let image = format!("upshift-demo-notes:{version}");
-            assert_eq!(cluster.ready_images(), [image.clone(), image], "{context}: the other slot still serves");
-            version
-        },
-    );
+    cluster.blue_green("drain = \"1s\"");
+    let points = converges_at_every_write(&cluster);
     eprintln!("blue-green: {points} crash points, each converged");
 }
 

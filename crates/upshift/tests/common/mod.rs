@@ -171,3 +171,12 @@ pub struct ComponentStatus {
     #[serde(default)]
     pub instances: Vec<serde_json::Value>,
 }
+
+/// The notes images `upshift-demo-notes:<release>` in the machine's Docker, made once per
+/// test binary by `upshift demo --compose --prepare-only` (from this very binary).
+pub fn notes_images() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        Context::new().run(&["demo", "--compose", "--prepare-only", "--dir", "demo"]).success();
+    });
+}
