@@ -67,6 +67,14 @@ start() {
         tar -C "$pause" -c busybox | docker import --change 'ENTRYPOINT ["/busybox", "sleep", "2147483647"]' - upshift/pause:1 >/dev/null
         rm -rf "$pause"
     fi
+    # A cluster that stopped without cleaning up (a killed session, a reboot of the processes
+    # but not the mounts) leaves the kubelet's bind mount of its root dir and the pods' secret
+    # tmpfs mounts behind; unmount them, deepest first, before the directory can go.
+    pkill -f -- "$DIR/" 2>/dev/null || true
+    for _ in $(seq 1 50); do pgrep -f -- "$DIR/" >/dev/null || break; sleep 0.2; done
+    awk -v d="$DIR/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+        umount "$m" 2>/dev/null || umount -l "$m"
+    done
     rm -rf "$DIR"
     mkdir -p "$DIR/pki"
     openssl genrsa -out "$DIR/pki/sa.key" 2048 2>/dev/null
