@@ -1,23 +1,63 @@
-//! Running a command with a time limit (smoke commands, command health checks).
+//! Running a command with a time limit (smoke commands, command health checks, hooks,
+//! preflight checks, notification commands).
 
-use std::io::Read;
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Output kept of a command, at most.
 const KEEP: usize = 64 * 1024;
 
+/// How a command ran to its end.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its stdout then stderr (the first 64 KiB of each).
+    pub output: String,
+}
+
+/// What a command gets besides its argv.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Variables added to upshift's environment.
+    pub env: &'a [(String, String)],
+    /// Written to its stdin (else stdin is empty).
+    pub stdin: Option<&'a [u8]>,
+}
+
 /// Runs `argv` with no stdin and at most `timeout`; returns its stdout and stderr (the
 /// first 64 KiB) when it exits 0, or says how it failed, with that output.
 pub fn run(argv: &[String], timeout: Duration) -> Result<String, String> {
+    let finished = run_with(argv, timeout, &Options::default())?;
+    if finished.status.success() {
+        Ok(finished.output)
+    } else {
+        Err(format!("`{}` exited with {}: {}", argv.join(" "), finished.status, finished.output.trim()))
+    }
+}
+
+/// Runs `argv` in a process group of its own for at most `timeout` (then the whole group
+/// is killed: a shell's children too) and returns how it ended, whatever its exit code.
+pub fn run_with(argv: &[String], timeout: Duration, options: &Options<'_>) -> Result<Finished, String> {
     let (program, rest) = argv.split_first().ok_or("empty command")?;
     let mut child = Command::new(program)
         .args(rest)
-        .stdin(Stdio::null())
+        .envs(options.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if options.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("{program}: {e}"))?;
+    if let (Some(mut pipe), Some(input)) = (child.stdin.take(), options.stdin) {
+        let input = input.to_vec();
+        // A command that does not read its stdin must not block us: write from a thread.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
     // Both pipes are read while the command runs, so one that prints more than a pipe holds
     // (64 KiB) does not block on a full pipe until its timeout. Past KEEP it is drained.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
@@ -44,12 +84,21 @@ pub fn run(argv: &[String], timeout: Duration) -> Result<String, String> {
             break status;
         }
         if started.elapsed() > timeout {
-            let _ = child.kill();
+            kill_group(child.id());
             let _ = child.wait();
             return Err(format!("`{}` took longer than {}", argv.join(" "), humantime::format_duration(timeout)));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    // A child left running in the group keeps the pipes open: it goes with its leader.
+    let drained = Instant::now();
+    while !(stdout.is_finished() && stderr.is_finished()) {
+        if drained.elapsed() > Duration::from_millis(200) {
+            kill_group(child.id());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let mut text = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
     text.push_str(&String::from_utf8_lossy(&stderr.join().unwrap_or_default()));
     let mut cut = text.len().min(KEEP);
@@ -57,7 +106,17 @@ pub fn run(argv: &[String], timeout: Duration) -> Result<String, String> {
         cut -= 1;
     }
     text.truncate(cut);
-    if status.success() { Ok(text) } else { Err(format!("`{}` exited with {status}: {}", argv.join(" "), text.trim())) }
+    Ok(Finished { status, output: text })
+}
+
+/// SIGKILL to the process group `leader` leads (gone already: nothing happens).
+fn kill_group(leader: u32) {
+    // `kill -KILL -PGID` without unsafe code: the group is the leader's pid.
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{leader}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub const FILE: &str = "journal.db";
 
 /// The schema this build writes. 0 was the untyped journal of upshift before the saga
 /// redesign; it is upgraded in place.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Stores an enum as text: `as_str`, parsing, SQL conversions, and its values for the
 /// column's CHECK constraint.
@@ -86,6 +86,7 @@ text_codes!(StepKind {
     Verify = "verify",
     Contract = "contract",
     Record = "record",
+    Hook = "hook",
 });
 
 text_codes!(UndoDepth {
@@ -213,6 +214,9 @@ pub struct StepDetail {
     /// Verify: the smoke commands' results.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub smoke: Vec<SmokeResult>,
+    /// Hook: the end of its output (redacted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// One undo action: data, so that a crash mid-undo is finished by running the actions not
@@ -239,6 +243,20 @@ pub enum UndoAction {
         /// Its id.
         backup: String,
     },
+    /// Run a hook's command: the `undo` of a hook that ran, or an `on-failure` /
+    /// `on-rollback` hook. Placeholders are filled; `${VAR}` are expanded when it runs.
+    Hook {
+        /// The hook's name.
+        name: String,
+        /// The command.
+        run: Vec<String>,
+        /// Its environment, `${VAR}` unexpanded.
+        env: BTreeMap<String, String>,
+        /// Time it may take.
+        timeout: std::time::Duration,
+        /// A failure stops the undo (an `undo` command); else it is only reported.
+        required: bool,
+    },
 }
 
 impl UndoAction {
@@ -251,8 +269,25 @@ impl UndoAction {
             UndoAction::PutBack { component, previous: None } => format!("stop {}", component.name),
             UndoAction::Revert { revisions } => format!("revert {}", revisions.join(", ")),
             UndoAction::Restore { backup } => format!("restore backup {backup}"),
+            UndoAction::Hook { name, run, required: true, .. } => format!("undo hook {name}: {}", run.join(" ")),
+            UndoAction::Hook { name, run, required: false, .. } => format!("run hook {name}: {}", run.join(" ")),
         }
     }
+}
+
+/// A notification, as the journal keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Notice {
+    /// `start`, `success`, `failure` or `rollback`.
+    pub event: String,
+    /// `webhook` or `command`.
+    pub target: String,
+    /// Whether it was delivered.
+    pub ok: bool,
+    /// Why not, when it was not.
+    pub message: String,
+    /// When.
+    pub at: String,
 }
 
 /// What a rollback run returns to.
@@ -434,6 +469,18 @@ pub struct ReleaseRow {
     pub contract: Vec<String>,
     /// What ran before it, per component it deployed (what a rollback puts back).
     pub deployments: BTreeMap<String, Option<Deployed>>,
+    /// The hooks it ran that have an `undo` (what a rollback undoes).
+    pub hooks: Vec<RanHook>,
+}
+
+/// A hook an upgrade ran.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RanHook {
+    /// The hook, as the run's plan had it.
+    pub hook: crate::manifest::Hook,
+    /// Whether it ran once deploying had begun (its undo comes before the code goes back).
+    pub after_deploy: bool,
 }
 
 impl ReleaseRow {
@@ -464,6 +511,8 @@ pub struct NewRelease<'a> {
     pub contract: &'a [String],
     /// What ran before, per component.
     pub deployments: &'a BTreeMap<String, Option<Deployed>>,
+    /// The hooks it ran that have an `undo`.
+    pub hooks: &'a [RanHook],
 }
 
 /// A release row of schema 0: revision, version, status, started, finished, run, backup,
@@ -493,6 +542,36 @@ pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
+/// Notifications sent (or not) for a run: they never fail it, so they are kept here.
+const NOTICES_TABLE: &str = "CREATE TABLE notices (
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            event TEXT NOT NULL,
+            target TEXT NOT NULL,
+            ok INTEGER NOT NULL CHECK (ok IN (0, 1)),
+            message TEXT NOT NULL,
+            at TEXT NOT NULL
+        );";
+
+/// The steps table of schema 1 with today's step kinds: SQLite cannot change a CHECK in
+/// place.
+fn steps_table() -> String {
+    format!(
+        "CREATE TABLE steps (
+            run_id TEXT NOT NULL REFERENCES runs (id),
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN {step_kinds}),
+            title TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN {step_states}),
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            detail TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        );",
+        step_kinds = check_list(StepKind::VALUES),
+        step_states = check_list(StepState::VALUES),
+    )
+}
+
 fn schema() -> String {
     format!(
         "CREATE TABLE releases (
@@ -508,7 +587,8 @@ fn schema() -> String {
             backup_id TEXT,
             expand TEXT NOT NULL,
             contract TEXT NOT NULL,
-            deployments TEXT NOT NULL
+            deployments TEXT NOT NULL,
+            hooks TEXT NOT NULL DEFAULT '[]'
         );
         CREATE TABLE runs (
             id TEXT PRIMARY KEY,
@@ -526,17 +606,7 @@ fn schema() -> String {
             undo_why TEXT,
             plan TEXT NOT NULL
         );
-        CREATE TABLE steps (
-            run_id TEXT NOT NULL REFERENCES runs (id),
-            seq INTEGER NOT NULL,
-            kind TEXT NOT NULL CHECK (kind IN {step_kinds}),
-            title TEXT NOT NULL,
-            state TEXT NOT NULL CHECK (state IN {step_states}),
-            started_at TEXT NOT NULL,
-            finished_at TEXT,
-            detail TEXT NOT NULL,
-            PRIMARY KEY (run_id, seq)
-        );
+        {steps}
         CREATE TABLE undo_actions (
             run_id TEXT NOT NULL REFERENCES runs (id),
             seq INTEGER NOT NULL,
@@ -545,13 +615,14 @@ fn schema() -> String {
             finished_at TEXT,
             PRIMARY KEY (run_id, seq)
         );
+        {notices}
         PRAGMA user_version = {SCHEMA_VERSION};",
+        notices = NOTICES_TABLE,
         kinds = check_list(RunKind::VALUES),
         statuses = check_list(ReleaseStatus::VALUES),
         states = check_list(RunState::VALUES),
         depths = check_list(UndoDepth::VALUES),
-        step_kinds = check_list(StepKind::VALUES),
-        step_states = check_list(StepState::VALUES),
+        steps = steps_table(),
         action_states = check_list(ActionState::VALUES),
     )
 }
@@ -623,6 +694,7 @@ impl Journal {
         match version {
             SCHEMA_VERSION => {}
             0 => journal.upgrade_from_0()?,
+            1 => journal.upgrade_from_1()?,
             found if found > SCHEMA_VERSION => {
                 return Err(JournalError::Newer { path: journal.path.display().to_string(), found });
             }
@@ -731,6 +803,22 @@ impl Journal {
         result.map_err(|message| damaged(format!("upgrading it from schema 0 failed: {message}")))?;
         tx.commit().map_err(|e| damaged(e.to_string()))?;
         Ok(())
+    }
+
+    /// Schema 1 to 2, in one transaction: hook steps (the steps table's CHECK), the hooks
+    /// a release ran, and the notices table.
+    fn upgrade_from_1(&mut self) -> Result<(), JournalError> {
+        let path = self.path.display().to_string();
+        let damaged = |message: String| JournalError::Damaged { path: path.clone(), message };
+        let tx = self.connection.transaction().map_err(|e| damaged(e.to_string()))?;
+        tx.execute_batch(&format!(
+            "ALTER TABLE steps RENAME TO steps_1; {steps} INSERT INTO steps SELECT * FROM steps_1; DROP TABLE steps_1; \
+             ALTER TABLE releases ADD COLUMN hooks TEXT NOT NULL DEFAULT '[]'; \
+             {NOTICES_TABLE} PRAGMA user_version = {SCHEMA_VERSION};",
+            steps = steps_table()
+        ))
+        .map_err(|e| damaged(format!("upgrading it from schema 1 failed: {e}")))?;
+        tx.commit().map_err(|e| damaged(e.to_string()))
     }
 
     /// Calls `hook` after each committed write with its number, from 1.
@@ -878,6 +966,41 @@ impl Journal {
             )
             .map(drop)
         })
+    }
+
+    /// Records a notification and whether it reached its target.
+    pub fn notice(
+        &mut self,
+        run: &str,
+        event: &str,
+        target: &str,
+        result: &Result<(), String>,
+    ) -> Result<(), JournalError> {
+        let (ok, message) = match result {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e.clone()),
+        };
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO notices (run_id, event, target, ok, message, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run, event, target, ok, message, now()],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The notifications of a run, in the order they were sent.
+    pub fn notices(&self, run: &str) -> Result<Vec<Notice>, JournalError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT event, target, ok, message, at FROM notices WHERE run_id = ?1 ORDER BY rowid")
+            .map_err(|e| self.storage(e))?;
+        statement
+            .query_map(params![run], |r| {
+                Ok(Notice { event: r.get(0)?, target: r.get(1)?, ok: r.get(2)?, message: r.get(3)?, at: r.get(4)? })
+            })
+            .and_then(Iterator::collect)
+            .map_err(|e| self.storage(e))
     }
 
     /// Records a step's intent before it starts, with what it sets out to do.
@@ -1058,10 +1181,10 @@ impl Journal {
 
     /// Every release revision, oldest first.
     pub fn releases(&self) -> Result<Vec<ReleaseRow>, JournalError> {
-        type Raw = (ReleaseRow, String, String, String);
+        type Raw = (ReleaseRow, String, String, String, String);
         let read = || -> rusqlite::Result<Vec<Raw>> {
             let mut statement = self.connection.prepare(
-                "SELECT revision, version, kind, status, started_at, finished_at, previous, returns_to, backup_id, expand, contract, deployments \
+                "SELECT revision, version, kind, status, started_at, finished_at, previous, returns_to, backup_id, expand, contract, deployments, hooks \
                  FROM releases ORDER BY revision",
             )?;
             statement
@@ -1080,10 +1203,12 @@ impl Journal {
                             expand: Vec::new(),
                             contract: Vec::new(),
                             deployments: BTreeMap::new(),
+                            hooks: Vec::new(),
                         },
                         row.get(9)?,
                         row.get(10)?,
                         row.get(11)?,
+                        row.get(12)?,
                     ))
                 })?
                 .collect()
@@ -1091,7 +1216,7 @@ impl Journal {
         read()
             .map_err(|e| self.read_error(e))?
             .into_iter()
-            .map(|(mut release, expand, contract, deployments)| {
+            .map(|(mut release, expand, contract, deployments, hooks)| {
                 let damaged = |e: serde_json::Error| JournalError::Damaged {
                     path: self.path.display().to_string(),
                     message: format!("release {} does not parse: {e}", release.revision),
@@ -1099,6 +1224,7 @@ impl Journal {
                 release.expand = serde_json::from_str(&expand).map_err(damaged)?;
                 release.contract = serde_json::from_str(&contract).map_err(damaged)?;
                 release.deployments = serde_json::from_str(&deployments).map_err(damaged)?;
+                release.hooks = serde_json::from_str(&hooks).map_err(damaged)?;
                 Ok(release)
             })
             .collect()
@@ -1165,8 +1291,8 @@ fn insert_release(
     }
     let kind = if release.returns_to.is_some() { RunKind::Rollback } else { RunKind::Upgrade };
     tx.execute(
-        "INSERT INTO releases (version, kind, status, started_at, finished_at, run_id, previous, returns_to, backup_id, expand, contract, deployments) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        "INSERT INTO releases (version, kind, status, started_at, finished_at, run_id, previous, returns_to, backup_id, expand, contract, deployments, hooks) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         params![
             release.version,
             kind,
@@ -1180,6 +1306,7 @@ fn insert_release(
             to_json(&release.expand),
             to_json(&release.contract),
             to_json(release.deployments),
+            to_json(&release.hooks),
         ],
     )?;
     Ok(tx.last_insert_rowid())
@@ -1290,6 +1417,35 @@ mod tests {
         assert!(journal.in_flight().unwrap().is_none());
     }
 
+    /// A journal of schema 1 (as upshift 0.1 wrote it, with a run in flight) takes hook
+    /// steps and notices after it is opened, keeping its rows.
+    #[test]
+    fn schema_1_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(dir.path().join(FILE)).unwrap();
+            c.execute_batch(
+                "CREATE TABLE releases (revision INTEGER PRIMARY KEY, version TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, run_id TEXT, previous INTEGER REFERENCES releases (revision), returns_to INTEGER REFERENCES releases (revision), backup_id TEXT, expand TEXT NOT NULL, contract TEXT NOT NULL, deployments TEXT NOT NULL);
+                 CREATE TABLE runs (id TEXT PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, from_version TEXT, state TEXT NOT NULL, pid INTEGER NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, no_backup INTEGER NOT NULL, failure TEXT, message TEXT, undo_depth TEXT, undo_why TEXT, plan TEXT NOT NULL);
+                 CREATE TABLE steps (run_id TEXT NOT NULL REFERENCES runs (id), seq INTEGER NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('preflight', 'backup', 'expand', 'deploy', 'verify', 'contract', 'record')), title TEXT NOT NULL, state TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, detail TEXT NOT NULL, PRIMARY KEY (run_id, seq));
+                 CREATE TABLE undo_actions (run_id TEXT NOT NULL REFERENCES runs (id), seq INTEGER NOT NULL, action TEXT NOT NULL, state TEXT NOT NULL, finished_at TEXT, PRIMARY KEY (run_id, seq));
+                 INSERT INTO releases VALUES (1, '1.0.0', 'upgrade', 'deployed', 't', 't', 'r1', NULL, NULL, NULL, '[]', '[]', '{}');
+                 INSERT INTO runs VALUES ('r2', 'upgrade', '2.0.0', '1.0.0', 'running', 1, 't', NULL, 0, NULL, NULL, NULL, NULL, '{\"kind\":\"legacy\"}');
+                 INSERT INTO steps VALUES ('r2', 1, 'preflight', 'preflight', 'done', 't', 't', '{}');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let mut journal = Journal::open(dir.path()).unwrap();
+        assert_eq!(journal.releases().unwrap()[0].hooks, Vec::new());
+        assert_eq!(journal.steps("r2").unwrap().len(), 1, "the steps were kept");
+        journal.step_started("r2", 2, StepKind::Hook, "hook checkout (pre-backup)", &StepDetail::default()).unwrap();
+        journal.notice("r2", "start", "webhook", &Err("refused".into())).unwrap();
+        assert_eq!(journal.notices("r2").unwrap()[0].message, "refused");
+        let version: i64 = journal.connection.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+    }
+
     impl Journal {
         fn finish_run_for_test(&mut self) -> Result<(), JournalError> {
             let plan = RunPlan::Rollback {
@@ -1311,6 +1467,7 @@ mod tests {
                     expand: &[],
                     contract: &[],
                     deployments: &none,
+                    hooks: &[],
                 }),
                 None,
             )?;

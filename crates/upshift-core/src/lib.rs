@@ -7,6 +7,7 @@ pub mod driver;
 pub mod guide;
 pub mod journal;
 pub mod manifest;
+pub mod notify;
 pub mod plan;
 pub mod runner;
 

@@ -51,6 +51,168 @@ struct RawManifest {
     #[serde(default)]
     releases: Vec<RawRelease>,
     agent: Option<RawAgent>,
+    #[serde(default)]
+    hooks: Vec<RawHook>,
+    #[serde(default)]
+    preflight: Vec<RawPreflight>,
+    notify: Option<RawNotify>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    name: Option<Spanned<String>>,
+    at: Spanned<HookPoint>,
+    run: Spanned<Vec<Spanned<String>>>,
+    undo: Option<Spanned<Vec<Spanned<String>>>>,
+    timeout: Option<HumanDuration>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPreflight {
+    name: Option<String>,
+    run: Spanned<Vec<Spanned<String>>>,
+    expect_exit: Option<i32>,
+    expect_output: Option<String>,
+    timeout: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    webhook: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<Spanned<String>>>>,
+    on: Option<Vec<NotifyEvent>>,
+    timeout: Option<HumanDuration>,
+}
+
+/// `[[hooks]] at`: the point of a run where a hook runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookPoint {
+    /// Before the backup (after preflight): the first change of the run.
+    PreBackup,
+    /// After the backup.
+    PostBackup,
+    /// Before the first component is deployed (after the expand migrations).
+    PreDeploy,
+    /// After the last component is deployed.
+    PostDeploy,
+    /// After verify (and its watch), before the contract migrations.
+    PostVerify,
+    /// When an upgrade fails, before its undo.
+    OnFailure,
+    /// After an undo or a rollback is done.
+    OnRollback,
+}
+
+impl HookPoint {
+    /// The name used in the manifest and output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookPoint::PreBackup => "pre-backup",
+            HookPoint::PostBackup => "post-backup",
+            HookPoint::PreDeploy => "pre-deploy",
+            HookPoint::PostDeploy => "post-deploy",
+            HookPoint::PostVerify => "post-verify",
+            HookPoint::OnFailure => "on-failure",
+            HookPoint::OnRollback => "on-rollback",
+        }
+    }
+
+    /// Whether the hook is a step of the upgrade's plan (else it runs in the undo).
+    pub fn is_step(self) -> bool {
+        !matches!(self, HookPoint::OnFailure | HookPoint::OnRollback)
+    }
+}
+
+/// `[[hooks]]`: a command at a fixed point of an upgrade, with its own undo. Its strings
+/// keep their `${VAR}` references (checked set at load), like a component's, so a hook is
+/// journaled in the plan without secrets; `{version}` and `{from}` are filled when it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    /// Its name (default `<at>-<n>`).
+    pub name: String,
+    /// When it runs.
+    pub at: HookPoint,
+    /// The command.
+    pub run: Vec<String>,
+    /// The command that undoes it, run when the run that ran it is undone.
+    pub undo: Option<Vec<String>>,
+    /// Time each command may take (default 5m).
+    pub timeout: Duration,
+    /// Environment added to upshift's.
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[[preflight]]`: a command that must succeed before an upgrade changes anything (a
+/// tool's version, a cluster's state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreflightCheck {
+    /// Its name (default: the command).
+    pub name: String,
+    /// The command, `${VAR}` expanded.
+    pub run: Vec<String>,
+    /// The exit code expected (default 0).
+    pub expect_exit: i32,
+    /// Text its output must contain.
+    pub expect_output: Option<String>,
+    /// Time it may take (default 30s).
+    pub timeout: Duration,
+}
+
+/// When `[notify]` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NotifyEvent {
+    /// A run (upgrade or rollback) began.
+    Start,
+    /// An upgrade deployed its release.
+    Success,
+    /// An upgrade failed (then was undone, or is stuck).
+    Failure,
+    /// A rollback (or an abort) finished.
+    Rollback,
+}
+
+impl NotifyEvent {
+    /// The name used in the manifest and the message.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotifyEvent::Start => "start",
+            NotifyEvent::Success => "success",
+            NotifyEvent::Failure => "failure",
+            NotifyEvent::Rollback => "rollback",
+        }
+    }
+}
+
+/// `[notify]`: who hears of runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notify {
+    /// An `http://` or `https://` URL that gets a JSON POST; holds secrets (print redacted).
+    pub webhook: Option<String>,
+    /// A command that gets the same JSON on stdin, `${VAR}` expanded.
+    pub command: Option<Vec<String>>,
+    /// The events (default: all).
+    pub on: Vec<NotifyEvent>,
+    /// Time each may take (default 10s).
+    pub timeout: Duration,
+}
+
+/// `rollback` of a component: whether an undo puts it back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RollbackPolicy {
+    /// Undo puts the previous version back (the default).
+    #[default]
+    Always,
+    /// Never put back or stopped by an undo (a data layer whose upgrades are one-way).
+    Never,
 }
 
 /// A duration written for people: `250ms`, `2s`, `1m30s`, `7d`.
@@ -162,6 +324,7 @@ struct RawComponent {
     set: BTreeMap<String, Spanned<String>>,
     timeout: Option<HumanDuration>,
     tests: Option<bool>,
+    rollback: Option<RollbackPolicy>,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +482,13 @@ pub struct Component {
     pub max_error_rate: Option<f64>,
     /// Canary threshold: the p99 latency that aborts.
     pub max_p99_ms: Option<u64>,
+    /// Whether an undo puts it back.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rollback: RollbackPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// What one driver needs to run a component. Each variant holds only its driver's keys;
@@ -565,6 +735,12 @@ pub struct Manifest {
     pub releases: Vec<Release>,
     /// `[agent]`.
     pub agent: Agent,
+    /// `[[hooks]]`, in manifest order.
+    pub hooks: Vec<Hook>,
+    /// `[[preflight]]`, in manifest order.
+    pub preflight: Vec<PreflightCheck>,
+    /// `[notify]`.
+    pub notify: Option<Notify>,
     /// Every value that came from a `${VAR}`: never printed.
     secrets: Vec<String>,
     /// The variables read at load, by name: what [`Manifest::expand`] fills in.
@@ -600,12 +776,17 @@ pub fn redact_secrets(text: &str) -> String {
 const COMPONENT_PLACEHOLDERS: &[&str] = &["version", "addr", "port"];
 /// The placeholders a smoke command may hold.
 const SMOKE_PLACEHOLDERS: &[&str] = &["version"];
+/// The placeholders a hook may hold.
+const HOOK_PLACEHOLDERS: &[&str] = &["version", "from"];
 
-/// The `{name}` placeholders in `text` (a `{` right after `$` opens a `${VAR}` instead).
+/// The `{name}` placeholders in `text`: a name of letters, digits and `_` in braces (a `{`
+/// right after `$` opens a `${VAR}` instead, and a shell's `{ list; }` is no placeholder).
 fn placeholders(text: &str) -> impl Iterator<Item = &str> {
     text.match_indices('{').filter(move |(at, _)| !text[..*at].ends_with('$')).filter_map(move |(at, _)| {
         let rest = &text[at + 1..];
-        rest.find('}').map(|end| &rest[..end])
+        rest.find('}')
+            .map(|end| &rest[..end])
+            .filter(|name| !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
     })
 }
 
@@ -697,6 +878,9 @@ impl Manifest {
             }
             None => Agent::default(),
         };
+        let hooks = loader.hooks(raw.hooks)?;
+        let preflight = loader.preflight(raw.preflight)?;
+        let notify = raw.notify.map(|n| loader.notify(n)).transpose()?;
         let app = raw.app;
         Ok(Manifest {
             path: path.to_path_buf(),
@@ -713,6 +897,9 @@ impl Manifest {
             verify,
             releases,
             agent,
+            hooks,
+            preflight,
+            notify,
             secrets: {
                 register_secrets(&loader.secrets);
                 loader.secrets
@@ -918,6 +1105,7 @@ impl Loader<'_> {
             step_interval: raw.step_interval.map_or(Duration::from_secs(30), |d| d.0),
             max_error_rate: raw.max_error_rate,
             max_p99_ms: raw.max_p99_ms,
+            rollback: raw.rollback.unwrap_or_default(),
         })
     }
 
@@ -1198,6 +1386,113 @@ impl Loader<'_> {
             watch: raw.watch.map_or(Duration::ZERO, |d| d.0),
             watch_interval: raw.watch_interval.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10)),
         })
+    }
+
+    /// An argv: not empty, each argument's placeholders checked. `keep` keeps the `${VAR}`
+    /// references (for what is journaled), else they are expanded.
+    fn argv(
+        &mut self,
+        what: &str,
+        raw: &Spanned<Vec<Spanned<String>>>,
+        allowed: &[&str],
+        keep: bool,
+    ) -> Result<Vec<String>, ManifestError> {
+        if raw.get_ref().is_empty() {
+            return Err(self
+                .error(Some(raw.span()), format!("{what} is an empty command; expected [\"program\", \"arg\", ...]")));
+        }
+        raw.get_ref()
+            .iter()
+            .map(|arg| {
+                let expanded = self.template(arg, allowed)?;
+                Ok(if keep { arg.get_ref().clone() } else { expanded })
+            })
+            .collect()
+    }
+
+    fn hooks(&mut self, raw: Vec<RawHook>) -> Result<Vec<Hook>, ManifestError> {
+        let mut hooks: Vec<Hook> = Vec::new();
+        for raw in raw {
+            let at = *raw.at.get_ref();
+            let name = match &raw.name {
+                Some(name) => {
+                    let text = name.get_ref();
+                    if text.is_empty() || !text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                        return Err(self.error(Some(name.span()), "a hook name is letters, digits, - and _".into()));
+                    }
+                    if hooks.iter().any(|h| &h.name == text) {
+                        return Err(
+                            self.error(Some(name.span()), format!("a second hook named `{text}`; names must differ"))
+                        );
+                    }
+                    text.clone()
+                }
+                None => format!("{}-{}", at.as_str(), hooks.iter().filter(|h| h.at == at).count() + 1),
+            };
+            let run = self.argv(&format!("hook `{name}`: `run`"), &raw.run, HOOK_PLACEHOLDERS, true)?;
+            let undo = match &raw.undo {
+                Some(undo) if !at.is_step() => {
+                    return Err(self.error(
+                        Some(undo.span()),
+                        format!(
+                            "hook `{name}` runs {} (inside an undo): it cannot have an `undo` of its own",
+                            at.as_str()
+                        ),
+                    ));
+                }
+                Some(undo) => Some(self.argv(&format!("hook `{name}`: `undo`"), undo, HOOK_PLACEHOLDERS, true)?),
+                None => None,
+            };
+            let mut env = BTreeMap::new();
+            for (key, value) in &raw.env {
+                self.template(value, HOOK_PLACEHOLDERS)?;
+                env.insert(key.clone(), value.get_ref().clone());
+            }
+            hooks.push(Hook { name, at, run, undo, timeout: raw.timeout.map_or(Duration::from_mins(5), |d| d.0), env });
+        }
+        Ok(hooks)
+    }
+
+    fn preflight(&mut self, raw: Vec<RawPreflight>) -> Result<Vec<PreflightCheck>, ManifestError> {
+        let mut checks = Vec::new();
+        for raw in raw {
+            let run = self.argv("[[preflight]] `run`", &raw.run, &[], false)?;
+            checks.push(PreflightCheck {
+                name: raw.name.unwrap_or_else(|| {
+                    raw.run.get_ref().iter().map(|a| a.get_ref().as_str()).collect::<Vec<_>>().join(" ")
+                }),
+                run,
+                expect_exit: raw.expect_exit.unwrap_or(0),
+                expect_output: raw.expect_output,
+                timeout: raw.timeout.map_or(Duration::from_secs(30), |d| d.0),
+            });
+        }
+        Ok(checks)
+    }
+
+    fn notify(&mut self, raw: RawNotify) -> Result<Notify, ManifestError> {
+        let webhook = match &raw.webhook {
+            Some(url) => {
+                let expanded = self.expand(url)?;
+                if !(expanded.starts_with("http://") || expanded.starts_with("https://")) {
+                    return Err(
+                        self.error(Some(url.span()), "[notify] webhook is not an http:// or https:// URL".into())
+                    );
+                }
+                Some(expanded)
+            }
+            None => None,
+        };
+        let command = raw.command.as_ref().map(|c| self.argv("[notify] command", c, &[], false)).transpose()?;
+        if webhook.is_none() && command.is_none() {
+            return Err(self.error(None, "[notify] needs a `webhook` URL or a `command` (or both)".into()));
+        }
+        let mut on = raw.on.unwrap_or_else(|| {
+            vec![NotifyEvent::Start, NotifyEvent::Success, NotifyEvent::Failure, NotifyEvent::Rollback]
+        });
+        on.sort();
+        on.dedup();
+        Ok(Notify { webhook, command, on, timeout: raw.timeout.map_or(Duration::from_secs(10), |d| d.0) })
     }
 
     fn releases(&self, raw: Vec<RawRelease>) -> Result<Vec<Release>, ManifestError> {

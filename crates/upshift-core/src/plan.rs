@@ -12,7 +12,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 use upshift_migrate::{AppliedRevision, Migrator, Phase, UpTarget};
 
-use crate::manifest::{DriverKind, Manifest, Probe};
+use crate::manifest::{DriverKind, Hook, HookPoint, Manifest, Probe, RollbackPolicy};
 
 /// Why a plan cannot be made. All of these are bad input: nothing was touched.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,8 @@ pub enum StepKind {
     Contract,
     /// Record the release; prune backups.
     Record,
+    /// A `[[hooks]]` command.
+    Hook,
 }
 
 /// One step of the plan.
@@ -98,6 +100,9 @@ pub struct PlanStep {
     /// The component a deploy step rolls out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub component: Option<String>,
+    /// The hook a hook step runs, as the manifest said when the plan was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<Hook>,
 }
 
 /// An upgrade plan.
@@ -235,12 +240,25 @@ fn build(
 ) -> Plan {
     let mut builder = Builder { input, expand, contract, expand_reversible, steps: Vec::new() };
     builder.preflight();
+    builder.hooks(HookPoint::PreBackup);
     builder.backup();
+    builder.hooks(HookPoint::PostBackup);
     builder.expand(expand_details);
+    builder.hooks(HookPoint::PreDeploy);
     builder.deploy();
+    builder.hooks(HookPoint::PostDeploy);
     builder.verify();
+    builder.hooks(HookPoint::PostVerify);
     builder.contract(contract_details);
     builder.record();
+    // From the first hook with an `undo` on, a failure also runs the `undo` of each hook
+    // that ran (the record step excepted: nothing is undone there).
+    if let Some(first) = builder.steps.iter().position(|s| s.hook.as_ref().is_some_and(|h| h.undo.is_some())) {
+        let last = builder.steps.len() - 1;
+        for step in &mut builder.steps[first..last] {
+            step.on_failure.why.push_str("; the hooks that ran are undone by their `undo`, newest first");
+        }
+    }
     Plan {
         from: input.deployed.cloned(),
         to: input.target.clone(),
@@ -266,7 +284,15 @@ impl Builder<'_> {
     }
 
     fn push(&mut self, kind: StepKind, title: String, details: Vec<String>, on_failure: OnFailure) {
-        self.steps.push(PlanStep { number: self.steps.len() + 1, kind, title, details, on_failure, component: None });
+        self.steps.push(PlanStep {
+            number: self.steps.len() + 1,
+            kind,
+            title,
+            details,
+            on_failure,
+            component: None,
+            hook: None,
+        });
     }
 
     fn restore_or_impossible(&self, why: &str) -> OnFailure {
@@ -326,6 +352,11 @@ impl Builder<'_> {
                 component.name, input.target
             ));
         }
+        for check in &manifest.preflight {
+            let prints = check.expect_output.as_ref().map(|text| format!(" and prints `{text}`")).unwrap_or_default();
+            let expected = format!("exits {}{prints}", check.expect_exit);
+            checks.push(format!("{}: `{}` {expected}", check.name, manifest.redact(&check.run.join(" "))));
+        }
         let config = crate::config::check(manifest, input.target, input.options, false);
         checks.push("configuration: every required option is set".to_owned());
         for name in &config.removed {
@@ -338,6 +369,38 @@ impl Builder<'_> {
             checks,
             failure(UndoDepth::Nothing, "nothing was changed yet"),
         );
+    }
+
+    /// The hooks at `at`, one step each. A failure in one undoes what ran before it, and
+    /// every hook that started is undone by its `undo` command.
+    fn hooks(&mut self, at: HookPoint) {
+        let manifest = self.input.manifest;
+        for hook in manifest.hooks.iter().filter(|h| h.at == at) {
+            let mut details = vec![format!("run: {}", self.shown_hook(&hook.run))];
+            details.push(match &hook.undo {
+                Some(undo) => format!("undo: {}", self.shown_hook(undo)),
+                None => "undo: none (the hook has no `undo`)".to_owned(),
+            });
+            details.push(format!("timeout: {}", humantime::format_duration(hook.timeout)));
+            let after_change = match at {
+                HookPoint::PostDeploy | HookPoint::PostVerify => true,
+                HookPoint::PreDeploy => !self.expand.is_empty(),
+                _ => false,
+            };
+            let on_failure = if after_change {
+                self.after_code()
+            } else {
+                failure(UndoDepth::Nothing, "nothing else was changed yet")
+            };
+            self.push(StepKind::Hook, format!("hook {} ({})", hook.name, at.as_str()), details, on_failure);
+            self.steps.last_mut().expect("just pushed").hook = Some(hook.clone());
+        }
+    }
+
+    /// A hook's command as the plan shows it.
+    fn shown_hook(&self, argv: &[String]) -> String {
+        let from = self.input.deployed.map(ToString::to_string).unwrap_or_default();
+        self.shown(argv).replace("{from}", &from)
     }
 
     fn backup(&mut self) {
@@ -402,6 +465,9 @@ impl Builder<'_> {
             } else {
                 component.strategy.as_str()
             };
+            if component.rollback == RollbackPolicy::Never {
+                details.push("rollback = \"never\": an undo leaves it as deployed".to_owned());
+            }
             let title = format!("deploy {} ({}, {strategy})", component.name, component.driver.kind().as_str());
             let on_failure = self.after_code();
             self.push(StepKind::Deploy, title, details, on_failure);

@@ -23,10 +23,10 @@ use upshift_migrate::{DatabaseUrl, DownTarget, Migrator, UpTarget};
 
 use crate::driver::{Deployed, Drivers};
 use crate::journal::{
-    ActionState, Journal, JournalError, NewRelease, ReleaseRow, ReleaseStatus, Replaced, RollbackPlan, RunPlan, RunRow,
-    RunState, SmokeResult, StepDetail, StepRow, StepState, UndoAction, UndoChoice,
+    ActionState, Journal, JournalError, NewRelease, RanHook, ReleaseRow, ReleaseStatus, Replaced, RollbackPlan,
+    RunPlan, RunRow, RunState, SmokeResult, StepDetail, StepRow, StepState, UndoAction, UndoChoice,
 };
-use crate::manifest::{Component, Manifest};
+use crate::manifest::{Component, Hook, HookPoint, Manifest, NotifyEvent, RollbackPolicy};
 use crate::plan::{Plan, PlanStep, StepKind, UndoDepth};
 
 /// How a run ended.
@@ -185,6 +185,47 @@ fn run_smoke(ctx: &Context<'_>, version: &str, detail: &mut StepDetail) -> Resul
     Ok(())
 }
 
+/// `argv` with `{version}` and `{from}` filled (`${VAR}` stays for [`run_hook`]).
+fn fill(argv: &[String], version: &str, from: &str) -> Vec<String> {
+    argv.iter().map(|a| a.replace("{version}", version).replace("{from}", from)).collect()
+}
+
+/// The last `keep` bytes of `text`, on a character boundary.
+fn tail(text: &str, keep: usize) -> String {
+    let mut start = text.len().saturating_sub(keep);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    text[start..].to_owned()
+}
+
+/// Runs a hook's command (placeholders filled) with its environment and upshift's
+/// (`UPSHIFT_HOOK`, `UPSHIFT_RUN`), `${VAR}` expanded only now; returns its redacted output.
+fn run_hook(
+    ctx: &Context<'_>,
+    run: &str,
+    name: &str,
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<String, String> {
+    let manifest = ctx.manifest;
+    let argv: Vec<String> = argv.iter().map(|a| manifest.expand(a)).collect::<Result<_, _>>()?;
+    let mut vars = vec![("UPSHIFT_HOOK".to_owned(), name.to_owned()), ("UPSHIFT_RUN".to_owned(), run.to_owned())];
+    for (key, value) in env {
+        vars.push((key.clone(), manifest.expand(value)?));
+    }
+    (ctx.say)(&format!("  hook {name}: {}", manifest.redact(&argv.join(" "))));
+    let done = crate::command::run_with(&argv, timeout, &crate::command::Options { env: &vars, stdin: None })
+        .map_err(|e| manifest.redact(&e))?;
+    let output = manifest.redact(&done.output);
+    if done.status.success() {
+        Ok(output)
+    } else {
+        Err(format!("`{}` exited with {}: {}", manifest.redact(&argv.join(" ")), done.status, output.trim()))
+    }
+}
+
 /// Runs one step of the plan (not the record). `detail` is the journal's record of it,
 /// kept from an earlier attempt when resuming.
 fn execute(
@@ -199,6 +240,20 @@ fn execute(
     let version = plan.to.to_string();
     match step.kind {
         StepKind::Preflight | StepKind::Record => Ok(()),
+        StepKind::Hook => {
+            let hook = step.hook.as_ref().ok_or("a hook step without its hook")?;
+            let from = plan.from.as_ref().map(ToString::to_string).unwrap_or_default();
+            let result = run_hook(ctx, run, &hook.name, &fill(&hook.run, &version, &from), &hook.env, hook.timeout);
+            let output = match &result {
+                Ok(output) => output.clone(),
+                Err(e) => e.clone(),
+            };
+            detail.output = Some(tail(&output, 4096));
+            journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
+            result.map(drop).map_err(|e| format!("hook {}: {e}", hook.name))?;
+            (ctx.say)(&format!("  hook {} done", hook.name));
+            Ok(())
+        }
         StepKind::Backup => {
             if plan.no_backup {
                 return Ok(());
@@ -309,10 +364,13 @@ struct Done {
     contract: Vec<String>,
     /// Deploy steps that recorded what they replace, in order.
     deployed: Vec<Replaced>,
+    /// Hooks that started, in order.
+    hooks: Vec<RanHook>,
 }
 
-fn done(steps: &[StepRow]) -> Done {
+fn done(steps: &[StepRow], plan: &Plan) -> Done {
     let mut done = Done::default();
+    let mut deploying = false;
     let union = |detail: &StepDetail| {
         let mut ids = detail.intends.clone();
         ids.extend(detail.applied.iter().filter(|id| !detail.intends.contains(id)).cloned());
@@ -329,7 +387,17 @@ fn done(steps: &[StepRow]) -> Done {
                 done.contract = union(&row.detail);
                 done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
             }
-            StepKind::Deploy => done.deployed.extend(row.detail.replaced.clone()),
+            StepKind::Deploy => {
+                deploying = true;
+                done.deployed.extend(row.detail.replaced.clone());
+            }
+            StepKind::Hook => {
+                let hook = plan.steps.iter().find(|s| s.number == row.seq).and_then(|s| s.hook.clone());
+                if let Some(hook) = hook {
+                    let after_deploy = deploying || matches!(hook.at, HookPoint::PostDeploy | HookPoint::PostVerify);
+                    done.hooks.push(RanHook { hook, after_deploy });
+                }
+            }
             StepKind::Preflight | StepKind::Verify | StepKind::Record => {}
         }
     }
@@ -359,6 +427,15 @@ fn undo_of(
     contract_applied: &[String],
     deployed: &[Replaced],
 ) -> Result<Undo, String> {
+    // A component with `rollback = "never"` stays as deployed, whatever the depth.
+    let kept: Vec<&str> = deployed
+        .iter()
+        .filter(|r| r.component.rollback == RollbackPolicy::Never)
+        .map(|r| r.component.name.as_str())
+        .collect();
+    let deployed: Vec<Replaced> =
+        deployed.iter().filter(|r| r.component.rollback != RollbackPolicy::Never).cloned().collect();
+    let deployed = deployed.as_slice();
     let restore = |why: String| -> Result<(UndoDepth, String), String> {
         match backup {
             Some(_) => Ok((UndoDepth::Restore, format!("{why}: the backup taken before it is restored"))),
@@ -391,6 +468,11 @@ fn undo_of(
         (UndoDepth::Code, "no migration ran: only code changed".to_owned())
     } else {
         (UndoDepth::Nothing, "nothing was changed".to_owned())
+    };
+    let why = if kept.is_empty() {
+        why
+    } else {
+        format!("{why} ({} kept as deployed: rollback = \"never\")", kept.join(", "))
     };
     let put_back = |r: &Replaced| UndoAction::PutBack { component: r.component.clone(), previous: r.previous.clone() };
     let mut actions: Vec<UndoAction> = Vec::new();
@@ -442,15 +524,23 @@ fn check_actions(ctx: &mut Context<'_>, actions: &[UndoAction]) -> Result<(), St
                     format!("{} {} cannot be put back: {}", component.name, previous.version, chain(&e))
                 })?;
             }
-            UndoAction::PutBack { previous: None, .. } => {}
+            UndoAction::PutBack { previous: None, .. } | UndoAction::Hook { .. } => {}
         }
     }
     Ok(())
 }
 
 /// Does one undo action. Each is safe to do again.
-fn act(ctx: &mut Context<'_>, action: &UndoAction) -> Result<(), String> {
+fn act(ctx: &mut Context<'_>, run: &str, action: &UndoAction) -> Result<(), String> {
     match action {
+        UndoAction::Hook { name, run: argv, env, timeout, required } => {
+            match run_hook(ctx, run, name, argv, env, *timeout) {
+                Ok(_) => (ctx.say)(&format!("  hook {name} done")),
+                Err(e) if *required => return Err(format!("hook {name}: {e}")),
+                // An on-failure or on-rollback hook tells or tidies; the undo goes on.
+                Err(e) => (ctx.say)(&format!("  warning: hook {name} failed (the undo goes on): {e}")),
+            }
+        }
         UndoAction::PutBack { component, previous } => {
             let driver = ctx.drivers.get(component).map_err(|e| chain(&e))?;
             driver
@@ -515,17 +605,19 @@ fn start_undo(
     ctx: &mut Context<'_>,
     journal: &mut Journal,
     run: &str,
+    plan: &Plan,
     failure: &str,
     ending: Ending,
 ) -> Result<Outcome, RunError> {
     (ctx.say)(&format!("failed: {failure}"));
     let planned = (|| {
-        let done = done(&journal.steps(run).map_err(|e| chain(&e))?);
+        let done = done(&journal.steps(run).map_err(|e| chain(&e))?, plan);
         let applied =
             if done.expand.is_empty() && done.contract.is_empty() { BTreeSet::new() } else { applied_now(ctx)? };
         let expand: Vec<String> = done.expand.iter().filter(|id| applied.contains(*id)).cloned().collect();
         let contract: Vec<String> = done.contract.iter().filter(|id| applied.contains(*id)).cloned().collect();
         let undo = undo_of(ctx, done.backup.as_deref(), done.partial.as_deref(), &expand, &contract, &done.deployed)?;
+        let undo = with_hooks(ctx.manifest, undo, &done.hooks, &plan.to.to_string(), plan.from.as_ref());
         check_actions(ctx, &undo.actions)?;
         Ok::<Undo, String>(undo)
     })();
@@ -543,6 +635,63 @@ fn start_undo(
     }
 }
 
+/// An undo action running `hook`'s `command` (placeholders filled).
+fn hook_action(hook: &Hook, command: &[String], version: &str, from: &str, required: bool) -> UndoAction {
+    UndoAction::Hook {
+        name: hook.name.clone(),
+        run: fill(command, version, from),
+        env: hook
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.replace("{version}", version).replace("{from}", from)))
+            .collect(),
+        timeout: hook.timeout,
+        required,
+    }
+}
+
+/// The manifest's hooks at `at` (`on-failure`, `on-rollback`) as undo actions that tell or
+/// tidy: their failure does not stop the undo.
+fn point_hooks(manifest: &Manifest, at: HookPoint, version: &str, from: &str) -> Vec<UndoAction> {
+    manifest.hooks.iter().filter(|h| h.at == at).map(|h| hook_action(h, &h.run, version, from, false)).collect()
+}
+
+/// The `undo` commands of the hooks in `ran` that ran after deploying began (or before),
+/// newest first.
+fn hook_undos<'r>(
+    ran: &'r [RanHook],
+    after_deploy: bool,
+    version: &'r str,
+    from: &'r str,
+) -> impl Iterator<Item = UndoAction> + 'r {
+    ran.iter()
+        .rev()
+        .filter(move |r| r.after_deploy == after_deploy)
+        .filter_map(move |r| Some(hook_action(&r.hook, r.hook.undo.as_ref()?, version, from, true)))
+}
+
+/// `choice` saying which hooks of `ran` its undo runs.
+fn hooks_undone(mut choice: UndoChoice, ran: &[RanHook]) -> UndoChoice {
+    let names: Vec<&str> = ran.iter().filter(|r| r.hook.undo.is_some()).map(|r| r.hook.name.as_str()).collect();
+    if !names.is_empty() {
+        choice.why = format!("{}; hooks undone: {}", choice.why, names.join(", "));
+    }
+    choice
+}
+
+/// An upgrade's undo with its hooks: the `on-failure` hooks first; then the `undo` of each
+/// hook that started, newest first: those that ran once deploying began before the code
+/// and data go back, the earlier ones after; the `on-rollback` hooks last.
+fn with_hooks(manifest: &Manifest, undo: Undo, ran: &[RanHook], version: &str, from: Option<&semver::Version>) -> Undo {
+    let from = from.map(ToString::to_string).unwrap_or_default();
+    let mut actions = point_hooks(manifest, HookPoint::OnFailure, version, &from);
+    actions.extend(hook_undos(ran, true, version, &from));
+    actions.extend(undo.actions);
+    actions.extend(hook_undos(ran, false, version, &from));
+    actions.extend(point_hooks(manifest, HookPoint::OnRollback, version, &from));
+    Undo { choice: hooks_undone(undo.choice, ran), actions }
+}
+
 /// Does the undo actions not yet done, then ends the run.
 fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: Ending) -> Result<Outcome, RunError> {
     let row = journal.run(run)?.ok_or_else(|| RunError::Nothing(format!("run {run} left the journal")))?;
@@ -552,7 +701,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
             continue;
         }
         journal.action_state(run, action.seq, ActionState::Started)?;
-        if let Err(undo_failure) = act(ctx, &action.action) {
+        if let Err(undo_failure) = act(ctx, run, &action.action) {
             journal.set_stuck(run, None, &format!("undo failed at {}: {undo_failure}", action.action.describe()))?;
             return Ok(Outcome::Stuck { failure, undo_failure });
         }
@@ -578,6 +727,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
                     expand: &[],
                     contract: &[],
                     deployments: &none,
+                    hooks: &[],
                 }),
                 None,
             )?;
@@ -602,6 +752,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
                         expand: &[],
                         contract: &[],
                         deployments: &none,
+                        hooks: &[],
                     }),
                     None,
                 )?
@@ -620,7 +771,7 @@ fn release(releases: &[ReleaseRow], revision: i64) -> Result<&ReleaseRow, RunErr
 
 /// Records the release and ends the run in one journal write, then prunes backups.
 fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan, seq: usize) -> Result<Outcome, RunError> {
-    let done = done(&journal.steps(run)?);
+    let done = done(&journal.steps(run)?, plan);
     let previous = journal.deployed()?.map(|r| r.revision);
     let deployments: BTreeMap<String, Option<Deployed>> =
         done.deployed.iter().map(|r| (r.component.name.clone(), r.previous.clone())).collect();
@@ -639,6 +790,7 @@ fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan, seq:
                 expand: &plan.expand,
                 contract: &plan.contract,
                 deployments: &deployments,
+                hooks: &done.hooks.iter().filter(|r| r.hook.undo.is_some()).cloned().collect::<Vec<_>>(),
             }),
             Some(seq),
         )?
@@ -694,6 +846,7 @@ fn drive(
         ctx,
         journal,
         run,
+        plan,
         &failure,
         Ending::Undone { state: RunState::RolledBack, version: plan.to.to_string() },
     )
@@ -718,7 +871,10 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
                     component.name, running.version
                 )));
             }
-            (Some(running), Some(release)) if running.version != release.version => {
+            // A component an undo never puts back may run a newer version than the release.
+            (Some(running), Some(release))
+                if running.version != release.version && component.rollback != RollbackPolicy::Never =>
+            {
                 return Err(RunError::Preflight(format!(
                     "the journal says {} is deployed but component {} runs {}; `upshift status` shows what runs",
                     release.version, component.name, running.version
@@ -750,11 +906,33 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
             )));
         }
     }
+    for check in &ctx.manifest.preflight {
+        preflight_command(ctx.manifest, check)?;
+        (ctx.say)(&format!("  preflight ok: {}", check.name));
+    }
     if !plan.no_backup {
         check_free_space(ctx)?;
     }
     if plan.from.as_ref().map(ToString::to_string) != deployed.map(|r| r.version) {
         return Err(RunError::Preflight("the deployed release changed since the plan was made; plan again".into()));
+    }
+    Ok(())
+}
+
+/// A `[[preflight]]` command: its exit code, and its output when a text is expected.
+fn preflight_command(manifest: &Manifest, check: &crate::manifest::PreflightCheck) -> Result<(), RunError> {
+    let shown = manifest.redact(&check.run.join(" "));
+    let fail = |what: String| RunError::Preflight(format!("[[preflight]] {}: `{shown}` {what}", check.name));
+    let done = crate::command::run_with(&check.run, check.timeout, &crate::command::Options::default())
+        .map_err(|e| fail(manifest.redact(&e)))?;
+    let output = manifest.redact(done.output.trim());
+    if done.status.code() != Some(check.expect_exit) {
+        return Err(fail(format!("exited with {} (expected {}): {output}", done.status, check.expect_exit)));
+    }
+    if let Some(text) = &check.expect_output
+        && !done.output.contains(text.as_str())
+    {
+        return Err(fail(format!("did not print `{text}`; it printed: {output}")));
     }
     Ok(())
 }
@@ -784,6 +962,65 @@ fn check_free_space(ctx: &Context<'_>) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Tells `[notify]` of `event` in `run` and journals whether each target heard it; a
+/// notification that fails is reported, never a reason to fail the run.
+fn notify(ctx: &Context<'_>, journal: &mut Journal, run: &str, event: NotifyEvent, outcome: Option<&Outcome>) {
+    let Some(notify) = &ctx.manifest.notify else { return };
+    let Ok(Some(row)) = journal.run(run) else { return };
+    let started = humantime::parse_rfc3339_weak(&row.started_at).ok();
+    let elapsed = started.and_then(|s| s.elapsed().ok()).unwrap_or_default();
+    let (outcome_name, undo, failure) = match outcome {
+        None => ("running", None, None),
+        Some(Outcome::Succeeded { .. }) => ("succeeded", None, None),
+        Some(Outcome::RolledBack { depth, failure, .. }) => {
+            ("rolled-back", Some(depth_name(*depth)), Some(failure.as_str()))
+        }
+        Some(Outcome::Stuck { failure, .. }) => ("stuck", None, Some(failure.as_str())),
+    };
+    let message = crate::notify::Message {
+        app: ctx.manifest.app_name.as_deref(),
+        run,
+        kind: row.kind.as_str(),
+        event: event.as_str(),
+        from: row.from_version.as_deref(),
+        to: &row.target,
+        outcome: outcome_name,
+        undo,
+        failure,
+        duration_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+    };
+    for (target, result) in crate::notify::send(notify, event, &message, &|t| ctx.manifest.redact(t)) {
+        if let Err(e) = &result {
+            (ctx.say)(&format!("  warning: the {} notification did not arrive: {e}", event.as_str()));
+        }
+        if let Err(e) = journal.notice(run, event.as_str(), target, &result) {
+            (ctx.say)(&format!("  warning: journaling a notification failed: {}", chain(&e)));
+        }
+    }
+}
+
+/// The event that ends an upgrade run: deployed, or failed (undone or stuck).
+fn upgrade_event(outcome: &Outcome) -> NotifyEvent {
+    match outcome {
+        Outcome::Succeeded { .. } => NotifyEvent::Success,
+        Outcome::RolledBack { .. } | Outcome::Stuck { .. } => NotifyEvent::Failure,
+    }
+}
+
+/// Tells `[notify]` how the run ended (when it ended at all) and passes the outcome on.
+fn notify_end(
+    ctx: &Context<'_>,
+    journal: &mut Journal,
+    run: &str,
+    outcome: Result<Outcome, RunError>,
+    event: impl Fn(&Outcome) -> NotifyEvent,
+) -> Result<Outcome, RunError> {
+    if let Ok(outcome) = &outcome {
+        notify(ctx, journal, run, event(outcome), Some(outcome));
+    }
+    outcome
+}
+
 /// Upgrades to the plan's target.
 pub fn upgrade(ctx: &mut Context<'_>, journal: &mut Journal, plan: &Plan) -> Result<Outcome, RunError> {
     journal.lock()?;
@@ -797,7 +1034,9 @@ pub fn upgrade(ctx: &mut Context<'_>, journal: &mut Journal, plan: &Plan) -> Res
         None,
     )?;
     ctx.drivers.note_run(&run);
-    drive(ctx, journal, &run, plan, 1)
+    notify(ctx, journal, &run, NotifyEvent::Start, None);
+    let outcome = drive(ctx, journal, &run, plan, 1);
+    notify_end(ctx, journal, &run, outcome, upgrade_event)
 }
 
 /// The run in flight, adopted by this process.
@@ -816,6 +1055,18 @@ fn adopt(journal: &mut Journal, what: &str) -> Result<(RunRow, RunPlan), RunErro
 pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
     let (run, run_plan) = adopt(journal, "resume")?;
     ctx.drivers.note_run(&run.id);
+    let id = run.id.clone();
+    let rollback = matches!(run_plan, RunPlan::Rollback { .. });
+    let outcome = resume_run(ctx, journal, run, run_plan);
+    notify_end(ctx, journal, &id, outcome, |o| if rollback { NotifyEvent::Rollback } else { upgrade_event(o) })
+}
+
+fn resume_run(
+    ctx: &mut Context<'_>,
+    journal: &mut Journal,
+    run: RunRow,
+    run_plan: RunPlan,
+) -> Result<Outcome, RunError> {
     match run_plan {
         RunPlan::Upgrade { plan } => {
             let ending = Ending::Undone { state: RunState::RolledBack, version: plan.to.to_string() };
@@ -825,7 +1076,7 @@ pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, R
             }
             if run.state != RunState::Running {
                 let failure = run.failure.unwrap_or_else(|| "the run's undo could not start".into());
-                return start_undo(ctx, journal, &run.id, &failure, ending);
+                return start_undo(ctx, journal, &run.id, &plan, &failure, ending);
             }
             let steps = journal.steps(&run.id)?;
             let first = steps.iter().find(|s| s.state != StepState::Done).map_or(steps.len() + 1, |s| s.seq);
@@ -844,6 +1095,17 @@ pub fn resume(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, R
 pub fn abort(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, RunError> {
     let (run, run_plan) = adopt(journal, "abort")?;
     ctx.drivers.note_run(&run.id);
+    let id = run.id.clone();
+    let outcome = abort_run(ctx, journal, run, run_plan);
+    notify_end(ctx, journal, &id, outcome, |_| NotifyEvent::Rollback)
+}
+
+fn abort_run(
+    ctx: &mut Context<'_>,
+    journal: &mut Journal,
+    run: RunRow,
+    run_plan: RunPlan,
+) -> Result<Outcome, RunError> {
     match run_plan {
         RunPlan::Upgrade { plan } => {
             (ctx.say)(&format!("aborting run {} (upgrade to {})", run.id, run.target));
@@ -852,7 +1114,7 @@ pub fn abort(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, Ru
                 return finish_undo(ctx, journal, &run.id, ending);
             }
             let failure = run.failure.unwrap_or_else(|| "aborted by `upshift abort`".to_owned());
-            start_undo(ctx, journal, &run.id, &failure, ending)
+            start_undo(ctx, journal, &run.id, &plan, &failure, ending)
         }
         RunPlan::Rollback { plan } => {
             (ctx.say)(&format!(
@@ -865,7 +1127,12 @@ pub fn abort(ctx: &mut Context<'_>, journal: &mut Journal) -> Result<Outcome, Ru
 }
 
 /// The undo of one upgrade release, from its record.
-fn undo_release(ctx: &Context<'_>, release: &ReleaseRow, applied: &BTreeSet<String>) -> Result<Undo, String> {
+fn undo_release(
+    ctx: &Context<'_>,
+    release: &ReleaseRow,
+    from: &str,
+    applied: &BTreeSet<String>,
+) -> Result<Undo, String> {
     let expand: Vec<String> = release.expand.iter().filter(|id| applied.contains(*id)).cloned().collect();
     let contract: Vec<String> = release.contract.iter().filter(|id| applied.contains(*id)).cloned().collect();
     let deployed: Vec<Replaced> = release
@@ -884,8 +1151,12 @@ fn undo_release(ctx: &Context<'_>, release: &ReleaseRow, applied: &BTreeSet<Stri
             Ok(Replaced { previous: previous.clone(), component: now })
         })
         .collect::<Result<_, String>>()?;
-    undo_of(ctx, release.backup_id.as_deref(), None, &expand, &contract, &deployed)
-        .map_err(|e| format!("release {} (revision {}): {e}", release.version, release.revision))
+    let undo = undo_of(ctx, release.backup_id.as_deref(), None, &expand, &contract, &deployed)
+        .map_err(|e| format!("release {} (revision {}): {e}", release.version, release.revision))?;
+    let mut actions: Vec<UndoAction> = hook_undos(&release.hooks, true, &release.version, from).collect();
+    actions.extend(undo.actions);
+    actions.extend(hook_undos(&release.hooks, false, &release.version, from));
+    Ok(Undo { choice: hooks_undone(undo.choice, &release.hooks), actions })
 }
 
 /// A rollback worked out, before anything is done: what it returns to, and its undo.
@@ -943,11 +1214,13 @@ pub fn preview_rollback(
     let mut why = Vec::new();
     for revision in &undoes {
         let undone = release(&releases, *revision)?;
-        let undo = undo_release(ctx, undone, &applied).map_err(RunError::Preflight)?;
+        let from = undone.previous.and_then(|p| releases.iter().find(|r| r.revision == p)).map(|r| r.version.clone());
+        let undo = undo_release(ctx, undone, &from.unwrap_or_default(), &applied).map_err(RunError::Preflight)?;
         depth = depth.max(undo.choice.depth);
         why.push(format!("{} ({})", undone.version, undo.choice.why));
         actions.extend(undo.actions);
     }
+    actions.extend(point_hooks(ctx.manifest, HookPoint::OnRollback, &target.version, &current.version));
     check_actions(ctx, &actions).map_err(|e| RunError::Preflight(format!("{e}; nothing was changed")))?;
     let plan = RollbackPlan {
         from_revision: current.revision,
@@ -992,7 +1265,9 @@ pub fn run_rollback(
         Some((&choice, &actions)),
     )?;
     ctx.drivers.note_run(&run);
-    finish_undo(ctx, journal, &run, Ending::RolledBackTo(plan))
+    notify(ctx, journal, &run, NotifyEvent::Start, None);
+    let outcome = finish_undo(ctx, journal, &run, Ending::RolledBackTo(plan));
+    notify_end(ctx, journal, &run, outcome, |_| NotifyEvent::Rollback)
 }
 
 /// The release a rollback returns to and the upgrade revisions it undoes (newest first).

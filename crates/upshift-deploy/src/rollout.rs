@@ -488,6 +488,7 @@ mod tests {
             step_interval: Duration::ZERO,
             max_error_rate: None,
             max_p99_ms: Some(100),
+            rollback: upshift_core::manifest::RollbackPolicy::Always,
         }
     }
 

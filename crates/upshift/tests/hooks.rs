@@ -1,0 +1,412 @@
+//! The runbook steps beyond the database, through the real binary on a real SQLite file:
+//! `[[hooks]]` (journaled steps with their undo, crash-tested), `[[preflight]]` commands,
+//! and `[notify]` (a webhook on a local HTTP receiver, and a command).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::mpsc;
+
+use common::{Context, Run};
+
+/// An application with a SQLite database, no components, and hooks that leave their trace
+/// in files: `checkout` holds the version a `git checkout` would have, `maintenance`
+/// exists while the maintenance flag is on, `events` lists the on-failure/on-rollback hooks.
+const MANIFEST: &str = r#"
+[app]
+name = "hooks"
+
+[database]
+url = "sqlite:app.db"
+
+[[hooks]]
+name = "checkout"
+at = "pre-backup"
+run = ["sh", "-c", "echo {version} > checkout"]
+undo = ["sh", "-c", "echo '{from}' > checkout"]
+
+[[hooks]]
+name = "maintenance"
+at = "pre-deploy"
+run = ["sh", "-c", "echo \"$FLAG\" > maintenance"]
+undo = ["rm", "-f", "maintenance"]
+env = { FLAG = "${MAINTENANCE_TEXT}" }
+
+[[hooks]]
+name = "maintenance-off"
+at = "post-verify"
+run = ["rm", "-f", "maintenance"]
+
+[[hooks]]
+at = "on-failure"
+run = ["sh", "-c", "echo \"failed $UPSHIFT_HOOK\" >> events"]
+
+[[hooks]]
+at = "on-rollback"
+run = ["sh", "-c", "echo 'rolled back' >> events"]
+
+[verify]
+smoke = [["sh", "-c", "test ! -e fail"]]
+
+[[releases]]
+version = "1.0.0"
+
+[[releases]]
+version = "2.0.0"
+"#;
+
+fn app(extra: &str) -> Context {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", &format!("{MANIFEST}\n{extra}"));
+    ctx.write(
+        "migrations/0001_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);\n-- upshift:down\nDROP TABLE notes;\n",
+    );
+    ctx
+}
+
+fn run(ctx: &Context, args: &[&str]) -> Run {
+    Run::from(&ctx.command().args(args).env("MAINTENANCE_TEXT", "s3cret-banner").output().unwrap())
+}
+
+/// The second release's migration, added once 1.0.0 is deployed.
+fn add_tags(ctx: &Context) {
+    ctx.write(
+        "migrations/0002_tags.sql",
+        "-- upshift:up\nCREATE TABLE tags (id INTEGER PRIMARY KEY);\n-- upshift:down\nDROP TABLE tags;\n",
+    );
+}
+
+fn tables(ctx: &Context) -> Vec<String> {
+    let db = rusqlite::Connection::open(ctx.join("app.db")).unwrap();
+    let mut statement = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ('notes', 'tags') ORDER BY name")
+        .unwrap();
+    statement.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+}
+
+fn events(ctx: &Context) -> String {
+    std::fs::read_to_string(ctx.join("events")).unwrap_or_default()
+}
+
+#[test]
+fn hooks_run_at_their_points_and_a_failure_runs_their_undo_newest_first() {
+    let ctx = app("");
+    let plan = run(&ctx, &["plan", "--to", "1.0.0"]);
+    plan.success()
+        .stdout_has("hook checkout (pre-backup)")
+        .stdout_has("undo: sh -c echo '' > checkout")
+        .stdout_has("hook maintenance (pre-deploy)")
+        .stdout_has("the hooks that ran are undone by their `undo`, newest first");
+    assert!(!plan.stdout.contains("s3cret"), "the plan shows the hook's environment: {}", plan.stdout);
+
+    let first = run(&ctx, &["upgrade", "--to", "1.0.0"]);
+    first.success();
+    assert_eq!(ctx.read("checkout"), "1.0.0\n");
+    assert!(!ctx.join("maintenance").exists(), "post-verify turned maintenance off");
+    assert_eq!(events(&ctx), "", "no failure, no rollback");
+    assert!(!format!("{}{}", first.stdout, first.stderr).contains("s3cret"));
+
+    // 2.0.0 fails its smoke test after the maintenance hook: everything is undone.
+    add_tags(&ctx);
+    ctx.write("fail", "");
+    let failed = run(&ctx, &["upgrade", "--to", "2.0.0"]);
+    failed.code(3).stderr_has("hooks undone: checkout, maintenance");
+    assert_eq!(ctx.read("checkout"), "1.0.0\n", "the checkout hook's undo ran with {{from}}");
+    assert!(!ctx.join("maintenance").exists(), "the maintenance hook's undo ran");
+    assert_eq!(tables(&ctx), ["notes"], "0002 was reverted");
+    assert_eq!(events(&ctx), "failed on-failure-1\nrolled back\n");
+    // In the order the undo promises: on-failure, then the hooks after... then the data, the
+    // earlier hooks, on-rollback.
+    let order: Vec<&str> = failed
+        .stderr
+        .lines()
+        .filter(|l| l.contains(" done") || l.contains("reverted"))
+        .skip_while(|l| !l.contains("on-failure"))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "  hook on-failure-1 done",
+            "  reverted 0002 tags",
+            "  hook maintenance done",
+            "  hook checkout done",
+            "  hook on-rollback-1 done"
+        ],
+        "{}",
+        failed.stderr
+    );
+    // An undo run twice is a no-op: nothing is in flight.
+    run(&ctx, &["abort"]).code(1).stderr_has("nothing is in flight");
+}
+
+#[test]
+fn a_rollback_runs_the_undo_of_the_hooks_its_releases_ran() {
+    let ctx = app("");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+    add_tags(&ctx);
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).success();
+    assert_eq!(ctx.read("checkout"), "2.0.0\n");
+    run(&ctx, &["rollback", "--yes"]).success().stderr_has("hooks undone: checkout, maintenance");
+    assert_eq!(ctx.read("checkout"), "1.0.0\n", "the checkout of 2.0.0 was undone");
+    assert_eq!(tables(&ctx), ["notes"]);
+    assert_eq!(events(&ctx), "rolled back\n", "on-rollback ran, on-failure did not");
+}
+
+#[test]
+fn an_upgrade_killed_at_every_journal_write_with_hooks_converges() {
+    let ctx = app("");
+    add_tags(&ctx);
+    // 1.0.0 is deployed with both revisions; 2.0.0 runs every hook and no migration.
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+    let points = common::crash_at_every_write(
+        || {
+            let mut command = ctx.command();
+            command.args(["upgrade", "--to", "2.0.0", "--yes"]).env("MAINTENANCE_TEXT", "on");
+            command
+        },
+        |recovery| {
+            let mut args = vec![recovery];
+            if recovery == "rollback" {
+                args.push("--yes");
+            } else {
+                args.extend(["--output", "json"]);
+            }
+            run(&ctx, &args)
+        },
+        |context| {
+            let status: common::Status = run(&ctx, &["status", "--output", "json"]).json();
+            assert!(status.run.is_none(), "{context}: a run is still in flight");
+            let version = status.version.expect("a release is deployed");
+            // The hooks' effects match what is deployed: the checkout is its version and the
+            // maintenance flag is off (undone, or turned off after verify).
+            assert_eq!(ctx.read("checkout"), format!("{version}\n"), "{context}");
+            assert!(!ctx.join("maintenance").exists(), "{context}: maintenance was left on");
+            assert_eq!(tables(&ctx), ["notes", "tags"], "{context}");
+            version
+        },
+    );
+    assert!(points >= 15, "only {points} crash points");
+}
+
+/// A crash inside a hook (the hook kills upshift): `resume` runs the hook again and goes
+/// on; `abort` runs its undo.
+#[test]
+fn a_crash_inside_a_hook_is_resumed_or_aborted() {
+    for recovery in ["resume", "abort"] {
+        let ctx = app(r#"
+[[hooks]]
+name = "crashes-once"
+at = "post-deploy"
+run = ["sh", "-c", "echo ran >> crash-hook; test -e crashed || { touch crashed; kill -9 $PPID; }"]
+undo = ["sh", "-c", "echo undone >> crash-hook"]
+"#);
+        run(&ctx, &["upgrade", "--to", "1.0.0"]).code(-1);
+        let status: common::Status = run(&ctx, &["status", "--output", "json"]).json();
+        assert!(status.run.is_some(), "the killed run is in flight");
+        assert!(ctx.join("maintenance").exists());
+        let recovered = run(&ctx, &[recovery]);
+        if recovery == "resume" {
+            recovered.success();
+            assert_eq!(ctx.read("crash-hook"), "ran\nran\n", "resume ran the hook again");
+            assert_eq!(ctx.read("checkout"), "1.0.0\n");
+        } else {
+            recovered.success();
+            assert_eq!(ctx.read("crash-hook"), "ran\nundone\n", "abort ran its undo");
+            assert_eq!(ctx.read("checkout"), "\n", "a first deploy's checkout goes back to nothing");
+            assert_eq!(tables(&ctx), Vec::<String>::new());
+        }
+        assert!(!ctx.join("maintenance").exists(), "{recovery}: maintenance was left on");
+        run(&ctx, &["abort"]).code(1).stderr_has("nothing is in flight");
+    }
+}
+
+#[test]
+fn a_failing_preflight_command_stops_the_upgrade_before_anything_runs() {
+    let ctx = app(r#"
+[[preflight]]
+name = "tool version"
+run = ["sh", "-c", "echo 'tool v1.4.2'"]
+expect_output = "v2."
+"#);
+    run(&ctx, &["plan", "--to", "1.0.0"])
+        .success()
+        .stdout_has("tool version: `sh -c echo 'tool v1.4.2'` exits 0 and prints `v2.`");
+    run(&ctx, &["upgrade", "--to", "1.0.0"])
+        .code(1)
+        .stderr_has("[[preflight]] tool version")
+        .stderr_has("did not print `v2.`; it printed: tool v1.4.2");
+    assert!(!ctx.join("checkout").exists(), "no hook ran");
+    assert!(
+        !ctx.join(".upshift/backups").exists()
+            || std::fs::read_dir(ctx.join(".upshift/backups")).unwrap().next().is_none()
+    );
+
+    let ctx = app("[[preflight]]\nrun = [\"sh\", \"-c\", \"exit 3\"]\nexpect_exit = 3\n");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+    let ctx = app("[[preflight]]\nrun = [\"false\"]\n");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).code(1).stderr_has("exited with exit status: 1 (expected 0)");
+}
+
+#[test]
+fn mistakes_in_hooks_name_their_line() {
+    let cases = [
+        ("[[hooks]]\nat = \"on-failure\"\nrun = [\"true\"]\nundo = [\"true\"]\n", "cannot have an `undo`"),
+        ("[[hooks]]\nat = \"before-lunch\"\nrun = [\"true\"]\n", "unknown variant `before-lunch`"),
+        ("[[hooks]]\nat = \"pre-deploy\"\nrun = []\n", "is an empty command"),
+        ("[[hooks]]\nat = \"pre-deploy\"\nrun = [\"echo\", \"{addr}\"]\n", "unknown placeholder {addr}"),
+        ("[[hooks]]\nname = \"checkout\"\nat = \"pre-deploy\"\nrun = [\"true\"]\n", "a second hook named `checkout`"),
+        ("[notify]\non = [\"start\"]\n", "needs a `webhook` URL or a `command`"),
+        ("[notify]\nwebhook = \"ftp://x\"\n", "not an http:// or https:// URL"),
+    ];
+    for (extra, expected) in cases {
+        let ctx = app(extra);
+        let out = run(&ctx, &["plan", "--to", "1.0.0"]);
+        out.code(2).stderr_has(expected).stderr_has("upshift.toml:");
+        assert!(!ctx.join("app.db").exists(), "{extra}: the database was touched");
+    }
+}
+
+/// A local HTTP receiver: each request's first line and body, sent on the channel.
+fn receiver(answer: &'static str) -> (u16, mpsc::Receiver<(String, serde_json::Value)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            reader.read_line(&mut first).unwrap();
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            let _ = stream.write_all(format!("HTTP/1.1 {answer}\r\nContent-Length: 0\r\n\r\n").as_bytes());
+            if tx.send((first.trim().to_owned(), serde_json::from_slice(&body).unwrap())).is_err() {
+                return;
+            }
+        }
+    });
+    (port, rx)
+}
+
+fn notices(ctx: &Context) -> Vec<(String, String, bool, String)> {
+    let db = rusqlite::Connection::open(ctx.join(".upshift/journal.db")).unwrap();
+    let mut statement = db.prepare("SELECT event, target, ok, message FROM notices ORDER BY rowid").unwrap();
+    statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn notifications_reach_a_webhook_and_a_command_at_start_success_failure_and_rollback() {
+    let (port, heard) = receiver("204 No Content");
+    let ctx = app(&format!(
+        "[notify]\nwebhook = \"http://127.0.0.1:{port}/hooks/${{MAINTENANCE_TEXT}}\"\ncommand = [\"sh\", \"-c\", \"cat >> notices.jsonl; echo >> notices.jsonl\"]\n"
+    ));
+    let expect = |event: &str, kind: &str, to: &str, outcome: &str| {
+        let (line, body) = heard.recv_timeout(std::time::Duration::from_secs(30)).expect("the webhook heard nothing");
+        assert_eq!(line, "POST /hooks/s3cret-banner HTTP/1.1");
+        assert_eq!((body["event"].as_str(), body["kind"].as_str()), (Some(event), Some(kind)), "{body}");
+        assert_eq!((body["to"].as_str(), body["outcome"].as_str()), (Some(to), Some(outcome)), "{body}");
+        assert_eq!(body["app"], "hooks");
+        assert!(body["run"].is_string() && body["duration_ms"].is_u64(), "{body}");
+        body
+    };
+    let deployed = run(&ctx, &["upgrade", "--to", "1.0.0"]);
+    deployed.success();
+    assert!(!deployed.stderr.contains("s3cret"), "{}", deployed.stderr);
+    expect("start", "upgrade", "1.0.0", "running");
+    expect("success", "upgrade", "1.0.0", "succeeded");
+
+    add_tags(&ctx);
+    ctx.write("fail", "");
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).code(3);
+    expect("start", "upgrade", "2.0.0", "running");
+    let failure = expect("failure", "upgrade", "2.0.0", "rolled-back");
+    assert_eq!(failure["from"], "1.0.0");
+    assert_eq!(failure["undo"], "code + down");
+    assert!(failure["failure"].as_str().unwrap().contains("smoke"), "{failure}");
+
+    std::fs::remove_file(ctx.join("fail")).unwrap();
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).success();
+    expect("start", "upgrade", "2.0.0", "running");
+    expect("success", "upgrade", "2.0.0", "succeeded");
+    run(&ctx, &["rollback", "--yes"]).success();
+    expect("start", "rollback", "1.0.0", "running");
+    expect("rollback", "rollback", "1.0.0", "succeeded");
+
+    // The command heard the same messages on its stdin.
+    let lines: Vec<serde_json::Value> =
+        ctx.read("notices.jsonl").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<&str> = lines.iter().map(|l| l["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["start", "success", "start", "failure", "start", "success", "start", "rollback"]);
+    let journaled = notices(&ctx);
+    assert_eq!(journaled.len(), 16);
+    assert!(journaled.iter().all(|(_, _, ok, _)| *ok), "{journaled:?}");
+}
+
+#[test]
+fn a_notification_that_does_not_arrive_never_fails_the_upgrade_and_is_journaled() {
+    // A port nobody listens on, and a receiver that answers 500.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let ctx = app(&format!("[notify]\nwebhook = \"http://127.0.0.1:{closed}/x\"\non = [\"success\"]\n"));
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success().stderr_has("warning: the success notification did not arrive");
+    let journaled = notices(&ctx);
+    assert_eq!(journaled.len(), 1);
+    let (event, target, ok, message) = &journaled[0];
+    assert_eq!((event.as_str(), target.as_str(), *ok), ("success", "webhook", false));
+    assert!(message.contains("cannot connect"), "{message}");
+
+    let (port, heard) = receiver("500 Internal Server Error");
+    let ctx = app(&format!("[notify]\nwebhook = \"http://127.0.0.1:{port}/x\"\non = [\"failure\"]\n"));
+    ctx.write("fail", "");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).code(3).stderr_has("answered `HTTP/1.1 500 Internal Server Error`");
+    assert_eq!(heard.recv().unwrap().1["event"], "failure", "only the events asked for are sent");
+    assert!(!notices(&ctx)[0].2, "a 500 is no delivery");
+}
+
+/// Stops the agent of a test's state dir however the test ends.
+struct Agent<'a>(&'a Context);
+
+impl Drop for Agent<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.command().args(["agent", "stop", "--state-dir", ".upshift"]).output();
+    }
+}
+
+#[test]
+fn a_component_with_rollback_never_stays_as_deployed_when_the_upgrade_is_undone() {
+    let ctx = app(r#"
+[[components]]
+name = "data"
+driver = "process"
+run = ["sleep", "3600"]
+rollback = "never"
+
+[[components]]
+name = "web"
+driver = "process"
+run = ["sleep", "3600"]
+"#);
+    let _agent = Agent(&ctx);
+    run(&ctx, &["plan", "--to", "1.0.0"]).success().stdout_has("rollback = \"never\": an undo leaves it as deployed");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+    ctx.write("fail", "");
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).code(3).stderr_has("(data kept as deployed: rollback = \"never\")");
+    let status: common::Status = run(&ctx, &["status", "--output", "json"]).json();
+    let versions: Vec<Option<&str>> = status.components.iter().map(|c| c.version.as_deref()).collect();
+    assert_eq!(versions, [Some("2.0.0"), Some("1.0.0")], "data stays at 2.0.0, web is put back");
+    // The next upgrade accepts data ahead of the release.
+    std::fs::remove_file(ctx.join("fail")).unwrap();
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).success();
+}
