@@ -37,11 +37,28 @@ pub struct CreateOptions<'a> {
     pub version: Option<String>,
     /// zstd settings and age recipients.
     pub codec: Codec,
+    /// State that is not the database, each made by its own command.
+    pub artifacts: &'a [ArtifactSource<'a>],
+}
+
+/// An artifact of a backup: state that is not the database (a Vault snapshot, a Redis
+/// dump), written by `make` into the file it is given, then compressed, checksummed and
+/// encrypted like the dump.
+pub struct ArtifactSource<'a> {
+    /// Its name: letters, digits, `-` and `_`.
+    pub name: &'a str,
+    /// Writes the artifact into the file at the path; says why not.
+    pub make: &'a dyn Fn(&Path) -> Result<(), String>,
+}
+
+/// Where artifacts go in a backup, compressed.
+fn artifact_path(name: &str) -> String {
+    format!("artifacts/{name}.zst")
 }
 
 /// Takes a backup into `store`.
 pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManifest, Error> {
-    if options.database.is_none() && options.paths.is_empty() {
+    if options.database.is_none() && options.paths.is_empty() && options.artifacts.is_empty() {
         return Err(Error::Usage(
             "nothing to back up: give a database URL (--database-url, DATABASE_URL or the manifest) or --path".into(),
         ));
@@ -84,6 +101,19 @@ pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManife
         files.push(entry);
         saved_paths = names;
     }
+    let mut artifacts = Vec::new();
+    for source in options.artifacts {
+        // Made beside the backup (a crash leaves it in the `.partial` folder, which goes),
+        // then compressed into place.
+        let raw = partial.dir().join(format!("artifacts/{}.raw", source.name));
+        artifact::private_dir(raw.parent().expect("in a folder"))?;
+        (source.make)(&raw)
+            .map_err(|message| Error::Tool { program: format!("artifact {}:", source.name), message })?;
+        let mut file = std::fs::File::open(&raw).map_err(Error::io("read", &raw))?;
+        files.push(artifact::write_compressed(&mut file, partial.dir(), &artifact_path(source.name), &options.codec)?);
+        std::fs::remove_file(&raw).map_err(Error::io("remove", &raw))?;
+        artifacts.push(source.name.to_owned());
+    }
     let manifest = BackupManifest {
         format: manifest::FORMAT,
         id: partial.id.clone(),
@@ -94,6 +124,7 @@ pub fn create(store: &Store, options: &CreateOptions<'_>) -> Result<BackupManife
         applied_revisions,
         database,
         paths: saved_paths,
+        artifacts,
         files,
         encrypted_to: options.codec.recipients.iter().map(ToString::to_string).collect(),
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -284,6 +315,29 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
         restored.paths = staged.commit()?;
     }
     Ok(restored)
+}
+
+/// Writes artifact `name` of backup `id`, checked and decompressed, into the file `to`
+/// (which must not exist).
+pub fn extract_artifact(
+    store: &Store,
+    id: &str,
+    name: &str,
+    to: &Path,
+    identities: Option<&Identities>,
+) -> Result<(), Error> {
+    let manifest = store.load(id)?;
+    let dir = store.path(&manifest.id);
+    let corrupt = |message: String| Error::Corrupt { id: manifest.id.clone(), message };
+    require_identity(&manifest, identities)?;
+    let wanted = artifact_path(name);
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.path.strip_suffix(".age").unwrap_or(&f.path) == wanted)
+        .ok_or_else(|| Error::Usage(format!("backup {} holds no artifact `{name}`", manifest.id)))?;
+    artifact::check(&dir, entry).map_err(corrupt)?;
+    artifact::decompress_to_file(&dir, entry, identities, to).map_err(corrupt)
 }
 
 /// What a backup of `database` and `paths` (under `base`) may take on disk at most: the

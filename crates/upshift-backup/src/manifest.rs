@@ -70,6 +70,9 @@ pub struct BackupManifest {
     pub database: Option<DatabaseInfo>,
     /// Saved paths, relative to the folder they were saved from.
     pub paths: Vec<String>,
+    /// The names of its artifacts (`artifacts/<name>.zst`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
     /// Every file of the backup with its size and sha256.
     pub files: Vec<FileEntry>,
     /// The age recipients the files are encrypted to (public keys); empty when not encrypted.

@@ -25,6 +25,10 @@ pub struct Options<'a> {
     pub env: &'a [(String, String)],
     /// Written to its stdin (else stdin is empty).
     pub stdin: Option<&'a [u8]>,
+    /// A file its stdin reads instead.
+    pub stdin_file: Option<&'a std::path::Path>,
+    /// A new file its stdout goes to instead of being kept (its output is then stderr).
+    pub stdout_file: Option<&'a std::path::Path>,
 }
 
 /// Runs `argv` with no stdin and at most `timeout`; returns its stdout and stderr (the
@@ -42,11 +46,29 @@ pub fn run(argv: &[String], timeout: Duration) -> Result<String, String> {
 /// is killed: a shell's children too) and returns how it ended, whatever its exit code.
 pub fn run_with(argv: &[String], timeout: Duration, options: &Options<'_>) -> Result<Finished, String> {
     let (program, rest) = argv.split_first().ok_or("empty command")?;
+    let open = |path: &std::path::Path, write: bool| {
+        let mut file = std::fs::OpenOptions::new();
+        if write {
+            std::os::unix::fs::OpenOptionsExt::mode(file.write(true).create_new(true), 0o600);
+        } else {
+            file.read(true);
+        }
+        file.open(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let stdin = match (options.stdin, options.stdin_file) {
+        (Some(_), _) => Stdio::piped(),
+        (None, Some(path)) => Stdio::from(open(path, false)?),
+        (None, None) => Stdio::null(),
+    };
+    let stdout = match options.stdout_file {
+        Some(path) => Stdio::from(open(path, true)?),
+        None => Stdio::piped(),
+    };
     let mut child = Command::new(program)
         .args(rest)
         .envs(options.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if options.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
+        .stdin(stdin)
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()

@@ -1,5 +1,6 @@
 //! The manifest (`upshift.toml`), the journal, and the plan of an upgrade.
 
+pub mod artifacts;
 pub mod command;
 pub mod config;
 pub mod contract;

@@ -673,6 +673,31 @@ struct RawBackup {
     paths: Vec<String>,
     #[serde(default)]
     encrypt_to: Vec<String>,
+    #[serde(default)]
+    artifacts: Vec<RawArtifact>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifact {
+    name: Spanned<String>,
+    create: Spanned<Vec<Spanned<String>>>,
+    restore: Spanned<Vec<Spanned<String>>>,
+    timeout: Option<HumanDuration>,
+}
+
+/// `[[backup.artifacts]]`: state that is not the database, saved in the same backup by a
+/// command and put back by another (`${VAR}` expanded at load).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupArtifact {
+    /// Its name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// Writes the artifact into `{out}`, or to stdout when it has no `{out}`.
+    pub create: Vec<String>,
+    /// Reads it back from `{in}`, or from stdin when it has no `{in}`.
+    pub restore: Vec<String>,
+    /// Time each command may take (default 10m).
+    pub timeout: Duration,
 }
 
 #[derive(Deserialize)]
@@ -803,6 +828,8 @@ pub struct BackupSettings {
     pub paths: Vec<PathBuf>,
     /// `encrypt_to`: age recipients.
     pub encrypt_to: Vec<String>,
+    /// `[[backup.artifacts]]`.
+    pub artifacts: Vec<BackupArtifact>,
 }
 
 impl Manifest {
@@ -986,7 +1013,7 @@ impl Loader<'_> {
         Ok(value.get_ref().clone())
     }
 
-    fn backup(&self, raw: Option<RawBackup>, base: &Path) -> Result<BackupSettings, ManifestError> {
+    fn backup(&mut self, raw: Option<RawBackup>, base: &Path) -> Result<BackupSettings, ManifestError> {
         let Some(backup) = raw else {
             return Ok(BackupSettings { dir: base.join(".upshift/backups"), ..BackupSettings::default() });
         };
@@ -996,12 +1023,31 @@ impl Loader<'_> {
             })?),
             None => None,
         };
+        let mut artifacts: Vec<BackupArtifact> = Vec::new();
+        for raw in &backup.artifacts {
+            let name = raw.name.get_ref();
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(self.error(Some(raw.name.span()), "an artifact name is letters, digits, - and _".into()));
+            }
+            if artifacts.iter().any(|a| &a.name == name) {
+                return Err(
+                    self.error(Some(raw.name.span()), format!("a second artifact named `{name}`; names must differ"))
+                );
+            }
+            artifacts.push(BackupArtifact {
+                name: name.clone(),
+                create: self.argv(&format!("artifact `{name}`: `create`"), &raw.create, &["out"], false)?,
+                restore: self.argv(&format!("artifact `{name}`: `restore`"), &raw.restore, &["in"], false)?,
+                timeout: raw.timeout.map_or(Duration::from_mins(10), |d| d.0),
+            });
+        }
         Ok(BackupSettings {
             dir: base.join(backup.dir.unwrap_or_else(|| ".upshift/backups".into())),
             keep_last: backup.keep_last,
             keep_within,
             paths: backup.paths.iter().map(PathBuf::from).collect(),
             encrypt_to: backup.encrypt_to,
+            artifacts,
         })
     }
 

@@ -60,7 +60,7 @@ pub fn send(
         let result = crate::command::run_with(
             command,
             notify.timeout,
-            &crate::command::Options { env: &env, stdin: Some(&body) },
+            &crate::command::Options { env: &env, stdin: Some(&body), ..Default::default() },
         )
         .and_then(|done| {
             if done.status.success() {

@@ -272,7 +272,7 @@ fn build(
 /// Whether an upgrade has nothing to back up: no database and no saved paths (a stateless
 /// service, a worker without state of its own).
 fn nothing_to_back_up(input: &PlanInput<'_>) -> bool {
-    input.database.is_none() && input.manifest.backup.paths.is_empty()
+    input.database.is_none() && input.manifest.backup.paths.is_empty() && input.manifest.backup.artifacts.is_empty()
 }
 
 impl Builder<'_> {
@@ -420,6 +420,14 @@ impl Builder<'_> {
             what.push("the database".to_owned());
         }
         what.extend(input.manifest.backup.paths.iter().map(|p| p.display().to_string()));
+        what.extend(
+            input
+                .manifest
+                .backup
+                .artifacts
+                .iter()
+                .map(|a| format!("artifact {}: {}", a.name, input.manifest.redact(&a.create.join(" ")))),
+        );
         let nothing = failure(UndoDepth::Nothing, "nothing was changed yet; a partial backup is removed");
         self.push(StepKind::Backup, format!("backup into {}", input.manifest.backup.dir.display()), what, nothing);
     }

@@ -216,7 +216,7 @@ fn run_hook(
         vars.push((key.clone(), manifest.expand(value)?));
     }
     (ctx.say)(&format!("  hook {name}: {}", manifest.redact(&argv.join(" "))));
-    let done = crate::command::run_with(&argv, timeout, &crate::command::Options { env: &vars, stdin: None })
+    let done = crate::command::run_with(&argv, timeout, &crate::command::Options { env: &vars, ..Default::default() })
         .map_err(|e| manifest.redact(&e))?;
     let output = manifest.redact(&done.output);
     if done.status.success() {
@@ -271,18 +271,21 @@ fn execute(
             if let Some(url @ DatabaseUrl::Sqlite { .. }) = ctx.database {
                 upshift_migrate::connect(url, true).map_err(|e| format!("backup: {}", chain(&e)))?;
             }
-            let backup = upshift_backup::create(
-                &store(manifest),
-                &CreateOptions {
-                    database: ctx.database,
-                    paths: &manifest.backup.paths,
-                    base: &manifest.base_dir,
-                    label: Some(format!("before {version}")),
-                    app: manifest.app_name.clone(),
-                    version: plan.from.as_ref().map(ToString::to_string),
-                    codec: upshift_backup::Codec::default(),
-                },
-            )
+            let backup = crate::artifacts::with_sources(manifest, |artifacts| {
+                upshift_backup::create(
+                    &store(manifest),
+                    &CreateOptions {
+                        artifacts,
+                        database: ctx.database,
+                        paths: &manifest.backup.paths,
+                        base: &manifest.base_dir,
+                        label: Some(format!("before {version}")),
+                        app: manifest.app_name.clone(),
+                        version: plan.from.as_ref().map(ToString::to_string),
+                        codec: upshift_backup::Codec::default(),
+                    },
+                )
+            })
             .map_err(|e| format!("backup: {}", chain(&e)))?;
             (ctx.say)(&format!("  backup {} ({} bytes)", backup.id, backup.size_bytes()));
             detail.backup = Some(backup.id);
@@ -504,7 +507,10 @@ fn check_actions(ctx: &mut Context<'_>, actions: &[UndoAction]) -> Result<(), St
         match action {
             UndoAction::Restore { backup } => {
                 upshift_backup::verify(&store(ctx.manifest), backup, false, None, None)
-                    .map_err(|e| format!("the backup {backup} cannot be restored: {}", chain(&e)))?;
+                    .and_then(|_| store(ctx.manifest).load(backup))
+                    .map_err(|e| chain(&e))
+                    .and_then(|loaded| crate::artifacts::check_restorable(ctx.manifest, &loaded))
+                    .map_err(|e| format!("the backup {backup} cannot be restored: {e}"))?;
             }
             UndoAction::Revert { revisions } => {
                 let migrator = migrator(ctx)?;
@@ -575,6 +581,9 @@ fn act(ctx: &mut Context<'_>, run: &str, action: &UndoAction) -> Result<(), Stri
                 },
             )
             .map_err(|e| format!("restoring backup {backup}: {}", chain(&e)))?;
+            let store = store(ctx.manifest);
+            let loaded = store.load(backup).map_err(|e| format!("restoring backup {backup}: {}", chain(&e)))?;
+            crate::artifacts::restore_all(ctx.manifest, &store, &loaded, None, ctx.say)?;
             (ctx.say)(&format!("  restored backup {backup}"));
         }
     }

@@ -157,6 +157,8 @@ pub(crate) struct BackupSettings {
     pub(crate) app: Option<String>,
     /// zstd settings and the age recipients of `[backup] encrypt_to`.
     pub(crate) codec: upshift_backup::Codec,
+    /// The manifest, when there is one: its `[[backup.artifacts]]` commands.
+    pub(crate) manifest: Option<upshift_core::Manifest>,
 }
 
 impl BackupSettings {
@@ -187,8 +189,9 @@ impl BackupSettings {
             base: manifest.as_ref().map_or_else(|| PathBuf::from("."), |m| m.base_dir.clone()),
             paths: settings.paths,
             retention: upshift_backup::Retention { keep_last: settings.keep_last, keep_within: settings.keep_within },
-            app: manifest.and_then(|m| m.app_name),
+            app: manifest.as_ref().and_then(|m| m.app_name.clone()),
             codec: upshift_backup::Codec { recipients, ..upshift_backup::Codec::default() },
+            manifest,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The runbook steps beyond the database, through the real binary on a real SQLite file:
 //! `[[hooks]]` (journaled steps with their undo, crash-tested), `[[preflight]]` commands,
-//! and `[notify]` (a webhook on a local HTTP receiver, and a command).
+//! `[notify]` (a webhook on a local HTTP receiver, and a command), `[[backup.artifacts]]`
+//! and `rollback = "never"`.
 
 mod common;
 
@@ -156,7 +157,9 @@ fn a_rollback_runs_the_undo_of_the_hooks_its_releases_ran() {
 
 #[test]
 fn an_upgrade_killed_at_every_journal_write_with_hooks_converges() {
-    let ctx = app("");
+    let ctx = app(ARTIFACTS);
+    ctx.write("state.txt", "one");
+    ctx.write("kv.json", "{}");
     add_tags(&ctx);
     // 1.0.0 is deployed with both revisions; 2.0.0 runs every hook and no migration.
     run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
@@ -409,4 +412,99 @@ run = ["sleep", "3600"]
     // The next upgrade accepts data ahead of the release.
     std::fs::remove_file(ctx.join("fail")).unwrap();
     run(&ctx, &["upgrade", "--to", "2.0.0"]).success();
+}
+
+/// Two artifacts beside the database: one written to `{out}`, one streamed on stdout, put
+/// back from `{in}` and from stdin.
+const ARTIFACTS: &str = r#"
+[[backup.artifacts]]
+name = "vault"
+create = ["sh", "-c", "cp state.txt {out}"]
+restore = ["sh", "-c", "cp {in} state.txt"]
+
+[[backup.artifacts]]
+name = "kv"
+create = ["cat", "kv.json"]
+restore = ["sh", "-c", "cat > kv.json"]
+"#;
+
+#[test]
+fn artifacts_are_backed_up_verified_and_restored_with_the_database() {
+    let ctx = app(ARTIFACTS);
+    ctx.write("state.txt", "one");
+    ctx.write("kv.json", "{\"k\": 1}");
+    run(&ctx, &["plan", "--to", "1.0.0"]).success().stdout_has("artifact vault: sh -c cp state.txt {out}");
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+
+    // 2.0.0 has a revision without a down section, so its undo restores the backup; its
+    // pre-deploy hook changes the state the artifacts hold, then its smoke test fails.
+    ctx.write("migrations/0002_tags.sql", "-- upshift:up\nCREATE TABLE tags (id INTEGER PRIMARY KEY);\n");
+    ctx.write("state.txt", "two");
+    ctx.write("fail", "");
+    let manifest = ctx.read("upshift.toml").replace(
+        "run = [\"sh\", \"-c\", \"echo \\\"$FLAG\\\" > maintenance\"]",
+        "run = [\"sh\", \"-c\", \"echo three > state.txt; echo '{}' > kv.json; echo on > maintenance\"]",
+    );
+    ctx.write("upshift.toml", &manifest);
+    run(&ctx, &["upgrade", "--to", "2.0.0"])
+        .code(3)
+        .stderr_has("restored artifact vault")
+        .stderr_has("restored artifact kv");
+    assert_eq!(ctx.read("state.txt"), "two", "the state as the backup before 2.0.0 saw it");
+    assert_eq!(ctx.read("kv.json"), "{\"k\": 1}");
+    assert_eq!(tables(&ctx), ["notes"]);
+
+    let list: Vec<serde_json::Value> = run(&ctx, &["backup", "list", "--output", "json"]).json();
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|b| b["artifacts"] == serde_json::json!(["vault", "kv"])), "{list:?}");
+    let first = list.iter().find(|b| b["label"] == "before 1.0.0").expect("the backup before 1.0.0");
+    let id = first["id"].as_str().unwrap().to_owned();
+    run(&ctx, &["backup", "verify", &id]).success();
+
+    // `backup restore` puts them back too; a damaged artifact is caught by verify and refused.
+    ctx.write("state.txt", "four");
+    run(&ctx, &["backup", "restore", &id, "--force"]).success().stdout_has("artifacts restored: vault, kv");
+    assert_eq!(ctx.read("state.txt"), "one", "the state as the backup before 1.0.0 saw it");
+    let stored = ctx.join(&format!(".upshift/backups/{id}/artifacts/vault.zst"));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let end = bytes.len() - 1;
+    bytes[end] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+    run(&ctx, &["backup", "verify", &id]).code(1).stderr_has("artifacts/vault.zst has sha256");
+    ctx.write("state.txt", "five");
+    run(&ctx, &["backup", "restore", &id, "--force"]).code(1).stderr_has("is damaged");
+    assert_eq!(ctx.read("state.txt"), "five", "nothing was restored from a damaged backup");
+}
+
+/// The artifact's command kills upshift mid-backup: `resume` takes the backup again,
+/// `abort` ends the run with nothing changed; no half backup is ever listed.
+#[test]
+fn a_crash_inside_an_artifact_backup_is_resumed_or_aborted() {
+    for recovery in ["resume", "abort"] {
+        let ctx = app(r#"
+[[backup.artifacts]]
+name = "vault"
+create = ["sh", "-c", "test -e crashed || { touch crashed; kill -9 $PPID; }; cp state.txt {out}"]
+restore = ["sh", "-c", "cp {in} state.txt"]
+"#);
+        ctx.write("state.txt", "one");
+        run(&ctx, &["upgrade", "--to", "1.0.0"]).code(-1);
+        let listed: Vec<serde_json::Value> = run(&ctx, &["backup", "list", "--output", "json"]).json();
+        assert!(listed.is_empty(), "a half backup is listed: {listed:?}");
+        let recovered = run(&ctx, &[recovery]);
+        recovered.success();
+        let listed: Vec<serde_json::Value> = run(&ctx, &["backup", "list", "--output", "json"]).json();
+        let status: common::Status = run(&ctx, &["status", "--output", "json"]).json();
+        if recovery == "resume" {
+            assert_eq!(status.version.as_deref(), Some("1.0.0"));
+            assert_eq!(listed.len(), 1);
+            assert_eq!(listed[0]["artifacts"], serde_json::json!(["vault"]));
+            assert_eq!(tables(&ctx), ["notes"]);
+        } else {
+            assert_eq!(status.version, None, "nothing is deployed");
+            assert!(listed.is_empty());
+            assert_eq!(ctx.read("checkout"), "\n", "the checkout hook that ran before was undone");
+        }
+        run(&ctx, &["abort"]).code(1).stderr_has("nothing is in flight");
+    }
 }

@@ -66,18 +66,25 @@ fn create(
     let bar = printer.progress_bar();
     let mut codec = settings.codec.clone();
     codec.progress = bar.clone().map(|b| b as std::sync::Arc<dyn upshift_backup::Progress>);
-    let created = upshift_backup::create(
-        &settings.store,
-        &CreateOptions {
-            database: url.as_ref(),
-            paths,
-            base: &settings.base,
-            label,
-            app: settings.app.clone(),
-            version: None,
-            codec,
-        },
-    );
+    let create = |artifacts: &[upshift_backup::ArtifactSource<'_>]| {
+        upshift_backup::create(
+            &settings.store,
+            &CreateOptions {
+                database: url.as_ref(),
+                paths,
+                base: &settings.base,
+                label,
+                app: settings.app.clone(),
+                version: None,
+                codec,
+                artifacts,
+            },
+        )
+    };
+    let created = match &settings.manifest {
+        Some(manifest) => upshift_core::artifacts::with_sources(manifest, create),
+        None => create(&[]),
+    };
     if let Some(bar) = bar {
         bar.finish();
     }
@@ -102,6 +109,9 @@ struct ListEntry<'a> {
     version: Option<&'a str>,
     label: Option<&'a str>,
     database: Option<&'a str>,
+    /// Only when there are some: the contract's shape stays as it was without artifacts.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    artifacts: &'a [String],
 }
 
 fn list(settings: &BackupSettings, printer: &Printer) -> anyhow::Result<()> {
@@ -115,6 +125,7 @@ fn list(settings: &BackupSettings, printer: &Printer) -> anyhow::Result<()> {
             version: b.version.as_deref(),
             label: b.label.as_deref(),
             database: b.database.as_ref().map(|d| d.name.as_str()),
+            artifacts: &b.artifacts,
         })
         .collect();
     printer.result(&entries, || {
@@ -123,9 +134,14 @@ fn list(settings: &BackupSettings, printer: &Printer) -> anyhow::Result<()> {
         }
         let mut out = format!("{:24}  {:24}  {:>10}  {:8}  {}\n", "ID", "CREATED", "SIZE", "VERSION", "LABEL");
         for e in &entries {
+            let artifacts = if e.artifacts.is_empty() {
+                String::new()
+            } else {
+                format!(" (artifacts: {})", e.artifacts.join(", "))
+            };
             let _ = writeln!(
                 out,
-                "{:24}  {:24}  {:>10}  {:8}  {}",
+                "{:24}  {:24}  {:>10}  {:8}  {}{artifacts}",
                 e.id,
                 e.created_at,
                 human_size(e.size_bytes),
@@ -180,6 +196,8 @@ struct RestoreJson<'a> {
     id: &'a str,
     database: Option<&'a str>,
     paths: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    artifacts: &'a [String],
 }
 
 fn restore(
@@ -200,6 +218,21 @@ fn restore(
         )
         .into());
     }
+    // Artifacts go back with the live state only, by the manifest's `restore` commands:
+    // checked before anything is restored.
+    let backup = settings.store.load(id)?;
+    let artifacts = if target_url.is_none() && !backup.artifacts.is_empty() {
+        let manifest = settings.manifest.as_ref().ok_or_else(|| {
+            UsageError(format!(
+                "backup {id} holds artifacts ({}), which only the manifest's [[backup.artifacts]] commands can restore; run it where upshift.toml is (or give --config)",
+                backup.artifacts.join(", ")
+            ))
+        })?;
+        upshift_core::artifacts::check_restorable(manifest, &backup).map_err(UsageError)?;
+        Some(manifest)
+    } else {
+        None
+    };
     let restored = upshift_backup::restore(
         &settings.store,
         id,
@@ -213,7 +246,19 @@ fn restore(
             identities,
         },
     )?;
-    let json = RestoreJson { id: &restored.id, database: restored.database.as_deref(), paths: &restored.paths };
+    if let Some(manifest) = artifacts {
+        upshift_core::artifacts::restore_all(manifest, &settings.store, &backup, identities, &|line| {
+            printer.progress(line.trim());
+        })
+        .map_err(anyhow::Error::msg)?;
+    }
+    let restored_artifacts = if artifacts.is_some() { backup.artifacts.as_slice() } else { &[] };
+    let json = RestoreJson {
+        id: &restored.id,
+        database: restored.database.as_deref(),
+        paths: &restored.paths,
+        artifacts: restored_artifacts,
+    };
     printer.result(&json, || {
         let mut out = format!("restored backup {}", restored.id);
         if let Some(database) = &restored.database {
@@ -221,6 +266,9 @@ fn restore(
         }
         if !restored.paths.is_empty() {
             let _ = write!(out, "; paths put back: {}", restored.paths.join(", "));
+        }
+        if !restored_artifacts.is_empty() {
+            let _ = write!(out, "; artifacts restored: {}", restored_artifacts.join(", "));
         }
         out.push('\n');
         out
