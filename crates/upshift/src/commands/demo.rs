@@ -47,6 +47,20 @@ url = "{url}"
 [backup]
 keep_last = 5
 
+[[backup.artifacts]]               # state beside the database, saved and restored with it
+name = "settings"
+create = ["cp", "settings.json", "{{out}}"]
+restore = ["cp", "{{in}}", "settings.json"]
+
+[[hooks]]                          # a runbook step with its own undo, journaled like the others
+name = "deployed-file"
+at = "post-deploy"
+run = ["sh", "-c", "echo {{version}} > DEPLOYED"]
+undo = ["sh", "-c", "echo '{{from}}' > DEPLOYED"]
+
+[notify]                           # start, success, failure, rollback: here, into a file
+command = ["sh", "-c", "cat >> notifications.jsonl && echo >> notifications.jsonl"]
+
 [[components]]
 name = "api"
 driver = "process"
@@ -137,6 +151,8 @@ fn prepare(args: &DemoArgs<'_>, port: u16) -> anyhow::Result<String> {
         install_binary(&program, &folder.join("notes"))?;
     }
     write_migrations(dir)?;
+    let settings = dir.join("settings.json");
+    fs::write(&settings, "{\"theme\": \"light\"}\n").with_context(|| format!("writing {}", settings.display()))?;
     write_manifest(dir, &manifest(&url, port))?;
     Ok(url)
 }
