@@ -417,7 +417,10 @@ async fn handle(
     let idempotent =
         matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE);
     let Some(first) = route.pick(None) else {
-        return Ok(respond(StatusCode::SERVICE_UNAVAILABLE, "no upstream is live"));
+        // Stopped for an upgrade's downtime (or not started yet): clients are told to retry.
+        let mut response = respond(StatusCode::SERVICE_UNAVAILABLE, "no upstream is live");
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Ok(response);
     };
     let (backend, result) = match forward(&client, &first, &out).await {
         // Safe to send once more, elsewhere when possible: an idempotent request, or any

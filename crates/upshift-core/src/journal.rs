@@ -87,6 +87,7 @@ text_codes!(StepKind {
     Contract = "contract",
     Record = "record",
     Hook = "hook",
+    Stop = "stop",
 });
 
 text_codes!(UndoDepth {

@@ -422,6 +422,8 @@ struct RawRelease {
     #[serde(default)]
     config_changed: Vec<ConfigChanged>,
     migrate_to: Option<String>,
+    #[serde(default)]
+    downtime: Vec<Spanned<String>>,
 }
 
 /// How a component's health is checked.
@@ -654,6 +656,9 @@ pub struct Release {
     pub config_changed: Vec<ConfigChanged>,
     /// The revision the schema goes to for this release (default: the heads).
     pub migrate_to: Option<String>,
+    /// Components stopped before the expand migrations and started by their deploy step
+    /// (their old code cannot run on the changed schema); meanwhile the proxy answers 503.
+    pub downtime: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -889,7 +894,7 @@ impl Manifest {
             None => None,
         };
         let verify = loader.verify(raw.verify)?;
-        let releases = loader.releases(raw.releases)?;
+        let releases = loader.releases(raw.releases, &components)?;
         let agent = match raw.agent.and_then(|a| a.metrics) {
             Some(metrics) => {
                 if !metrics.get_ref().parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback()) {
@@ -1541,12 +1546,29 @@ impl Loader<'_> {
         Ok(Notify { webhook, command, on, timeout: raw.timeout.map_or(Duration::from_secs(10), |d| d.0) })
     }
 
-    fn releases(&self, raw: Vec<RawRelease>) -> Result<Vec<Release>, ManifestError> {
+    fn releases(&self, raw: Vec<RawRelease>, components: &[Component]) -> Result<Vec<Release>, ManifestError> {
         let mut releases: Vec<Release> = Vec::new();
         for raw in raw {
             let version = raw.version.get_ref().clone();
             if releases.iter().any(|r| r.version == version) {
                 return Err(self.error(Some(raw.version.span()), format!("release {version} is listed twice")));
+            }
+            let mut downtime: Vec<String> = Vec::new();
+            for name in &raw.downtime {
+                if !components.iter().any(|c| &c.name == name.get_ref()) {
+                    let known: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
+                    return Err(self.error(
+                        Some(name.span()),
+                        format!(
+                            "release {version}: downtime names `{}`, which is not a component; expected one of: {}",
+                            name.get_ref(),
+                            if known.is_empty() { "(no components)".to_owned() } else { known.join(", ") }
+                        ),
+                    ));
+                }
+                if !downtime.contains(name.get_ref()) {
+                    downtime.push(name.get_ref().clone());
+                }
             }
             releases.push(Release {
                 version,
@@ -1558,6 +1580,7 @@ impl Loader<'_> {
                 config_removed: raw.config_removed,
                 config_changed: raw.config_changed,
                 migrate_to: raw.migrate_to,
+                downtime,
             });
         }
         Ok(releases)

@@ -82,6 +82,8 @@ pub enum StepKind {
     Record,
     /// A `[[hooks]]` command.
     Hook,
+    /// Stop one component for the release's downtime.
+    Stop,
 }
 
 /// One step of the plan.
@@ -243,6 +245,7 @@ fn build(
     builder.hooks(HookPoint::PreBackup);
     builder.backup();
     builder.hooks(HookPoint::PostBackup);
+    builder.stop();
     builder.expand(expand_details);
     builder.hooks(HookPoint::PreDeploy);
     builder.deploy();
@@ -432,11 +435,40 @@ impl Builder<'_> {
         self.push(StepKind::Backup, format!("backup into {}", input.manifest.backup.dir.display()), what, nothing);
     }
 
+    /// The components of the release's `downtime`, stopped one step each (none on a first
+    /// deploy: nothing runs yet).
+    fn stop(&mut self) {
+        let input = self.input;
+        let release = input.manifest.release(input.target).expect("checked by plan");
+        if input.deployed.is_none() {
+            return;
+        }
+        for name in &release.downtime {
+            let details = vec![
+                format!(
+                    "{name} is down from here until its deploy step is healthy: through the expand migrations ({} revision(s)) and the rollout",
+                    self.expand.len()
+                ),
+                "behind the agent's proxy, requests get 503 with Retry-After meanwhile".to_owned(),
+            ];
+            let on_failure =
+                failure(UndoDepth::Code, "the components stopped so far start again with their old version");
+            self.push(StepKind::Stop, format!("stop {name} (downtime of {})", input.target), details, on_failure);
+            self.steps.last_mut().expect("just pushed").component = Some(name.clone());
+        }
+    }
+
     fn expand(&mut self, details: Vec<String>) {
         if self.expand.is_empty() {
             return;
         }
-        let on_failure = if self.expand.len() == 1 {
+        let stopped = self.steps.iter().any(|s| s.kind == StepKind::Stop);
+        let on_failure = if self.expand.len() == 1 && stopped {
+            failure(
+                UndoDepth::Code,
+                "the failing revision rolls back in its transaction; the components stopped for the downtime start again",
+            )
+        } else if self.expand.len() == 1 {
             failure(UndoDepth::Nothing, "the failing revision rolls back in its transaction")
         } else if self.expand_reversible {
             failure(

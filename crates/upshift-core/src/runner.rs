@@ -293,6 +293,20 @@ fn execute(
         }
         StepKind::Expand => migrate_up(ctx, journal, run, seq, &plan.expand, detail),
         StepKind::Contract => migrate_up(ctx, journal, run, seq, &plan.contract, detail),
+        StepKind::Stop => {
+            let name = step.component.as_deref().ok_or("a stop step without a component")?;
+            let component = component(ctx.manifest, name)?;
+            let driver = ctx.drivers.get(component).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
+            // What it was, recorded before it stops: what an undo starts again.
+            if detail.replaced.is_none() {
+                let previous = driver.current(component).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
+                detail.replaced = Some(Replaced { previous, component: component.clone() });
+                journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
+            }
+            driver.put_back(component, None).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
+            (ctx.say)(&format!("  {name} is stopped until its deploy"));
+            Ok(())
+        }
         StepKind::Deploy => {
             let name = step.component.as_deref().ok_or("a deploy step without a component")?;
             let component = component(ctx.manifest, name)?;
@@ -390,9 +404,15 @@ fn done(steps: &[StepRow], plan: &Plan) -> Done {
                 done.contract = union(&row.detail);
                 done.partial = done.partial.take().or_else(|| row.detail.partial.clone());
             }
-            StepKind::Deploy => {
-                deploying = true;
-                done.deployed.extend(row.detail.replaced.clone());
+            StepKind::Deploy | StepKind::Stop => {
+                deploying |= row.kind == StepKind::Deploy;
+                // A component stopped for the downtime was recorded (running) by its stop
+                // step; its deploy step found it stopped.
+                if let Some(replaced) = &row.detail.replaced
+                    && !done.deployed.iter().any(|r| r.component.name == replaced.component.name)
+                {
+                    done.deployed.push(replaced.clone());
+                }
             }
             StepKind::Hook => {
                 let hook = plan.steps.iter().find(|s| s.number == row.seq).and_then(|s| s.hook.clone());

@@ -240,8 +240,13 @@ migrate_to = "20260202000000"
 
     /// The address the agent gave the api.
     fn address(&self) -> String {
+        self.address_now().expect("the agent runs an api")
+    }
+
+    /// The address the agent gave the api, if one runs (a crash in a downtime leaves none).
+    fn address_now(&self) -> Option<String> {
         let saved: serde_json::Value = serde_json::from_str(&self.ctx.read(".upshift/agent.json")).unwrap();
-        saved.as_array().unwrap().iter().find(|s| s["component"] == "api").unwrap()["addr"].as_str().unwrap().to_owned()
+        Some(saved.as_array()?.iter().find(|s| s["component"] == "api")?["addr"].as_str()?.to_owned())
     }
 
     /// One HTTP request to the running api: (status, body).
@@ -294,7 +299,8 @@ migrate_to = "20260202000000"
 
     /// Writes a note if the api answers now (it may be between two versions).
     fn try_note(&self, body: &str) -> bool {
-        let Ok(mut stream) = TcpStream::connect(self.address()) else { return false };
+        let Some(address) = self.address_now() else { return false };
+        let Ok(mut stream) = TcpStream::connect(address) else { return false };
         let payload = format!(r#"{{"title": "t", "body": "{body}"}}"#);
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let request = format!(
@@ -1445,4 +1451,100 @@ fn a_canary_is_judged_on_traffic_and_a_faulty_release_is_undone() {
     assert!(only.window.seconds > 0.0 && only.window.requests >= 5 && only.window.errors == 0, "{only:?}");
     assert!(only.window.p99_ms.is_some(), "{only:?}");
     assert!(status.components[0].instances.iter().all(|i| i.weight == Some(1)));
+}
+
+/// Polls `GET /health` on the proxy's `serve` address until it answers 503 (the downtime),
+/// returns that response's head, then touches `seen-503` in the app's folder (what the
+/// test's pre-deploy hook waits for). Any answer other than 200 or 503 fails.
+fn see_downtime(serve: String, marker: std::path::PathBuf) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_mins(1);
+        loop {
+            assert!(std::time::Instant::now() < deadline, "the proxy never answered 503");
+            let Ok(mut stream) = TcpStream::connect(&serve) else { panic!("the proxy stopped listening on {serve}") };
+            stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            write!(stream, "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response);
+            if response.starts_with("HTTP/1.1 503") {
+                std::fs::write(&marker, "").unwrap();
+                return response.split("\r\n\r\n").next().unwrap_or_default().to_owned();
+            }
+            assert!(response.starts_with("HTTP/1.1 200"), "neither 200 nor 503: {response}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// `downtime = ["api"]`: the old version stops before the expand migration, the proxy
+/// answers 503 with Retry-After meanwhile, and the new one starts at its deploy step; a
+/// failure after the stop starts the old version again.
+#[test]
+fn a_release_with_downtime_stops_the_old_code_before_its_migration() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    let manifest = app
+        .ctx
+        .read("upshift.toml")
+        .replace("upgrade_from = \">=1.0.0\"", "upgrade_from = \">=1.0.0\"\ndowntime = [\"api\"]")
+        + r#"
+[[hooks]]
+name = "wait-for-a-503"
+at = "pre-deploy"
+run = ["sh", "-c", "for i in $(seq 1 600); do [ -e seen-503 ] && exit 0; sleep 0.1; done; exit 1"]
+"#;
+    app.ctx.write("upshift.toml", &manifest);
+    let marker = app.ctx.join("seen-503");
+    std::fs::write(&marker, "").unwrap();
+    app.upgrade("1.0.0").success();
+    let plan = app.run(&["plan", "--to", "2.0.0"]);
+    plan.success()
+        .stdout_has("stop api (downtime of 2.0.0)")
+        .stdout_has("api is down from here until its deploy step is healthy");
+    assert!(
+        plan.stdout.find("stop api").unwrap() < plan.stdout.find("migrate expand").unwrap(),
+        "the stop comes before the expand migration:\n{}",
+        plan.stdout
+    );
+
+    // A failed 2.0.0: its undo starts 1.0.0 again.
+    std::fs::remove_file(&marker).unwrap();
+    app.ctx.write("fail-smoke-2.0.0", "");
+    let seen = see_downtime(serve.clone(), marker.clone());
+    let failed = app.upgrade("2.0.0");
+    failed.code(3);
+    let head = seen.join().unwrap();
+    assert!(head.contains("Retry-After: 5") || head.contains("retry-after: 5"), "{head}");
+    assert_eq!(app.status().components[0].version.as_deref(), Some("1.0.0"));
+    assert!(app.has_title(), "the expand was undone, the contract never ran");
+
+    // Then for real.
+    std::fs::remove_file(&marker).unwrap();
+    std::fs::remove_file(app.ctx.join("fail-smoke-2.0.0")).unwrap();
+    let seen = see_downtime(serve.clone(), marker);
+    app.upgrade("2.0.0").success();
+    seen.join().unwrap();
+    let status = app.status();
+    assert_eq!((status.version.as_deref(), status.components[0].version.as_deref()), (Some("2.0.0"), Some("2.0.0")));
+    assert!(status.components[0].healthy);
+}
+
+/// The notes app whose 2.0.0 stops the api before its migration (`downtime`).
+fn with_downtime() -> App {
+    let app = App::sqlite();
+    let manifest = app
+        .ctx
+        .read("upshift.toml")
+        .replace("upgrade_from = \">=1.0.0\"", "upgrade_from = \">=1.0.0\"\ndowntime = [\"api\"]");
+    app.ctx.write("upshift.toml", &manifest);
+    app
+}
+
+#[test]
+fn with_downtime_killed_at_every_journal_write_then_resumed() {
+    crash_at_every_write(&with_downtime(), "resume", false);
+}
+
+#[test]
+fn with_downtime_killed_at_every_journal_write_then_aborted() {
+    crash_at_every_write(&with_downtime(), "abort", false);
 }
