@@ -414,6 +414,8 @@ fn plan(manifest: &Manifest, url: &DatabaseUrl, journal: &Journal, version: &str
         database: Some(url.to_string()),
         no_backup: false,
         options: &BTreeSet::new(),
+        only: &[],
+        behind: &[],
     })?)
 }
 

@@ -303,6 +303,12 @@ pub struct RollbackPlan {
     pub returns_to: i64,
     /// The upgrade revisions undone, newest first.
     pub undoes: Vec<i64>,
+    /// The version of each component afterwards (see [`ReleaseRow::versions`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub versions: BTreeMap<String, String>,
+    /// `rollback --only`: the one component put back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<String>,
 }
 
 /// What a run follows: the upgrade's plan, or what a rollback returns to.
@@ -472,6 +478,9 @@ pub struct ReleaseRow {
     pub deployments: BTreeMap<String, Option<Deployed>>,
     /// The hooks it ran that have an `undo` (what a rollback undoes).
     pub hooks: Vec<RanHook>,
+    /// The version each component runs once it is deployed, where it differs from
+    /// `version` (`upgrade --only`, `rollback --only`); see [`ReleaseRow::version_of`].
+    pub versions: BTreeMap<String, String>,
 }
 
 /// A hook an upgrade ran.
@@ -488,6 +497,11 @@ impl ReleaseRow {
     /// The upgrade revision whose state this release has.
     pub fn state_revision(&self) -> i64 {
         self.returns_to.unwrap_or(self.revision)
+    }
+
+    /// The version `component` runs with this release deployed.
+    pub fn version_of(&self, component: &str) -> &str {
+        self.versions.get(component).map_or(&self.version, String::as_str)
     }
 }
 
@@ -514,6 +528,8 @@ pub struct NewRelease<'a> {
     pub deployments: &'a BTreeMap<String, Option<Deployed>>,
     /// The hooks it ran that have an `undo`.
     pub hooks: &'a [RanHook],
+    /// Components that run another version than `version` (see [`ReleaseRow::versions`]).
+    pub versions: &'a BTreeMap<String, String>,
 }
 
 /// A release row of schema 0: revision, version, status, started, finished, run, backup,
@@ -589,7 +605,8 @@ fn schema() -> String {
             expand TEXT NOT NULL,
             contract TEXT NOT NULL,
             deployments TEXT NOT NULL,
-            hooks TEXT NOT NULL DEFAULT '[]'
+            hooks TEXT NOT NULL DEFAULT '[]',
+            versions TEXT NOT NULL DEFAULT '{{}}'
         );
         CREATE TABLE runs (
             id TEXT PRIMARY KEY,
@@ -815,6 +832,7 @@ impl Journal {
         tx.execute_batch(&format!(
             "ALTER TABLE steps RENAME TO steps_1; {steps} INSERT INTO steps SELECT * FROM steps_1; DROP TABLE steps_1; \
              ALTER TABLE releases ADD COLUMN hooks TEXT NOT NULL DEFAULT '[]'; \
+             ALTER TABLE releases ADD COLUMN versions TEXT NOT NULL DEFAULT '{{}}'; \
              {NOTICES_TABLE} PRAGMA user_version = {SCHEMA_VERSION};",
             steps = steps_table()
         ))
@@ -1182,10 +1200,10 @@ impl Journal {
 
     /// Every release revision, oldest first.
     pub fn releases(&self) -> Result<Vec<ReleaseRow>, JournalError> {
-        type Raw = (ReleaseRow, String, String, String, String);
+        type Raw = (ReleaseRow, String, String, String, String, String);
         let read = || -> rusqlite::Result<Vec<Raw>> {
             let mut statement = self.connection.prepare(
-                "SELECT revision, version, kind, status, started_at, finished_at, previous, returns_to, backup_id, expand, contract, deployments, hooks \
+                "SELECT revision, version, kind, status, started_at, finished_at, previous, returns_to, backup_id, expand, contract, deployments, hooks, versions \
                  FROM releases ORDER BY revision",
             )?;
             statement
@@ -1205,11 +1223,13 @@ impl Journal {
                             contract: Vec::new(),
                             deployments: BTreeMap::new(),
                             hooks: Vec::new(),
+                            versions: BTreeMap::new(),
                         },
                         row.get(9)?,
                         row.get(10)?,
                         row.get(11)?,
                         row.get(12)?,
+                        row.get(13)?,
                     ))
                 })?
                 .collect()
@@ -1217,7 +1237,7 @@ impl Journal {
         read()
             .map_err(|e| self.read_error(e))?
             .into_iter()
-            .map(|(mut release, expand, contract, deployments, hooks)| {
+            .map(|(mut release, expand, contract, deployments, hooks, versions)| {
                 let damaged = |e: serde_json::Error| JournalError::Damaged {
                     path: self.path.display().to_string(),
                     message: format!("release {} does not parse: {e}", release.revision),
@@ -1226,6 +1246,7 @@ impl Journal {
                 release.contract = serde_json::from_str(&contract).map_err(damaged)?;
                 release.deployments = serde_json::from_str(&deployments).map_err(damaged)?;
                 release.hooks = serde_json::from_str(&hooks).map_err(damaged)?;
+                release.versions = serde_json::from_str(&versions).map_err(damaged)?;
                 Ok(release)
             })
             .collect()
@@ -1292,8 +1313,8 @@ fn insert_release(
     }
     let kind = if release.returns_to.is_some() { RunKind::Rollback } else { RunKind::Upgrade };
     tx.execute(
-        "INSERT INTO releases (version, kind, status, started_at, finished_at, run_id, previous, returns_to, backup_id, expand, contract, deployments, hooks) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        "INSERT INTO releases (version, kind, status, started_at, finished_at, run_id, previous, returns_to, backup_id, expand, contract, deployments, hooks, versions) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
         params![
             release.version,
             kind,
@@ -1308,6 +1329,7 @@ fn insert_release(
             to_json(&release.contract),
             to_json(release.deployments),
             to_json(&release.hooks),
+            to_json(release.versions),
         ],
     )?;
     Ok(tx.last_insert_rowid())
@@ -1450,7 +1472,14 @@ mod tests {
     impl Journal {
         fn finish_run_for_test(&mut self) -> Result<(), JournalError> {
             let plan = RunPlan::Rollback {
-                plan: RollbackPlan { from_revision: 0, target_revision: 0, returns_to: 0, undoes: Vec::new() },
+                plan: RollbackPlan {
+                    from_revision: 0,
+                    target_revision: 0,
+                    returns_to: 0,
+                    undoes: Vec::new(),
+                    versions: BTreeMap::new(),
+                    only: None,
+                },
             };
             let run = self.begin_run(&plan, "1.0.0", None, false, None)?;
             let none = BTreeMap::new();
@@ -1469,6 +1498,7 @@ mod tests {
                     contract: &[],
                     deployments: &none,
                     hooks: &[],
+                    versions: &BTreeMap::new(),
                 }),
                 None,
             )?;

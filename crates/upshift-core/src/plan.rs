@@ -34,6 +34,10 @@ pub enum PlanError {
     /// The migrations cannot be planned (heads, drift, unknown `migrate_to`).
     #[error(transparent)]
     Migrate(#[from] upshift_migrate::Error),
+    /// `--only` cannot be done (an unknown component, one already at the target, or a
+    /// release with migrations).
+    #[error("{0}")]
+    Only(String),
 }
 
 /// How deep an undo goes, least destructive first.
@@ -120,6 +124,10 @@ pub struct Plan {
     pub contract: Vec<String>,
     /// `--no-backup`: the backup step takes none.
     pub no_backup: bool,
+    /// The components it deploys when not all of them (`--only`, or finishing a release
+    /// some components of which run an older version); empty: every component.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub only: Vec<String>,
     /// The steps.
     pub steps: Vec<PlanStep>,
 }
@@ -140,6 +148,12 @@ pub struct PlanInput<'a> {
     pub no_backup: bool,
     /// The configuration options that are set (see [`crate::config::options_set`]).
     pub options: &'a std::collections::BTreeSet<String>,
+    /// `--only`: deploy these components alone (code only); empty: all.
+    pub only: &'a [String],
+    /// Components the journal records at an older version than the deployed release
+    /// (after `upgrade --only` or `rollback --only`): an upgrade to the deployed version
+    /// deploys them.
+    pub behind: &'a [String],
 }
 
 fn failure(undo: UndoDepth, why: impl Into<String>) -> OnFailure {
@@ -173,11 +187,14 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         manifest: manifest.path.display().to_string(),
         known: manifest.releases.iter().map(|r| r.version.to_string()).collect(),
     })?;
+    // An upgrade to the deployed version finishes it: the components still behind.
+    let finishing = input.deployed == Some(input.target) && !input.behind.is_empty();
     if let Some(deployed) = input.deployed {
-        if input.target <= deployed {
+        if input.target < deployed || (input.target == deployed && !finishing) {
             return Err(PlanError::NotNewer { target: input.target.clone(), deployed: deployed.clone() });
         }
         if let Some(requirement) = &release.upgrade_from
+            && !finishing
             && !requirement.matches(deployed)
         {
             return Err(PlanError::UpgradeFrom {
@@ -187,6 +204,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
             });
         }
     }
+    let only = deploy_set(input, finishing)?;
     let config = crate::config::check(manifest, input.target, input.options, false);
     if !config.ok() {
         return Err(PlanError::Config {
@@ -218,9 +236,62 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         let expand_details: Vec<String> = expand.iter().map(describe).collect();
         let contract_details: Vec<String> = contract.iter().map(describe).collect();
         let ids = |indexes: &[usize]| indexes.iter().map(|&i| graph.revision(i).id.clone()).collect::<Vec<_>>();
-        return Ok(build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible));
+        let migrates = !expand.is_empty() || !contract.is_empty();
+        if !only.is_empty() && migrates {
+            let pending: Vec<String> = ids(&expand).into_iter().chain(ids(&contract)).collect();
+            return Err(PlanError::Only(format!(
+                "release {} migrates the schema ({}): every component must move with it, so it cannot be deployed to {} alone; upgrade without --only",
+                input.target,
+                pending.join(", "),
+                only.join(", ")
+            )));
+        }
+        let mut plan =
+            build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible, &only);
+        plan.only = only;
+        return Ok(plan);
     }
-    Ok(build(input, Vec::new(), Vec::new(), Vec::new(), Vec::new(), true))
+    let mut plan = build(input, Vec::new(), Vec::new(), Vec::new(), Vec::new(), true, &only);
+    plan.only = only;
+    Ok(plan)
+}
+
+/// The components a partial upgrade deploys (empty: all): those `--only` names, and when
+/// finishing the deployed release, only those still behind it.
+fn deploy_set(input: &PlanInput<'_>, finishing: bool) -> Result<Vec<String>, PlanError> {
+    let components = &input.manifest.components;
+    for name in input.only {
+        if !components.iter().any(|c| &c.name == name) {
+            let known: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
+            return Err(PlanError::Only(format!(
+                "--only {name}: there is no such component; expected one of: {}",
+                known.join(", ")
+            )));
+        }
+    }
+    if input.only.is_empty() && !finishing {
+        return Ok(Vec::new());
+    }
+    let set: Vec<String> = components
+        .iter()
+        .map(|c| &c.name)
+        .filter(|name| input.only.is_empty() || input.only.contains(name))
+        .filter(|name| !finishing || input.behind.contains(name))
+        .cloned()
+        .collect();
+    if set.is_empty() {
+        return Err(PlanError::Only(format!(
+            "{} already run {}: nothing to deploy",
+            input.only.join(", "),
+            input.target
+        )));
+    }
+    Ok(set)
+}
+
+/// Whether a plan deploying `only` (empty: all) deploys `name`.
+fn deploys(only: &[String], name: &str) -> bool {
+    only.is_empty() || only.iter().any(|o| o == name)
 }
 
 /// Builds the steps, one method per kind.
@@ -229,6 +300,8 @@ struct Builder<'a> {
     expand: Vec<String>,
     contract: Vec<String>,
     expand_reversible: bool,
+    /// The components deployed (empty: all).
+    only: &'a [String],
     steps: Vec<PlanStep>,
 }
 
@@ -239,8 +312,9 @@ fn build(
     expand_details: Vec<String>,
     contract_details: Vec<String>,
     expand_reversible: bool,
+    only: &[String],
 ) -> Plan {
-    let mut builder = Builder { input, expand, contract, expand_reversible, steps: Vec::new() };
+    let mut builder = Builder { input, expand, contract, expand_reversible, only, steps: Vec::new() };
     builder.preflight();
     builder.hooks(HookPoint::PreBackup);
     builder.backup();
@@ -268,6 +342,7 @@ fn build(
         expand: builder.expand,
         contract: builder.contract,
         no_backup: input.no_backup || nothing_to_back_up(input),
+        only: Vec::new(),
         steps: builder.steps,
     }
 }
@@ -443,7 +518,8 @@ impl Builder<'_> {
         if input.deployed.is_none() {
             return;
         }
-        for name in &release.downtime {
+        let only = self.only;
+        for name in release.downtime.iter().filter(|n| deploys(only, n)) {
             let details = vec![
                 format!(
                     "{name} is down from here until its deploy step is healthy: through the expand migrations ({} revision(s)) and the rollout",
@@ -483,7 +559,8 @@ impl Builder<'_> {
 
     fn deploy(&mut self) {
         let manifest = self.input.manifest;
-        for component in &manifest.components {
+        let only = self.only;
+        for component in manifest.components.iter().filter(|c| deploys(only, &c.name)) {
             let mut details = Vec::new();
             if let Some(process) = component.process() {
                 details.push(format!("run: {}", self.shown(&process.run)));

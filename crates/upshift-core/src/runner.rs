@@ -740,6 +740,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
     let none = BTreeMap::new();
     match ending {
         Ending::Undone { state, version } => {
+            let none_versions = BTreeMap::new();
             let previous = journal.deployed()?.map(|r| r.revision);
             let backup = journal.steps(run)?.into_iter().find_map(|s| s.detail.backup);
             journal.finish_run(
@@ -757,6 +758,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
                     contract: &[],
                     deployments: &none,
                     hooks: &[],
+                    versions: &none_versions,
                 }),
                 None,
             )?;
@@ -766,11 +768,19 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
             let releases = journal.releases()?;
             let target = release(&releases, plan.target_revision)?;
             let returns_to = release(&releases, plan.returns_to)?;
+            let message = match &plan.only {
+                Some(name) => format!(
+                    "rolled {name} back to {} ({})",
+                    plan.versions.get(name).map_or("its previous version", String::as_str),
+                    choice.why
+                ),
+                None => format!("rolled back to {} ({})", target.version, choice.why),
+            };
             let revision = journal
                 .finish_run(
                     run,
                     RunState::Succeeded,
-                    Some(&format!("rolled back to {} ({})", target.version, choice.why)),
+                    Some(&message),
                     Some(&NewRelease {
                         version: &target.version,
                         status: ReleaseStatus::Deployed,
@@ -782,6 +792,7 @@ fn finish_undo(ctx: &mut Context<'_>, journal: &mut Journal, run: &str, ending: 
                         contract: &[],
                         deployments: &none,
                         hooks: &[],
+                        versions: &plan.versions,
                     }),
                     None,
                 )?
@@ -801,9 +812,23 @@ fn release(releases: &[ReleaseRow], revision: i64) -> Result<&ReleaseRow, RunErr
 /// Records the release and ends the run in one journal write, then prunes backups.
 fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan, seq: usize) -> Result<Outcome, RunError> {
     let done = done(&journal.steps(run)?, plan);
-    let previous = journal.deployed()?.map(|r| r.revision);
+    let deployed = journal.deployed()?;
+    let previous = deployed.as_ref().map(|r| r.revision);
     let deployments: BTreeMap<String, Option<Deployed>> =
         done.deployed.iter().map(|r| (r.component.name.clone(), r.previous.clone())).collect();
+    // After a partial upgrade the components it did not deploy keep their versions.
+    let to = plan.to.to_string();
+    let versions: BTreeMap<String, String> = match &deployed {
+        Some(before) if !plan.only.is_empty() => ctx
+            .manifest
+            .components
+            .iter()
+            .filter(|c| !deployments.contains_key(&c.name))
+            .map(|c| (c.name.clone(), before.version_of(&c.name).to_owned()))
+            .filter(|(_, version)| *version != to)
+            .collect(),
+        _ => BTreeMap::new(),
+    };
     let revision = journal
         .finish_run(
             run,
@@ -820,6 +845,7 @@ fn record(ctx: &Context<'_>, journal: &mut Journal, run: &str, plan: &Plan, seq:
                 contract: &plan.contract,
                 deployments: &deployments,
                 hooks: &done.hooks.iter().filter(|r| r.hook.undo.is_some()).cloned().collect::<Vec<_>>(),
+                versions: &versions,
             }),
             Some(seq),
         )?
@@ -902,11 +928,14 @@ fn preflight(ctx: &mut Context<'_>, journal: &Journal, plan: &Plan) -> Result<()
             }
             // A component an undo never puts back may run a newer version than the release.
             (Some(running), Some(release))
-                if running.version != release.version && component.rollback != RollbackPolicy::Never =>
+                if running.version != release.version_of(&component.name)
+                    && component.rollback != RollbackPolicy::Never =>
             {
                 return Err(RunError::Preflight(format!(
-                    "the journal says {} is deployed but component {} runs {}; `upshift status` shows what runs",
-                    release.version, component.name, running.version
+                    "the journal says {} runs {} but it runs {}; `upshift status` shows what runs",
+                    component.name,
+                    release.version_of(&component.name),
+                    running.version
                 )));
             }
             _ => {}
@@ -1205,10 +1234,16 @@ impl RollbackPreview {
     /// What the rollback will do, for people (the confirmation prompt): each action, and
     /// for a restore the backup's age and that data written since is lost.
     pub fn describe(&self, manifest: &Manifest) -> String {
-        let mut lines = vec![format!(
-            "Roll back from {} (revision {}) to {} (revision {}): {}",
-            self.from.version, self.from.revision, self.target.version, self.target.revision, self.choice.why
-        )];
+        let mut lines = vec![match &self.plan.only {
+            Some(name) => format!(
+                "Roll back {name} alone, in {} (revision {}): {}",
+                self.from.version, self.from.revision, self.choice.why
+            ),
+            None => format!(
+                "Roll back from {} (revision {}) to {} (revision {}): {}",
+                self.from.version, self.from.revision, self.target.version, self.target.revision, self.choice.why
+            ),
+        }];
         for action in &self.actions {
             lines.push(format!("  - {}", action.describe()));
             if let UndoAction::Restore { backup } = action {
@@ -1220,6 +1255,93 @@ impl RollbackPreview {
         }
         lines.join("\n")
     }
+}
+
+/// The components of `manifest` that `deployed` records at another version than its own
+/// (left behind by `upgrade --only` or put back by `rollback --only`).
+pub fn behind(manifest: &Manifest, deployed: Option<&ReleaseRow>) -> Vec<String> {
+    let Some(release) = deployed else { return Vec::new() };
+    manifest
+        .components
+        .iter()
+        .filter(|c| release.version_of(&c.name) != release.version)
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// `rollback --only COMPONENT`: puts back the version of one component that the deployed
+/// release replaced (code only), and records it as a new revision of the same release.
+/// Refused when the release ran contract revisions (the old code may need what they
+/// removed), when the component has `rollback = "never"`, or when the release did not
+/// deploy it.
+pub fn preview_rollback_only(
+    ctx: &mut Context<'_>,
+    journal: &Journal,
+    name: &str,
+) -> Result<RollbackPreview, RunError> {
+    journal.refuse_in_flight()?;
+    let releases = journal.releases()?;
+    let current = releases
+        .iter()
+        .rev()
+        .find(|r| r.status == ReleaseStatus::Deployed)
+        .ok_or_else(|| RunError::Refused("nothing is deployed: there is nothing to roll back".into()))?;
+    let state = release(&releases, current.state_revision())?;
+    let component = ctx.manifest.components.iter().find(|c| c.name == name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = ctx.manifest.components.iter().map(|c| c.name.as_str()).collect();
+        RunError::Refused(format!("--only {name}: there is no such component; expected one of: {}", known.join(", ")))
+    })?;
+    if component.rollback == RollbackPolicy::Never {
+        return Err(RunError::Refused(format!("{name} has rollback = \"never\": it is not rolled back")));
+    }
+    if !state.contract.is_empty() {
+        return Err(RunError::Refused(format!(
+            "release {} ran contract revisions ({}), which removed what older code may need: roll back the whole release (`upshift rollback`); nothing was changed",
+            state.version,
+            state.contract.join(", ")
+        )));
+    }
+    let previous = match state.deployments.get(name) {
+        Some(Some(previous)) => previous.clone(),
+        Some(None) => {
+            return Err(RunError::Refused(format!(
+                "{name} was first deployed by release {}: there is no earlier version of it to put back",
+                state.version
+            )));
+        }
+        None => {
+            return Err(RunError::Refused(format!(
+                "release {} (revision {}) did not deploy {name}: nothing to roll back for it alone",
+                state.version, state.revision
+            )));
+        }
+    };
+    if current.version_of(name) == previous.version {
+        return Err(RunError::Refused(format!("{name} already runs {}: nothing to roll back", previous.version)));
+    }
+    let mut actions = vec![UndoAction::PutBack { component, previous: Some(previous.clone()) }];
+    actions.extend(point_hooks(ctx.manifest, HookPoint::OnRollback, &current.version, &current.version));
+    check_actions(ctx, &actions).map_err(|e| RunError::Preflight(format!("{e}; nothing was changed")))?;
+    let mut versions = current.versions.clone();
+    versions.insert(name.to_owned(), previous.version.clone());
+    let plan = RollbackPlan {
+        from_revision: current.revision,
+        target_revision: current.revision,
+        returns_to: current.state_revision(),
+        undoes: Vec::new(),
+        versions,
+        only: Some(name.to_owned()),
+    };
+    Ok(RollbackPreview {
+        from: current.clone(),
+        target: current.clone(),
+        choice: UndoChoice {
+            depth: UndoDepth::Code,
+            why: format!("{name} only: {} goes back to {}, code only", current.version_of(name), previous.version),
+        },
+        actions,
+        plan,
+    })
 }
 
 /// Works out a rollback to the release deployed before the current one (or to revision
@@ -1256,6 +1378,8 @@ pub fn preview_rollback(
         target_revision: target.revision,
         returns_to: target.state_revision(),
         undoes,
+        versions: target.versions.clone(),
+        only: None,
     };
     Ok(RollbackPreview {
         from: current.clone(),
@@ -1285,7 +1409,12 @@ pub fn run_rollback(
 ) -> Result<Outcome, RunError> {
     journal.lock()?;
     let RollbackPreview { from, target, choice, actions, plan } = preview;
-    (ctx.say)(&format!("rolling back to {} (revision {}): {}", target.version, target.revision, choice.why));
+    match &plan.only {
+        Some(name) => (ctx.say)(&format!("rolling {name} back: {}", choice.why)),
+        None => {
+            (ctx.say)(&format!("rolling back to {} (revision {}): {}", target.version, target.revision, choice.why));
+        }
+    }
     let run = journal.begin_run(
         &RunPlan::Rollback { plan: plan.clone() },
         &target.version,

@@ -81,8 +81,11 @@ pub(crate) enum Command {
     /// Back to the previous release (or a given revision)
     Rollback {
         /// The revision to go back to [default: the one before the deployed one]
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", conflicts_with = "only")]
         to_revision: Option<i64>,
+        /// Put back the previous version of this component alone (code only)
+        #[arg(long, value_name = "COMPONENT")]
+        only: Option<String>,
         #[command(flatten)]
         database: DatabaseArgs,
     },
@@ -153,6 +156,9 @@ pub(crate) struct TargetArgs {
     /// Skip the backup (recorded; a failure that needs a restore then cannot be undone: exit 4)
     #[arg(long)]
     pub(crate) no_backup: bool,
+    /// Deploy only this component (repeatable); code only: refused when the release migrates the schema
+    #[arg(long, value_name = "COMPONENT")]
+    pub(crate) only: Vec<String>,
     #[command(flatten)]
     pub(crate) database: DatabaseArgs,
 }

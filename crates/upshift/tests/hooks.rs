@@ -508,3 +508,64 @@ restore = ["sh", "-c", "cp {in} state.txt"]
         run(&ctx, &["abort"]).code(1).stderr_has("nothing is in flight");
     }
 }
+
+fn versions(ctx: &Context) -> Vec<Option<String>> {
+    let status: common::Status = run(ctx, &["status", "--output", "json"]).json();
+    status.components.into_iter().map(|c| c.version).collect()
+}
+
+/// `upgrade --only` and `rollback --only`: one component moves (code only); the others
+/// keep their versions, the journal records which runs what, and an upgrade to the
+/// deployed release finishes the components still behind.
+#[test]
+fn one_component_is_upgraded_and_rolled_back_alone() {
+    let ctx = app(r#"
+[[components]]
+name = "data"
+driver = "process"
+run = ["sleep", "3600"]
+
+[[components]]
+name = "web"
+driver = "process"
+run = ["sleep", "3600"]
+
+[[releases]]
+version = "3.0.0"
+"#);
+    let _agent = Agent(&ctx);
+    let v = |a: &str, b: &str| vec![Some(a.to_owned()), Some(b.to_owned())];
+    run(&ctx, &["upgrade", "--to", "1.0.0"]).success();
+    run(&ctx, &["upgrade", "--to", "2.0.0", "--only", "nope"])
+        .code(2)
+        .stderr_has("--only nope: there is no such component");
+
+    let plan = run(&ctx, &["plan", "--to", "2.0.0", "--only", "web"]);
+    plan.success().stdout_has("deploy web");
+    assert!(!plan.stdout.contains("deploy data"), "{}", plan.stdout);
+    run(&ctx, &["upgrade", "--to", "2.0.0", "--only", "web"]).success();
+    assert_eq!(versions(&ctx), v("1.0.0", "2.0.0"));
+
+    // An upgrade to the deployed release finishes it: data alone.
+    let plan = run(&ctx, &["plan", "--to", "2.0.0"]);
+    plan.success().stdout_has("deploy data");
+    assert!(!plan.stdout.contains("deploy web"), "{}", plan.stdout);
+    run(&ctx, &["rollback", "--only", "web", "--yes"]).success().stderr_has("rolling web back");
+    assert_eq!(versions(&ctx), v("1.0.0", "1.0.0"));
+    run(&ctx, &["rollback", "--only", "web", "--yes"]).code(2).stderr_has("web already runs 1.0.0");
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).success();
+    assert_eq!(versions(&ctx), v("2.0.0", "2.0.0"));
+    run(&ctx, &["upgrade", "--to", "2.0.0"]).code(2).stderr_has("not newer than the deployed 2.0.0");
+
+    // A whole rollback goes back along the line: to 2.0.0 with data behind, then further.
+    run(&ctx, &["rollback", "--yes"]).success();
+    assert_eq!(versions(&ctx), v("1.0.0", "1.0.0"), "the revision before: web rolled back alone");
+
+    // A release that migrates the schema moves every component together.
+    add_tags(&ctx);
+    run(&ctx, &["upgrade", "--to", "3.0.0", "--only", "web"])
+        .code(2)
+        .stderr_has("release 3.0.0 migrates the schema (0002)");
+    run(&ctx, &["upgrade", "--to", "3.0.0"]).success();
+    assert_eq!(versions(&ctx), v("3.0.0", "3.0.0"));
+}

@@ -49,7 +49,9 @@ pub(crate) fn run(cli: &Cli, printer: &Printer) -> anyhow::Result<()> {
         Command::Upgrade(target) => run::upgrade(&cli.global, target, printer),
         Command::Status { database } => run::status(&cli.global, database, printer),
         Command::History => run::history(&cli.global, printer),
-        Command::Rollback { to_revision, database } => run::rollback(&cli.global, *to_revision, database, printer),
+        Command::Rollback { to_revision, only, database } => {
+            run::rollback(&cli.global, *to_revision, only.as_deref(), database, printer)
+        }
         Command::Resume { database } => run::resume(&cli.global, database, printer),
         Command::Abort { database } => run::abort(&cli.global, database, printer),
         Command::Agent { state_dir, detach, command } => {

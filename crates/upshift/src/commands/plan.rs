@@ -32,12 +32,14 @@ fn depth(undo: UndoDepth) -> &'static str {
 }
 
 pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Printer) -> anyhow::Result<()> {
-    let TargetArgs { to, no_backup, database } = target_args;
+    let TargetArgs { to, no_backup, only, database } = target_args;
     let no_backup = *no_backup;
     let manifest = required_manifest(global)?;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
+    let release = journal::Journal::open_existing(&manifest.state_dir)?.map(|j| j.deployed()).transpose()?.flatten();
     let deployed = journal::deployed_version(&manifest.state_dir)?;
+    let behind = upshift_core::runner::behind(&manifest, release.as_ref());
     let url = database_url(database, Some(&manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
         Some(url) => {
@@ -57,6 +59,8 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         database: described,
         no_backup,
         options: &upshift_core::config::options_set(&manifest),
+        only,
+        behind: &behind,
     })?;
     describe_changes(&manifest, &mut plan, &target.to_string())?;
     let app = manifest.app_name.as_deref();

@@ -197,12 +197,14 @@ fn plan_summary(plan: &upshift_core::Plan) -> String {
 }
 
 pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &Printer) -> anyhow::Result<()> {
-    let TargetArgs { to, no_backup, database: database_args } = target_args;
+    let TargetArgs { to, no_backup, only, database: database_args } = target_args;
     let no_backup = *no_backup;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
     with_runner(global, database_args, printer, false, |context, journal, manifest| {
-        let deployed = journal.deployed()?.and_then(|r| r.version.parse().ok());
+        let release = journal.deployed()?;
+        let deployed = release.as_ref().and_then(|r| r.version.parse().ok());
+        let behind = runner::behind(manifest, release.as_ref());
         let applied;
         let migrator;
         let migrations = match context.database {
@@ -224,6 +226,8 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
             database: context.database.map(ToString::to_string),
             no_backup,
             options: &upshift_core::config::options_set(manifest),
+            only,
+            behind: &behind,
         })?;
         confirm(global, || plan_summary(&plan), &format!("Upgrade to {target}?"))?;
         runner::upgrade(context, journal, &plan)
@@ -233,12 +237,16 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
 pub(crate) fn rollback(
     global: &GlobalArgs,
     to_revision: Option<i64>,
+    only: Option<&str>,
     database_args: &DatabaseArgs,
     printer: &Printer,
 ) -> anyhow::Result<()> {
     with_runner(global, database_args, printer, false, |context, journal, manifest| {
         journal.lock()?;
-        let preview = runner::preview_rollback(context, journal, to_revision)?;
+        let preview = match only {
+            Some(name) => runner::preview_rollback_only(context, journal, name)?,
+            None => runner::preview_rollback(context, journal, to_revision)?,
+        };
         confirm(global, || preview.describe(manifest), "Roll back?")?;
         runner::run_rollback(context, journal, preview)
     })
