@@ -73,15 +73,6 @@ pub struct Window {
     pub p99_ms: Option<f64>,
 }
 
-impl Window {
-    /// `errors / requests`, when there were requests.
-    #[must_use]
-    pub fn error_rate(&self) -> Option<f64> {
-        #[allow(clippy::cast_precision_loss)]
-        (self.requests > 0).then(|| self.errors as f64 / self.requests as f64)
-    }
-}
-
 /// One upstream as the proxy sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamStatus {

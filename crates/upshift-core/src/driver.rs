@@ -122,6 +122,35 @@ pub struct WindowStatus {
     pub p99_ms: Option<f64>,
 }
 
+/// The proxy's figures are judged on at least this many requests to a version (a canary
+/// step, the watch after verify).
+pub const JUDGE_MIN_REQUESTS: u64 = 20;
+/// The error rate a version may not pass when the manifest sets no `max_error_rate`.
+pub const DEFAULT_MAX_ERROR_RATE: f64 = 0.01;
+
+/// Which of `component`'s limits (`max_error_rate`, default 1%; `max_p99_ms`) the figures
+/// the proxy measured of one version break, if any. The caller checks there were at least
+/// [`JUDGE_MIN_REQUESTS`].
+pub fn limits_broken(component: &Component, requests: u64, errors: u64, p99_ms: Option<f64>) -> Option<String> {
+    let max_error_rate = component.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE);
+    #[allow(clippy::cast_precision_loss)]
+    let error_rate = if requests == 0 { 0.0 } else { errors as f64 / requests as f64 };
+    if error_rate > max_error_rate {
+        return Some(format!(
+            "error rate {:.1}% is over max_error_rate {:.1}%",
+            error_rate * 100.0,
+            max_error_rate * 100.0
+        ));
+    }
+    if let (Some(max), Some(p99)) = (component.max_p99_ms, p99_ms) {
+        #[allow(clippy::cast_precision_loss)]
+        if p99 > max as f64 {
+            return Some(format!("p99 {p99:.1} ms is over max_p99_ms {max} ms"));
+        }
+    }
+    None
+}
+
 /// One version's share of requests and figures.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VersionStatus {
@@ -263,5 +292,34 @@ impl Drivers {
             Some(Slot::Failed(message)) => Err(DriverError::Unavailable(message.clone())),
             _ => unreachable!("the slot was just filled"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(max_error_rate: Option<f64>, max_p99_ms: Option<u64>) -> Component {
+        let text = "[[components]]\nname = \"api\"\ndriver = \"process\"\nrun = [\"x\"]\n";
+        let mut component =
+            crate::Manifest::parse(std::path::Path::new("u.toml"), text, |_| None).unwrap().components.remove(0);
+        component.max_error_rate = max_error_rate;
+        component.max_p99_ms = max_p99_ms;
+        component
+    }
+
+    #[test]
+    fn limits_are_the_error_rate_then_the_p99() {
+        let defaults = component(None, None);
+        assert_eq!(limits_broken(&defaults, 100, 1, Some(900.0)), None, "1% is allowed; no p99 limit");
+        assert_eq!(
+            limits_broken(&defaults, 100, 2, None).as_deref(),
+            Some("error rate 2.0% is over max_error_rate 1.0%")
+        );
+        let strict = component(Some(0.0), Some(50));
+        assert!(limits_broken(&strict, 100, 1, Some(10.0)).unwrap().starts_with("error rate 1.0%"));
+        assert_eq!(limits_broken(&strict, 100, 0, Some(50.5)).as_deref(), Some("p99 50.5 ms is over max_p99_ms 50 ms"));
+        assert_eq!(limits_broken(&strict, 100, 0, Some(50.0)), None, "at the limit is within it");
+        assert_eq!(limits_broken(&strict, 0, 0, None), None, "no requests, nothing broken");
     }
 }

@@ -218,6 +218,9 @@ pub struct StepDetail {
     /// Hook: the end of its output (redacted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Verify: when its watch ends (RFC 3339), once the watch began.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch_until: Option<String>,
 }
 
 /// One undo action: data, so that a crash mid-undo is finished by running the actions not

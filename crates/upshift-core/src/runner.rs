@@ -333,29 +333,38 @@ fn execute(
             let result = run_smoke(ctx, &version, detail);
             journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
             result?;
-            watch(ctx)
+            if ctx.manifest.verify.watch.is_zero() {
+                return Ok(());
+            }
+            let until = std::time::SystemTime::now() + ctx.manifest.verify.watch;
+            detail.watch_until = Some(humantime::format_rfc3339_seconds(until).to_string());
+            journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
+            watch(ctx, &version)
         }
     }
 }
 
 /// The watch after verify: every component with a health check must stay healthy for
-/// `[verify] watch`, checked every `watch_interval`; the first failure fails the step, and
-/// the release is undone like any other failure. SIGINT/SIGTERM end the watch as a failure.
-fn watch(ctx: &mut Context<'_>) -> Result<(), String> {
+/// `[verify] watch`, checked every `watch_interval`, and the new version behind the proxy
+/// must keep within its `max_error_rate` and `max_p99_ms` (once it had 20 requests); the
+/// first breach fails the step, and the release is undone like any other failure.
+/// SIGINT/SIGTERM end the watch early and keep the release (a second one undoes it).
+fn watch(ctx: &mut Context<'_>, version: &str) -> Result<(), String> {
     let verify = &ctx.manifest.verify;
-    if verify.watch.is_zero() {
-        return Ok(());
-    }
-    (ctx.say)(&format!("  watching health for {}", humantime::format_duration(verify.watch)));
+    (ctx.say)(&format!("  watching for {}", humantime::format_duration(verify.watch)));
     let started = std::time::Instant::now();
     while started.elapsed() < verify.watch {
-        if ctx.interrupted.load(Ordering::SeqCst) {
-            return Err("interrupted (SIGINT/SIGTERM) during the watch".into());
+        if ctx.interrupted.swap(false, Ordering::SeqCst) {
+            (ctx.say)(&format!(
+                "  the watch was ended early by SIGINT/SIGTERM after {}s: the release is kept and the run goes on (another signal undoes it)",
+                started.elapsed().as_secs()
+            ));
+            return Ok(());
         }
-        for component in ctx.manifest.components.iter().filter(|c| c.checks_health()) {
+        for component in &ctx.manifest.components {
             let driver = ctx.drivers.get(component).map_err(|e| format!("watch: {}", chain(&e)))?;
             let status = driver.status(component).map_err(|e| format!("watch: {}", chain(&e)))?;
-            if !status.healthy {
+            if component.checks_health() && !status.healthy {
                 return Err(format!(
                     "watch: {} became unhealthy {}s after the verify: {}",
                     component.name,
@@ -363,11 +372,29 @@ fn watch(ctx: &mut Context<'_>) -> Result<(), String> {
                     status.problem.unwrap_or_default()
                 ));
             }
+            if let Some(broken) = watch_breach(component, &status, version) {
+                return Err(format!("watch: {broken}, {}s after the verify", started.elapsed().as_secs()));
+            }
         }
         std::thread::sleep(verify.watch_interval.min(verify.watch.saturating_sub(started.elapsed())));
     }
     (ctx.say)("  healthy through the watch");
     Ok(())
+}
+
+/// What breaks `component`'s limits in the figures the proxy measured of `version`, once it
+/// had enough requests to judge.
+fn watch_breach(component: &Component, status: &crate::driver::ComponentStatus, version: &str) -> Option<String> {
+    let figures = status.versions.iter().find(|v| v.version == version)?;
+    let window = &figures.window;
+    if window.requests < crate::driver::JUDGE_MIN_REQUESTS {
+        return None;
+    }
+    let broken = crate::driver::limits_broken(component, window.requests, window.errors, window.p99_ms)?;
+    Some(format!(
+        "{} {version} got {} requests, {} errors in {:.1}s: {broken}",
+        component.name, window.requests, window.errors, window.seconds
+    ))
 }
 
 /// What an upgrade run did, read back from its steps.

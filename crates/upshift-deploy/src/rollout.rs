@@ -19,7 +19,7 @@
 use std::net::TcpListener;
 
 use upshift_agent::{RouteStatus, Upstream};
-use upshift_core::driver::{Deployed, DriverError};
+use upshift_core::driver::{Deployed, DriverError, JUDGE_MIN_REQUESTS};
 use upshift_core::manifest::{Component, Strategy};
 
 /// One running copy of a component.
@@ -67,11 +67,6 @@ pub trait Instances {
     fn recreate_address(&self, component: &Component, previous: Option<&str>) -> Result<Option<String>, DriverError>;
 }
 
-/// A canary step is judged on at least this many requests to the new version.
-pub(crate) const CANARY_MIN_REQUESTS: u64 = 20;
-/// The error rate that stops a canary when the manifest sets no `max_error_rate`.
-pub(crate) const CANARY_MAX_ERROR_RATE: f64 = 0.01;
-
 /// The slot of the instance that serves under `recreate`.
 pub const LIVE: &str = "live";
 
@@ -117,26 +112,15 @@ pub(crate) fn judge(
     let p99 = window.p99_ms.map_or_else(|| "-".to_owned(), |p| format!("{p:.1} ms"));
     let figures =
         format!("{} requests, {} errors, p99 {p99}, in {:.1}s", window.requests, window.errors, window.seconds);
-    if window.requests < CANARY_MIN_REQUESTS {
+    if window.requests < JUDGE_MIN_REQUESTS {
         return Err(format!(
-            "{at} got {figures}: too little traffic to judge (at least {CANARY_MIN_REQUESTS} requests are needed), \
+            "{at} got {figures}: too little traffic to judge (at least {JUDGE_MIN_REQUESTS} requests are needed), \
              so the canary does not pass; send traffic or lengthen step_interval"
         ));
     }
-    let max_error_rate = component.max_error_rate.unwrap_or(CANARY_MAX_ERROR_RATE);
-    let error_rate = window.error_rate().unwrap_or(0.0);
-    if error_rate > max_error_rate {
-        return Err(format!(
-            "{at} got {figures}: error rate {:.1}% is over max_error_rate {:.1}%",
-            error_rate * 100.0,
-            max_error_rate * 100.0
-        ));
-    }
-    if let (Some(max), Some(p99)) = (component.max_p99_ms, window.p99_ms) {
-        #[allow(clippy::cast_precision_loss)]
-        if p99 > max as f64 {
-            return Err(format!("{at} got {figures}: p99 {p99:.1} ms is over max_p99_ms {max} ms"));
-        }
+    if let Some(broken) = upshift_core::driver::limits_broken(component, window.requests, window.errors, window.p99_ms)
+    {
+        return Err(format!("{at} got {figures}: {broken}"));
     }
     Ok(format!("{at} got {figures}: passed"))
 }

@@ -29,6 +29,8 @@ struct StatusRun {
     target: String,
     state: String,
     step: Option<i64>,
+    #[serde(default)]
+    watching_until: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -1547,4 +1549,83 @@ fn with_downtime_killed_at_every_journal_write_then_resumed() {
 #[test]
 fn with_downtime_killed_at_every_journal_write_then_aborted() {
     crash_at_every_write(&with_downtime(), "abort", false);
+}
+
+/// The notes app behind the proxy whose verify watches for a minute; the smoke command
+/// leaves `smoke-passed-<version>` so a test knows when the watch begins. Returns the app,
+/// the proxy's address and the upgrade to 2.0.0, started (1.0.0 is deployed).
+fn watching(component_settings: &str) -> (App, String, std::process::Child) {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    let manifest = app
+        .ctx
+        .read("upshift.toml")
+        .replace("strategy = \"blue-green\"", &format!("strategy = \"blue-green\"\n{component_settings}"));
+    app.ctx.write("upshift.toml", &manifest);
+    // 1.0.0 is deployed before the watch is set (a first deploy watches too).
+    app.upgrade("1.0.0").success();
+    let smoke = manifest.lines().find(|l| l.starts_with("smoke = ")).unwrap().to_owned();
+    let watched = manifest.replace(
+        &smoke,
+        "smoke = [[\"touch\", \"smoke-passed-{version}\"]]\nwatch = \"60s\"\nwatch_interval = \"100ms\"",
+    );
+    app.ctx.write("upshift.toml", &watched);
+    let run =
+        app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    while !app.ctx.join("smoke-passed-2.0.0").exists() {
+        assert!(std::time::Instant::now() < deadline, "the verify never passed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (app, serve, run)
+}
+
+/// During the watch `status` says so; SIGINT ends the watch early and keeps the release.
+#[test]
+fn status_shows_the_watch_and_sigint_ends_it_keeping_the_release() {
+    let (app, _serve, run) = watching("");
+    let deadline = std::time::Instant::now() + Duration::from_mins(1);
+    let watching_until = loop {
+        if let Some(until) = app.status().run.and_then(|r| r.watching_until) {
+            break until;
+        }
+        assert!(std::time::Instant::now() < deadline, "status never showed the watch");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(humantime::parse_rfc3339(&watching_until).is_ok(), "{watching_until}");
+    app.run(&["status"]).success().stdout_has("watching until");
+    assert!(std::process::Command::new("kill").args(["-INT", &run.id().to_string()]).status().unwrap().success());
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("the watch was ended early by SIGINT/SIGTERM"), "{stderr}");
+    let status = app.status();
+    assert_eq!((status.version.as_deref(), status.run.is_none()), (Some("2.0.0"), true));
+}
+
+/// The watch judges the proxy's figures of the new version against `max_p99_ms`: slow
+/// answers after the verify undo the release though its health check passes.
+#[test]
+fn a_release_too_slow_during_the_watch_is_undone() {
+    let (app, serve, run) = watching("max_p99_ms = 50");
+    let senders: Vec<_> = (0..5)
+        .map(|_| {
+            let serve = serve.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    let Ok(mut stream) = TcpStream::connect(&serve) else { return };
+                    let _ = write!(stream, "GET /slow?ms=150 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                    let mut answer = String::new();
+                    let _ = stream.read_to_string(&mut answer);
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    let output = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("watch: api 2.0.0 got") && stderr.contains("is over max_p99_ms 50 ms"), "{stderr}");
+    assert_eq!(app.status().components[0].version.as_deref(), Some("1.0.0"));
 }

@@ -266,6 +266,9 @@ struct StatusRun<'a> {
     target: &'a str,
     state: &'a str,
     step: Option<usize>,
+    /// While the verify step watches: until when (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    watching_until: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -288,10 +291,13 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
     let journal = Journal::open_existing(&manifest.state_dir)?;
     let deployed = journal.as_ref().map(Journal::deployed).transpose()?.flatten();
     let running = journal.as_ref().map(Journal::in_flight).transpose()?.flatten();
-    let step = match (&journal, &running) {
-        (Some(journal), Some(run)) => journal.current_step(&run.id)?.map(|s| s.seq),
+    let current = match (&journal, &running) {
+        (Some(journal), Some(run)) => journal.current_step(&run.id)?,
         _ => None,
     };
+    let step = current.as_ref().map(|s| s.seq);
+    let watching_until =
+        current.filter(|s| s.state == upshift_core::journal::StepState::Started).and_then(|s| s.detail.watch_until);
     // Status starts nothing: without a running agent, process components show as down.
     let mut drivers = Drivers::new();
     match ProcessDriver::connect(&manifest) {
@@ -324,7 +330,13 @@ pub(crate) fn status(global: &GlobalArgs, _database: &DatabaseArgs, printer: &Pr
     let json = StatusJson {
         version: deployed.as_ref().map(|r| r.version.as_str()),
         revision: deployed.as_ref().map(|r| r.revision),
-        run: running.as_ref().map(|r| StatusRun { id: &r.id, target: &r.target, state: r.state.as_str(), step }),
+        run: running.as_ref().map(|r| StatusRun {
+            id: &r.id,
+            target: &r.target,
+            state: r.state.as_str(),
+            step,
+            watching_until: watching_until.clone(),
+        }),
         components,
     };
     printer.result(&json, || render_status(&json, deployed.as_ref(), running.as_ref(), step))
@@ -442,9 +454,15 @@ fn render_status(
         None => "deployed  nothing yet\n".to_owned(),
     };
     if let Some(run) = running {
+        let watching = json
+            .run
+            .as_ref()
+            .and_then(|r| r.watching_until.as_deref())
+            .map(|until| format!(", watching until {until}"))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "in flight {} to {} ({}, step {}): `upshift resume` finishes it, `upshift abort` undoes it",
+            "in flight {} to {} ({}, step {}{watching}): `upshift resume` finishes it, `upshift abort` undoes it",
             run.kind.as_str(),
             run.target,
             run.state.as_str(),
