@@ -569,3 +569,76 @@ version = "3.0.0"
     run(&ctx, &["upgrade", "--to", "3.0.0"]).success();
     assert_eq!(versions(&ctx), v("3.0.0", "3.0.0"));
 }
+
+/// A webhook over HTTPS: the server's certificate is checked against the roots upshift
+/// trusts (`SSL_CERT_FILE` here): a certificate it does not trust is no delivery.
+#[test]
+fn a_webhook_over_https_checks_the_servers_certificate() {
+    use std::sync::Arc;
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, heard) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let Ok(connection) = rustls::ServerConnection::new(Arc::new(config.clone())) else { return };
+            let mut tls = rustls::StreamOwned::new(connection, stream);
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            // The request's head.
+            while !request.ends_with(b"\r\n\r\n") {
+                match tls.read(&mut byte) {
+                    Ok(1) => request.push(byte[0]),
+                    _ => break,
+                }
+            }
+            if request.is_empty() {
+                continue; // the client refused the certificate
+            }
+            let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = tls.flush();
+            if tx.send(String::from_utf8_lossy(&request).lines().next().unwrap_or_default().to_owned()).is_err() {
+                return;
+            }
+        }
+    });
+    let ctx = app(&format!("[notify]\nwebhook = \"https://localhost:{port}/tls\"\non = [\"success\"]\n"));
+    ctx.write("ca.pem", &cert.pem());
+    let trusted = Run::from(
+        &ctx.command()
+            .args(["upgrade", "--to", "1.0.0"])
+            .env("MAINTENANCE_TEXT", "x")
+            .env("SSL_CERT_FILE", ctx.join("ca.pem"))
+            .output()
+            .unwrap(),
+    );
+    trusted.success();
+    assert_eq!(heard.recv().unwrap(), "POST /tls HTTP/1.1");
+    assert!(notices(&ctx).iter().all(|(_, _, ok, _)| *ok));
+
+    // Without that root the same server is not trusted: the notice records why.
+    add_tags(&ctx);
+    let other_key = rcgen::KeyPair::generate().unwrap();
+    let other = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().self_signed(&other_key).unwrap();
+    ctx.write("other.pem", &other.pem());
+    let untrusted = Run::from(
+        &ctx.command()
+            .args(["upgrade", "--to", "2.0.0"])
+            .env("MAINTENANCE_TEXT", "x")
+            .env("SSL_CERT_FILE", ctx.join("other.pem"))
+            .env("SSL_CERT_DIR", ctx.join("no-such-dir"))
+            .output()
+            .unwrap(),
+    );
+    untrusted.success().stderr_has("warning: the success notification did not arrive");
+    let last = notices(&ctx).pop().unwrap();
+    assert!(!last.2 && last.3.contains("certificate"), "{last:?}");
+}
