@@ -58,6 +58,10 @@ at = "post-deploy"
 run = ["sh", "-c", "echo {{version}} > DEPLOYED"]
 undo = ["sh", "-c", "echo '{{from}}' > DEPLOYED"]
 
+[verify]
+watch = "1s"                       # after verify, health and the proxy's figures must hold
+watch_interval = "100ms"
+
 [notify]                           # start, success, failure, rollback: here, into a file
 command = ["sh", "-c", "cat >> notifications.jsonl && echo >> notifications.jsonl"]
 
