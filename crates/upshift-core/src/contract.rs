@@ -410,7 +410,7 @@ fn plan(manifest: &Manifest, url: &DatabaseUrl, journal: &Journal, version: &str
         manifest,
         target: &target,
         deployed: deployed.as_ref(),
-        migrations: Some((&migrator, &applied)),
+        migrations: Some(crate::plan::Migrations { migrator: &migrator, applied: &applied, dialect: url.dialect() }),
         database: Some(url.to_string()),
         no_backup: false,
         options: &BTreeSet::new(),

@@ -4,12 +4,15 @@
 //! Pending revisions up to the release's `migrate_to` (default: the one head) are split in
 //! two: the expand step runs, in graph order, every pending `expand` revision none of whose
 //! pending ancestors is a `contract` one; the contract step runs the rest, after the new
-//! code is verified.
+//! code is verified. Both are linted in the phase they run in: an expand revision with a
+//! finding the old code cannot survive stops the plan; other findings are its warnings.
 
 use std::collections::BTreeSet;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
+use upshift_migrate::lexer::Dialect;
+use upshift_migrate::lint::Finding;
 use upshift_migrate::{AppliedRevision, Migrator, Phase, UpTarget};
 
 use crate::manifest::{DriverKind, Manifest, Probe};
@@ -34,6 +37,15 @@ pub enum PlanError {
     /// The migrations cannot be planned (heads, drift, unknown `migrate_to`).
     #[error(transparent)]
     Migrate(#[from] upshift_migrate::Error),
+    /// An expand revision does what the old code cannot survive (the linter says so, and
+    /// no `-- upshift:allow` accepts it).
+    #[error(
+        "the old code cannot survive {}, which run{} while it still serves:\n\n{}\n\nrewrite each as its fix says, or accept one with `-- upshift:allow RULE reason` on the line before its statement",
+        if findings.len() == 1 { "this expand revision" } else { "these expand revisions" },
+        if findings.len() == 1 { "s" } else { "" },
+        findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n\n")
+    )]
+    Lint { findings: Vec<Finding> },
 }
 
 /// How deep an undo goes, least destructive first.
@@ -115,6 +127,20 @@ pub struct Plan {
     pub no_backup: bool,
     /// The steps.
     pub steps: Vec<PlanStep>,
+    /// What the linter found in the pending revisions that no allow accepts and that does
+    /// not stop the plan: warnings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lint: Vec<Finding>,
+}
+
+/// The migrations of a plan and the database they run against.
+pub struct Migrations<'a> {
+    /// The revisions.
+    pub migrator: &'a Migrator,
+    /// The applied ones.
+    pub applied: &'a [AppliedRevision],
+    /// The database's dialect, which the linter reads the SQL in.
+    pub dialect: Dialect,
 }
 
 /// What a plan is made from.
@@ -126,7 +152,7 @@ pub struct PlanInput<'a> {
     /// The deployed version, from the journal.
     pub deployed: Option<&'a Version>,
     /// The migrations and the applied revisions, when there is a database.
-    pub migrations: Option<(&'a Migrator, &'a [AppliedRevision])>,
+    pub migrations: Option<Migrations<'a>>,
     /// A printable description of the database (URL without password, server version).
     pub database: Option<String>,
     /// `--no-backup`.
@@ -189,7 +215,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
 
     // Split the pending revisions into expand and contract.
-    if let Some((migrator, applied)) = input.migrations {
+    if let Some(Migrations { migrator, applied, dialect }) = input.migrations {
         migrator.check_applied(applied)?;
         let target = match &release.migrate_to {
             Some(id) => UpTarget::Revision(id.clone()),
@@ -197,6 +223,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         };
         let graph = migrator.graph();
         let (expand, contract) = split_phases(migrator, &migrator.plan_up(applied, &target)?);
+        let lint = lint(migrator, &expand, &contract, dialect)?;
         let expand_reversible = expand.iter().all(|&i| graph.revision(i).reversible());
         let describe = |index: &usize| {
             let revision = graph.revision(*index);
@@ -211,9 +238,30 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         let expand_details: Vec<String> = expand.iter().map(describe).collect();
         let contract_details: Vec<String> = contract.iter().map(describe).collect();
         let ids = |indexes: &[usize]| indexes.iter().map(|&i| graph.revision(i).id.clone()).collect::<Vec<_>>();
-        return Ok(build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible));
+        let mut plan = build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible);
+        plan.lint = lint;
+        return Ok(plan);
     }
     Ok(build(input, Vec::new(), Vec::new(), Vec::new(), Vec::new(), true))
+}
+
+/// Lints the pending revisions, each in the step that runs it. Refuses an expand revision
+/// with a finding the old code cannot survive; returns the other findings not allowed.
+fn lint(
+    migrator: &Migrator,
+    expand: &[usize],
+    contract: &[usize],
+    dialect: Dialect,
+) -> Result<Vec<Finding>, PlanError> {
+    let selected: Vec<(usize, Phase)> =
+        expand.iter().map(|&i| (i, Phase::Expand)).chain(contract.iter().map(|&i| (i, Phase::Contract))).collect();
+    let graph = migrator.graph();
+    let in_expand = |id: &str| expand.iter().any(|&i| graph.revision(i).id == id);
+    let (refused, warnings): (Vec<Finding>, Vec<Finding>) = upshift_migrate::lint::lint(migrator, &selected, dialect)?
+        .into_iter()
+        .filter(|f| !f.allowed)
+        .partition(|f| f.rule.breaks_old_code() && in_expand(&f.revision));
+    if refused.is_empty() { Ok(warnings) } else { Err(PlanError::Lint { findings: refused }) }
 }
 
 /// Builds the steps, one method per kind.
@@ -248,6 +296,7 @@ fn build(
         contract: builder.contract,
         no_backup: input.no_backup || nothing_to_back_up(input),
         steps: builder.steps,
+        lint: Vec::new(),
     }
 }
 

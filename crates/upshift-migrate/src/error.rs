@@ -101,7 +101,7 @@ impl Error {
 }
 
 /// Where a revision's down SQL goes, in the layout its file is in.
-fn where_down_goes(path: &std::path::Path) -> String {
+pub(crate) fn where_down_goes(path: &std::path::Path) -> String {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(stem) = name.strip_suffix(".up.sql") {
         format!("in {stem}.down.sql beside it")

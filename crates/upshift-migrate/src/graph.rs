@@ -178,6 +178,7 @@ pub(crate) mod tests {
             up: section(&format!("SELECT {id};")),
             down: Some(section("SELECT 0;")),
             checksum: checksum(&format!("SELECT {id};")),
+            allows: Vec::new(),
         }
     }
 

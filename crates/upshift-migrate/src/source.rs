@@ -90,6 +90,17 @@ pub struct Revision {
     pub down: Option<Section>,
     /// Hex sha256 of the `up` section.
     pub checksum: String,
+    /// The `-- upshift:allow` lines of the header and the up section, for the linter.
+    pub allows: Vec<AllowLine>,
+}
+
+/// A `-- upshift:allow RULE reason` line: the linter accepts a finding of RULE there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowLine {
+    /// 1-based line in the file of the up section.
+    pub line: usize,
+    /// What follows `upshift:allow`, trimmed: the rule, then the reason.
+    pub text: String,
 }
 
 impl Revision {
@@ -265,6 +276,7 @@ enum Directive {
     NoTransaction,
     Up { no_transaction: bool },
     Down,
+    Allow(AllowLine),
 }
 
 /// Reads a `-- upshift:` or `-- migrate:` line; `Ok(None)` for any other line.
@@ -288,8 +300,11 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
             "no-transaction" => Ok(Some(Directive::NoTransaction)),
             "up" => Ok(Some(Directive::Up { no_transaction: false })),
             "down" => Ok(Some(Directive::Down)),
+            "allow" => {
+                Ok(Some(Directive::Allow(AllowLine { line: line_no, text: rest["allow".len()..].trim().to_owned() })))
+            }
             other => Err(bad(format!(
-                "unknown directive `upshift:{other}`: expected one of parents, phase, no-transaction, up, down"
+                "unknown directive `upshift:{other}`: expected one of parents, phase, no-transaction, up, down, allow"
             ))),
         };
     }
@@ -313,6 +328,7 @@ struct Header {
     parents: Option<Vec<String>>,
     phase: Option<Phase>,
     no_transaction: bool,
+    allows: Vec<AllowLine>,
 }
 
 impl Header {
@@ -322,6 +338,7 @@ impl Header {
             Directive::Phase(phase) => self.phase = Some(phase),
             Directive::NoTransaction => self.no_transaction = true,
             Directive::Up { no_transaction } => self.no_transaction |= no_transaction,
+            Directive::Allow(allow) => self.allows.push(allow),
             Directive::Down => {}
         }
     }
@@ -365,6 +382,14 @@ fn parse_single(stem: &str, path: &Path, text: &str) -> Result<Revision, Error> 
                     up_end = Some(offset);
                     down = Some((next, line_no + 1));
                 }
+                Directive::Allow(_) if down.is_some() => {
+                    return Err(Error::File {
+                        path: path.to_path_buf(),
+                        line: Some(line_no),
+                        message: "has `upshift:allow` in the down section, which the linter does not read; put it before the up statement it accepts, or in the header".into(),
+                    });
+                }
+                Directive::Allow(_) => {}
                 _ if up.is_some() || down.is_some() => {
                     return Err(Error::File {
                         path: path.to_path_buf(),
@@ -430,6 +455,7 @@ fn build(id: String, name: String, path: &Path, header: Header, up: Section, dow
         no_transaction: header.no_transaction,
         up,
         down,
+        allows: header.allows,
     }
 }
 

@@ -31,6 +31,7 @@ pub(crate) fn run(global: &GlobalArgs, args: &MigrateArgs, printer: &Printer) ->
         MigrateCommand::Up { target } => up(&settings, target, printer),
         MigrateCommand::Down { target } => down(&settings, target, printer),
         MigrateCommand::Baseline { id } => baseline(&settings, id, printer),
+        MigrateCommand::Lint { revisions } => lint(&settings, revisions, printer),
     }
 }
 
@@ -274,6 +275,60 @@ fn verify(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
     })?;
     // The first problem, with the whole explanation, becomes the error.
     migrator.check_applied(&rows)?;
+    Ok(())
+}
+
+/// Findings that no `-- upshift:allow` accepts (exit 1: the files are read fine, and they
+/// fail the check).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{count} finding(s) not allowed; rewrite each as its fix says, or accept it with `-- upshift:allow RULE reason` on the line before its statement"
+)]
+struct Findings {
+    count: usize,
+}
+
+fn lint(settings: &MigrateSettings, revisions: &[String], printer: &Printer) -> anyhow::Result<()> {
+    let migrator = load(settings)?;
+    // Offline: the URL, when there is one, only picks the dialect.
+    let dialect = settings.optional_url()?.map_or(Dialect::Postgres, |url| url.dialect());
+    if dialect == Dialect::Sqlite {
+        printer.progress(
+            "SQLite: only the rules that do not depend on PostgreSQL's locks apply (renames, drops, irreversible revisions)",
+        );
+    }
+    let graph = migrator.graph();
+    let selected: Vec<(usize, upshift_migrate::Phase)> = if revisions.is_empty() {
+        graph.topological().iter().map(|&i| (i, graph.revision(i).phase)).collect()
+    } else {
+        revisions
+            .iter()
+            .map(|id| {
+                let index = graph.find(id).ok_or_else(|| {
+                    upshift_migrate::Error::Target(format!(
+                        "no revision `{id}` in {}; `upshift migrate history` lists them",
+                        migrator.dir().display()
+                    ))
+                })?;
+                Ok((index, graph.revision(index).phase))
+            })
+            .collect::<Result<_, upshift_migrate::Error>>()?
+    };
+    let findings = upshift_migrate::lint::lint(&migrator, &selected, dialect)?;
+    let refused = findings.iter().filter(|f| !f.allowed).count();
+    printer.result(&findings, || {
+        let mut out = String::new();
+        for finding in &findings {
+            let _ = writeln!(out, "{finding}\n");
+        }
+        let allowed = findings.len() - refused;
+        let _ =
+            writeln!(out, "{} revision(s) linted: {} finding(s), {allowed} allowed", selected.len(), findings.len());
+        out
+    })?;
+    if refused > 0 {
+        return Err(Findings { count: refused }.into());
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 use upshift_core::journal;
 use upshift_core::manifest::DriverKind;
-use upshift_core::plan::{Plan, PlanInput, StepKind, UndoDepth};
+use upshift_core::plan::{Migrations, Plan, PlanInput, StepKind, UndoDepth};
 use upshift_migrate::{DatabaseUrl, Migrator};
 
 use crate::cli::{GlobalArgs, TargetArgs};
@@ -45,7 +45,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
             let mut engine = upshift_migrate::connect(url, false)?;
             let version = engine.server_version().with_context(|| format!("the database {url} is not reachable"))?;
             let applied = engine.applied()?;
-            (Some(migrator), applied, Some(format!("{url} ({version})")))
+            (Some((migrator, url.dialect())), applied, Some(format!("{url} ({version})")))
         }
         None => (None, Vec::new(), None),
     };
@@ -53,12 +53,19 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         manifest: &manifest,
         target: &target,
         deployed: deployed.as_ref(),
-        migrations: migrator.as_ref().map(|m| (m, applied.as_slice())),
+        migrations: migrator.as_ref().map(|(migrator, dialect)| Migrations {
+            migrator,
+            applied: applied.as_slice(),
+            dialect: *dialect,
+        }),
         database: described,
         no_backup,
         options: &upshift_core::config::options_set(&manifest),
     })?;
     describe_changes(&manifest, &mut plan, &target.to_string())?;
+    for finding in &plan.lint {
+        printer.warn(&finding.to_string());
+    }
     let app = manifest.app_name.as_deref();
     printer.result(&PlanJson { app, plan: &plan }, || {
         let mut out = format!(

@@ -13,7 +13,7 @@ use upshift_core::Manifest;
 use upshift_core::driver::{ComponentStatus, Driver, DriverError, Drivers};
 use upshift_core::journal::{Journal, ReleaseRow, RunRow};
 use upshift_core::manifest::DriverKind;
-use upshift_core::plan::PlanInput;
+use upshift_core::plan::{Migrations, PlanInput};
 use upshift_core::runner::{self, Context, Outcome};
 use upshift_deploy::{ComposeDriver, ProcessDriver};
 use upshift_migrate::{DatabaseUrl, Migrator};
@@ -212,7 +212,7 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
                 applied = upshift_migrate::connect(url, false)
                     .and_then(|mut e| e.applied())
                     .map_err(|e| runner::RunError::Preflight(format!("the database {url}: {e}")))?;
-                Some((&migrator, applied.as_slice()))
+                Some(Migrations { migrator: &migrator, applied: applied.as_slice(), dialect: url.dialect() })
             }
             None => None,
         };
@@ -225,6 +225,9 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
             no_backup,
             options: &upshift_core::config::options_set(manifest),
         })?;
+        for finding in &plan.lint {
+            printer.warn(&finding.to_string());
+        }
         confirm(global, || plan_summary(&plan), &format!("Upgrade to {target}?"))?;
         runner::upgrade(context, journal, &plan)
     })
