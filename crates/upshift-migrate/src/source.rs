@@ -323,6 +323,15 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
     Ok(None)
 }
 
+fn is_allow(line: &str) -> bool {
+    line.trim().strip_prefix("--").is_some_and(|comment| {
+        comment
+            .trim()
+            .strip_prefix("upshift:allow")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    })
+}
+
 #[derive(Default)]
 struct Header {
     parents: Option<Vec<String>>,
@@ -444,8 +453,11 @@ fn parse_pair(
 }
 
 fn build(id: String, name: String, path: &Path, header: Header, up: Section, down: Option<Section>) -> Revision {
+    // `-- upshift:allow` lines are the linter's notes, not SQL: accepting a finding in a
+    // revision that is already applied is no drift.
+    let sql: String = up.sql.split_inclusive('\n').filter(|line| !is_allow(line)).collect();
     Revision {
-        checksum: checksum(&up.sql),
+        checksum: checksum(&sql),
         id,
         name,
         path: path.to_path_buf(),
@@ -528,6 +540,29 @@ mod tests {
         let revs = read_dir(dir.path()).unwrap();
         assert_eq!(revs[0].checksum, revs[1].checksum);
         assert_eq!(revs[1].up.sql, "SELECT 1;\n");
+    }
+
+    #[test]
+    fn allow_lines_are_read_and_left_out_of_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.sql", "-- upshift:up\nCREATE INDEX i ON t (a);\n");
+        write(
+            dir.path(),
+            "2_a.sql",
+            "-- upshift:allow drop-table  whole revision\n-- upshift:up\n  --  upshift:allow index-without-concurrently t is small\nCREATE INDEX i ON t (a);\n",
+        );
+        write(dir.path(), "3_a.up.sql", "-- upshift:allow x y\nCREATE INDEX i ON t (a);\n");
+        let revs = read_dir(dir.path()).unwrap();
+        assert_eq!(revs[0].checksum, revs[1].checksum);
+        assert_eq!(revs[0].checksum, checksum("CREATE INDEX i ON t (a);\n"));
+        assert_eq!(revs[1].checksum, revs[2].checksum);
+        let allows: Vec<(usize, &str)> = revs[1].allows.iter().map(|a| (a.line, a.text.as_str())).collect();
+        assert_eq!(allows, [(1, "drop-table  whole revision"), (3, "index-without-concurrently t is small")]);
+        assert_eq!(revs[2].allows[0].text, "x y");
+        // Only the linter reads them: in the down section one is refused.
+        write(dir.path(), "4_a.sql", "SELECT 1;\n-- upshift:down\n-- upshift:allow drop-table x\nSELECT 2;\n");
+        let err = read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("4_a.sql:3") && err.contains("down section"), "{err}");
     }
 
     #[test]

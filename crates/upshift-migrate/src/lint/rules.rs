@@ -171,7 +171,7 @@ impl<'r> Matcher<'r> {
             at.statement,
             at.statement,
             format!(
-                "{what} waits for an ACCESS EXCLUSIVE lock on {table} with no lock_timeout: while it waits behind any long transaction on {table}, every query of the old code on {table} queues behind it, reads included, and the application stalls"
+                "{what} waits for an ACCESS EXCLUSIVE lock on {table} with no lock_timeout: while it waits behind any long transaction on {table}, every query of the application on {table} queues behind it, reads included, and the application stalls"
             ),
             format!(
                 "put `{set} lock_timeout = '5s';` before it: the revision then fails fast and can be run again, instead of stalling the application"
@@ -213,7 +213,7 @@ impl<'r> Matcher<'r> {
                     at.statement,
                     at.statement,
                     format!(
-                        "CREATE INDEX{name} on {table}, a table that exists before this revision, holds a SHARE lock on it for the whole build: the old code's INSERT, UPDATE and DELETE on {table} wait until the index is built"
+                        "CREATE INDEX{name} on {table}, a table that exists before this revision, holds a SHARE lock on it for the whole build: the application's INSERT, UPDATE and DELETE on {table} wait until the index is built"
                     ),
                     "build it with CREATE INDEX CONCURRENTLY, in a revision of its own marked `-- upshift:no-transaction` (a failed concurrent build leaves an INVALID index: DROP INDEX CONCURRENTLY it, then run the revision again)".to_owned(),
                 );
@@ -255,7 +255,7 @@ impl<'r> Matcher<'r> {
                 at.statement,
                 at.statement,
                 format!(
-                    "DROP INDEX {list} takes an ACCESS EXCLUSIVE lock on the index's table: the old code's queries on that table wait, reads included, until it is done"
+                    "DROP INDEX {list} takes an ACCESS EXCLUSIVE lock on the index's table: the application's queries on that table wait, reads included, until it is done"
                 ),
                 format!("DROP INDEX CONCURRENTLY {list}, in a revision marked `-- upshift:no-transaction`"),
             );
@@ -386,7 +386,7 @@ impl<'r> Matcher<'r> {
                     line,
                     at.statement,
                     format!(
-                        "VALIDATE CONSTRAINT {name} runs in the transaction that added it NOT VALID, which still holds that statement's lock on {table}: the scan blocks the old code as if NOT VALID were not there"
+                        "VALIDATE CONSTRAINT {name} runs in the transaction that added it NOT VALID, which still holds that statement's lock on {table}: the scan blocks the application as if NOT VALID were not there"
                     ),
                     format!(
                         "validate it in a later revision, or mark this revision `-- upshift:no-transaction` so that the ADD CONSTRAINT commits (and lets go of {table}) first"
@@ -409,7 +409,7 @@ impl<'r> Matcher<'r> {
                 line,
                 at.statement,
                 format!(
-                    "ALTER COLUMN {column} TYPE on {table} rewrites the table and rebuilds its indexes under an ACCESS EXCLUSIVE lock (unless the new type is binary-compatible, such as varchar(n) to text or to a longer varchar): the old code's reads and writes on {table} wait for the rewrite, and the old code may not handle the new type"
+                    "ALTER COLUMN {column} TYPE on {table} rewrites the table and rebuilds its indexes under an ACCESS EXCLUSIVE lock (unless the new type is binary-compatible, such as varchar(n) to text or to a longer varchar): the application's reads and writes on {table} wait for the rewrite, and the old code may not handle the new type"
                 ),
                 format!(
                     "add a column of the new type, fill it in batches and keep it in sync (a trigger) while the old code runs, move the code to it, and drop {column} in a contract revision; for a binary-compatible change, allow this finding and say so"
@@ -424,7 +424,7 @@ impl<'r> Matcher<'r> {
                 line,
                 at.statement,
                 format!(
-                    "SET NOT NULL on {table}.{column} scans every row under an ACCESS EXCLUSIVE lock: the old code's reads and writes on {table} wait for the whole scan"
+                    "SET NOT NULL on {table}.{column} scans every row under an ACCESS EXCLUSIVE lock: the application's reads and writes on {table} wait for the whole scan"
                 ),
                 format!(
                     "first `ALTER TABLE {table} ADD CONSTRAINT {table}_{column}_not_null CHECK ({column} IS NOT NULL) NOT VALID;`, then `ALTER TABLE {table} VALIDATE CONSTRAINT {table}_{column}_not_null;` in a later revision (or a `-- upshift:no-transaction` one); with that check validated, PostgreSQL 12+ sets NOT NULL without the scan (then drop the check)"
@@ -497,7 +497,7 @@ impl<'r> Matcher<'r> {
             }
             let message = if check {
                 format!(
-                    "ADD CONSTRAINT{shown} CHECK on {table} checks every row while holding an ACCESS EXCLUSIVE lock: the old code's reads and writes on {table} wait for the whole scan"
+                    "ADD CONSTRAINT{shown} CHECK on {table} checks every row while holding an ACCESS EXCLUSIVE lock: the application's reads and writes on {table} wait for the whole scan"
                 )
             } else {
                 let referenced = action
@@ -506,7 +506,7 @@ impl<'r> Matcher<'r> {
                     .and_then(|i| Cursor { tokens: &action[i + 1..], pos: 0, statement: line }.name())
                     .unwrap_or_else(|| "the table it references".to_owned());
                 format!(
-                    "ADD{} FOREIGN KEY on {table} checks every row while holding a SHARE ROW EXCLUSIVE lock on {table} and on {referenced}: the old code's writes to both wait for the whole scan",
+                    "ADD{} FOREIGN KEY on {table} checks every row while holding a SHARE ROW EXCLUSIVE lock on {table} and on {referenced}: the application's writes to both wait for the whole scan",
                     name.as_ref().map_or_else(String::new, |n| format!(" CONSTRAINT {n}"))
                 )
             };
@@ -527,7 +527,7 @@ impl<'r> Matcher<'r> {
                 line,
                 at.statement,
                 format!(
-                    "ADD{shown} {kind} on {table} builds its index while holding an ACCESS EXCLUSIVE lock: the old code's reads and writes on {table} wait for the whole build"
+                    "ADD{shown} {kind} on {table} builds its index while holding an ACCESS EXCLUSIVE lock: the application's reads and writes on {table} wait for the whole build"
                 ),
                 format!(
                     "build the index first with `CREATE UNIQUE INDEX CONCURRENTLY` in a `-- upshift:no-transaction` revision, then `ALTER TABLE {table} ADD CONSTRAINT name {kind} USING INDEX index_name;`, which only attaches it"
@@ -581,7 +581,7 @@ impl<'r> Matcher<'r> {
                 line,
                 statement,
                 format!(
-                    "ADD COLUMN {column} with {rewrite} on {table} computes it for every existing row, rewriting the whole table under an ACCESS EXCLUSIVE lock: the old code's reads and writes on {table} wait for the rewrite"
+                    "ADD COLUMN {column} with {rewrite} on {table} computes it for every existing row, rewriting the whole table under an ACCESS EXCLUSIVE lock: the application's reads and writes on {table} wait for the rewrite"
                 ),
                 format!(
                     "add {column} without a default (or with a constant one), then `ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT ...` for new rows, and fill the existing rows in batches"
@@ -595,7 +595,7 @@ impl<'r> Matcher<'r> {
                 line,
                 statement,
                 format!(
-                    "ADD COLUMN {column} UNIQUE (or PRIMARY KEY) on {table} builds its index while holding an ACCESS EXCLUSIVE lock: the old code's reads and writes on {table} wait for the whole build"
+                    "ADD COLUMN {column} UNIQUE (or PRIMARY KEY) on {table} builds its index while holding an ACCESS EXCLUSIVE lock: the application's reads and writes on {table} wait for the whole build"
                 ),
                 format!(
                     "add {column} without the constraint, build the index with `CREATE UNIQUE INDEX CONCURRENTLY` in a `-- upshift:no-transaction` revision, then `ALTER TABLE {table} ADD CONSTRAINT name UNIQUE USING INDEX index_name;`"
