@@ -327,9 +327,16 @@ impl Migrator {
                         ),
                     });
                 }
-                if !revision.no_transaction {
-                    for statement in &statements {
-                        if let Some(message) = refused_in_a_transaction(&statement.sql, dialect) {
+                let step = Step { revision, direction, statements };
+                if !step.no_transaction() {
+                    // A down file of its own (a pair, a diesel folder) can say it alone.
+                    let marker = if direction == Direction::Down && section.path != revision.path {
+                        "add `-- no-transaction` as the first line of this down file"
+                    } else {
+                        "add `-- upshift:no-transaction` to the file's header"
+                    };
+                    for statement in &step.statements {
+                        if let Some(message) = refused_in_a_transaction(&statement.sql, dialect, marker) {
                             return Err(Error::File {
                                 path: section.path.clone(),
                                 line: Some(statement.line),
@@ -338,7 +345,7 @@ impl Migrator {
                         }
                     }
                 }
-                Ok(Step { revision, direction, statements })
+                Ok(step)
             })
             .collect()
     }
@@ -441,7 +448,7 @@ impl Migrator {
             let revision = step.revision;
             let way = if direction == Direction::Up { "up" } else { "down" };
             let _ = writeln!(script, "\n-- revision {} ({}), {}, {way}", revision.id, revision.name, revision.phase);
-            if revision.no_transaction {
+            if step.no_transaction() {
                 script.push_str("-- no-transaction: each statement commits on its own\n");
             } else {
                 script.push_str("BEGIN;\n");
@@ -474,7 +481,7 @@ impl Migrator {
                     let _ = writeln!(script, "DELETE FROM {TABLE} WHERE revision = {};", quote(&revision.id));
                 }
             }
-            if !revision.no_transaction {
+            if !step.no_transaction() {
                 script.push_str("COMMIT;\n");
             }
         }
@@ -504,7 +511,7 @@ fn first_words(sql: &str, count: usize) -> Vec<String> {
 /// Why `sql` cannot run in a revision that upshift runs in one transaction, if it cannot:
 /// transaction control of its own, or a statement the server refuses inside a transaction
 /// block. Said before anything runs, with the fix.
-fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
+fn refused_in_a_transaction(sql: &str, dialect: Dialect, marker: &str) -> Option<String> {
     let words = first_words(sql, 4);
     let word = |i: usize| words.get(i).map_or("", String::as_str);
     let control = match word(0) {
@@ -515,7 +522,7 @@ fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
     };
     if control {
         return Some(format!(
-            "`{}` controls the transaction itself, but upshift runs this revision in one transaction with its bookkeeping row (a COMMIT here would end it early, and a failure after it would leave part of the revision applied and unrecorded); remove the transaction statements (the revision stays atomic), or add `-- upshift:no-transaction` to its header",
+            "`{}` controls the transaction itself, but upshift runs this revision in one transaction with its bookkeeping row (a COMMIT here would end it early, and a failure after it would leave part of the revision applied and unrecorded); remove the transaction statements (the revision stays atomic), or {marker}",
             word(0)
         ));
     }
@@ -531,7 +538,7 @@ fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
     );
     outside_only.then(|| {
         format!(
-            "`{}` cannot run inside a transaction block, and upshift runs this revision in one; add `-- upshift:no-transaction` to the file's header (its statements then run one by one, and a failure says which stayed applied)",
+            "`{}` cannot run inside a transaction block, and upshift runs this revision in one; {marker} (its statements then run one by one, and a failure says which stayed applied)",
             words.join(" ")
         )
     })
@@ -566,7 +573,7 @@ mod tests {
 
     #[test]
     fn statements_a_transaction_cannot_hold_are_named() {
-        let refused = |sql: &str| refused_in_a_transaction(sql, Dialect::Postgres);
+        let refused = |sql: &str| refused_in_a_transaction(sql, Dialect::Postgres, "add `-- upshift:no-transaction`");
         assert!(refused("BEGIN").unwrap().contains("`BEGIN` controls the transaction"));
         assert!(refused("-- done\nCOMMIT").is_some());
         assert!(refused("start transaction isolation level serializable").is_some());
@@ -586,7 +593,7 @@ mod tests {
             assert!(refused(fine).is_none(), "{fine}");
         }
         assert!(
-            refused_in_a_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END", Dialect::Sqlite)
+            refused_in_a_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END", Dialect::Sqlite, "")
                 .is_none()
         );
     }

@@ -82,8 +82,12 @@ pub struct Revision {
     pub phase: Phase,
     /// Whether the file declared its phase (the linter checks undeclared ones).
     pub phase_declared: bool,
-    /// Run outside a transaction (for `CREATE INDEX CONCURRENTLY` and the like).
+    /// Run outside a transaction (for `CREATE INDEX CONCURRENTLY` and the like), both ways.
     pub no_transaction: bool,
+    /// The down section alone runs outside a transaction: a `.down.sql` file that says
+    /// `-- no-transaction` on its first line (sqlx) or `-- upshift:no-transaction`, or
+    /// dbmate's `-- migrate:down transaction:false`.
+    pub down_no_transaction: bool,
     /// The `up` section.
     pub up: Section,
     /// The `down` section, when the revision has one.
@@ -275,7 +279,7 @@ enum Directive {
     Phase(Phase),
     NoTransaction,
     Up { no_transaction: bool },
-    Down,
+    Down { no_transaction: bool },
     Allow(AllowLine),
 }
 
@@ -299,7 +303,7 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
             },
             "no-transaction" => Ok(Some(Directive::NoTransaction)),
             "up" => Ok(Some(Directive::Up { no_transaction: false })),
-            "down" => Ok(Some(Directive::Down)),
+            "down" => Ok(Some(Directive::Down { no_transaction: false })),
             "allow" => {
                 Ok(Some(Directive::Allow(AllowLine { line: line_no, text: rest["allow".len()..].trim().to_owned() })))
             }
@@ -314,7 +318,7 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
         let no_transaction = words.any(|w| w == "transaction:false");
         return match name {
             "up" => Ok(Some(Directive::Up { no_transaction })),
-            "down" => Ok(Some(Directive::Down)),
+            "down" => Ok(Some(Directive::Down { no_transaction })),
             other => {
                 Err(bad(format!("unknown dbmate marker `migrate:{other}`: expected `migrate:up` or `migrate:down`")))
             }
@@ -337,6 +341,7 @@ struct Header {
     parents: Option<Vec<String>>,
     phase: Option<Phase>,
     no_transaction: bool,
+    down_no_transaction: bool,
     allows: Vec<AllowLine>,
 }
 
@@ -348,7 +353,7 @@ impl Header {
             Directive::NoTransaction => self.no_transaction = true,
             Directive::Up { no_transaction } => self.no_transaction |= no_transaction,
             Directive::Allow(allow) => self.allows.push(allow),
-            Directive::Down => {}
+            Directive::Down { no_transaction } => self.down_no_transaction |= no_transaction,
         }
     }
 }
@@ -384,7 +389,7 @@ fn parse_single(stem: &str, path: &Path, text: &str) -> Result<Revision, Error> 
                     }
                     up = Some((next, line_no + 1));
                 }
-                Directive::Down => {
+                Directive::Down { .. } => {
                     if down.is_some() {
                         return Err(dup("down"));
                     }
@@ -443,6 +448,13 @@ fn parse_pair(
             header.apply(d);
         }
     }
+    // A down file may say it for itself, the way an up file does.
+    header.down_no_transaction = down_text.is_some_and(|text| {
+        text.lines().enumerate().any(|(index, line)| {
+            let comment = line.trim().strip_prefix("--").map(str::trim);
+            (index == 0 && comment == Some("no-transaction")) || comment == Some("upshift:no-transaction")
+        })
+    });
     let up = Section { sql: up_text.to_owned(), path: up_path.to_path_buf(), first_line: 1 };
     let down = down_path.zip(down_text).map(|(path, sql)| Section {
         sql: sql.to_owned(),
@@ -465,6 +477,7 @@ fn build(id: String, name: String, path: &Path, header: Header, up: Section, dow
         phase: header.phase.unwrap_or(Phase::Expand),
         phase_declared: header.phase.is_some(),
         no_transaction: header.no_transaction,
+        down_no_transaction: header.down_no_transaction,
         up,
         down,
         allows: header.allows,
@@ -530,6 +543,25 @@ mod tests {
         assert!(revs[1].no_transaction);
         assert!(revs[0].down.is_none());
         assert_eq!(revs[1].down.as_ref().unwrap().sql, "SELECT -10;");
+    }
+
+    #[test]
+    fn down_sections_say_no_transaction_for_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.up.sql", "CREATE INDEX i ON t (a);\n");
+        write(dir.path(), "1_a.down.sql", "-- no-transaction\nDROP INDEX CONCURRENTLY i;\n");
+        write(dir.path(), "2_b.up.sql", "CREATE INDEX j ON t (a);\n");
+        write(dir.path(), "2_b.down.sql", "-- why: j is big\n-- upshift:no-transaction\nDROP INDEX CONCURRENTLY j;\n");
+        write(dir.path(), "3_c.up.sql", "SELECT 1;\n");
+        write(dir.path(), "3_c.down.sql", "SELECT 2;\n-- no-transaction is only a marker on the first line\n");
+        write(
+            dir.path(),
+            "4_d.sql",
+            "-- migrate:up\nCREATE INDEX k ON t (a);\n-- migrate:down transaction:false\nDROP INDEX CONCURRENTLY k;\n",
+        );
+        let revs = read_dir(dir.path()).unwrap();
+        let flags: Vec<(bool, bool)> = revs.iter().map(|r| (r.no_transaction, r.down_no_transaction)).collect();
+        assert_eq!(flags, [(false, true), (false, true), (false, false), (false, true)]);
     }
 
     #[test]

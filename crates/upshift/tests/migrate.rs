@@ -887,3 +887,66 @@ fn lint_names_what_blocks_or_breaks_the_old_code() {
     ctx.write("migrations/2_body.sql", &format!("{body}-- upshift:allow drop-index-without-concurrently new index\n"));
     ctx.run(&["migrate", "lint"]).code(2).stderr_has("migrations/2_body.sql:9:").stderr_has("down section");
 }
+
+/// Regression: a `.down.sql` file's own `-- no-transaction` was ignored, so a down that
+/// drops an index concurrently was refused ("cannot run inside a transaction block") unless
+/// the up file said it for both. Now the down file says it for itself; a failure there says
+/// which statements stayed applied.
+#[test]
+fn a_down_file_runs_outside_a_transaction_by_its_own_marker() {
+    let db = upshift_testing::fresh_database();
+    let pg = upshift_testing::postgres();
+    let name = upshift_testing::database_name(&db).to_owned();
+    let indexes = |like: &str| -> i64 {
+        pg.connect(&name).query_one("SELECT count(*) FROM pg_indexes WHERE indexname LIKE $1", &[&like]).unwrap().get(0)
+    };
+    let ctx = Context::new();
+    ctx.write("migrations/1_notes.up.sql", "CREATE TABLE notes (id int, body text);\n");
+    ctx.write("migrations/1_notes.down.sql", "DROP TABLE notes;\n");
+    ctx.write(
+        "migrations/2_index.up.sql",
+        "CREATE INDEX notes_body ON notes (body);\nCREATE INDEX notes_id ON notes (id);\n",
+    );
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "DROP INDEX CONCURRENTLY notes_body;\nDROP INDEX CONCURRENTLY notes_id;\n",
+    );
+    ctx.migrate(&db, &["up"]).success();
+    // Unmarked, the down is refused before anything runs, with the marker to add.
+    ctx.migrate(&db, &["down", "-1"])
+        .code(2)
+        .stderr_has("2_index.down.sql:1")
+        .stderr_has("add `-- no-transaction` as the first line of this down file");
+    assert_eq!(indexes("notes_%"), 2);
+
+    // Marked, with a statement that fails after the first: the first stays done, and the
+    // error says so; the revision stays applied.
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "-- no-transaction\nDROP INDEX CONCURRENTLY notes_body;\nDROP INDEX CONCURRENTLY no_such_index;\n",
+    );
+    let sql = ctx.migrate(&db, &["sql", "down", "1"]).success().stdout.clone();
+    assert!(
+        sql.contains("-- revision 2 (index), expand, down\n-- no-transaction: each statement commits on its own\n"),
+        "{sql}"
+    );
+    assert!(!sql.contains("BEGIN"), "{sql}");
+    ctx.migrate(&db, &["down", "-1"])
+        .code(1)
+        .stderr_has("2_index.down.sql:3")
+        .stderr_has("the statements at line 2 ran and stay applied");
+    assert_eq!(indexes("notes_%"), 1);
+    assert_eq!(status(&ctx, &db).applied, ["1", "2"]);
+
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "-- no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS notes_body;\nDROP INDEX CONCURRENTLY notes_id;\n",
+    );
+    ctx.migrate(&db, &["down", "-1"]).success();
+    assert_eq!(indexes("notes_%"), 0);
+    assert_eq!(status(&ctx, &db).applied, ["1"]);
+    // The up file still runs in a transaction: up again, and down once more.
+    ctx.migrate(&db, &["up"]).success();
+    assert_eq!(indexes("notes_%"), 2);
+    ctx.migrate(&db, &["down", "-1"]).success();
+}

@@ -90,6 +90,12 @@ pub struct Step<'a> {
 }
 
 impl Step<'_> {
+    /// Whether the statements run one by one in autocommit mode: the revision says so, or
+    /// its down section does for itself.
+    pub fn no_transaction(&self) -> bool {
+        self.revision.no_transaction || (self.direction == Direction::Down && self.revision.down_no_transaction)
+    }
+
     /// The file the statements come from.
     pub fn path(&self) -> &std::path::Path {
         match (self.direction, &self.revision.down) {
@@ -100,7 +106,7 @@ impl Step<'_> {
 
     /// The error for statement `index` failing with `message`.
     pub(crate) fn failed(&self, index: usize, message: String) -> Error {
-        let partial = self.revision.no_transaction && index > 0;
+        let partial = self.no_transaction() && index > 0;
         // Without a transaction, say exactly which statements stayed applied.
         let message = if partial {
             let lines: Vec<String> = self.statements.iter().take(index).map(|s| s.line.to_string()).collect();

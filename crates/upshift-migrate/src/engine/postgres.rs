@@ -189,7 +189,7 @@ impl Engine for PostgresEngine {
     fn execute(&mut self, step: &Step<'_>) -> Result<Duration, Error> {
         let record_error = |e| Error::database(format!("record {}", step.revision.id), e);
         let started = Instant::now();
-        if step.revision.no_transaction {
+        if step.no_transaction() {
             run_statements(&mut self.client, step)?;
             let duration = started.elapsed();
             bookkeeping(&mut self.client, step, duration).map_err(record_error)?;
