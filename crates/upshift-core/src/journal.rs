@@ -213,6 +213,9 @@ pub struct StepDetail {
     /// Verify: the smoke commands' results.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub smoke: Vec<SmokeResult>,
+    /// Expand, contract with an external migrator: the commands it ran and their output.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
 }
 
 /// One undo action: data, so that a crash mid-undo is finished by running the actions not

@@ -358,7 +358,11 @@ impl Builder<'_> {
             (None, Some(deployed)) => format!("release {} is known; {deployed} is deployed", input.target),
         });
         if let Some(database) = &input.database {
-            checks.push("migrations folder is sane: one head, no drift, no vanished file".to_owned());
+            checks.push(if input.migrations.as_ref().is_some_and(|m| m.migrator.external().is_some()) {
+                "the migrator's revisions are sane: no drift, no applied revision it does not know".to_owned()
+            } else {
+                "migrations folder is sane: one head, no drift, no vanished file".to_owned()
+            });
             checks.push(format!("database {database} is reachable"));
             if let Some(minimum) = &manifest.min_server {
                 checks.push(format!("a PostgreSQL server is at least [database] min_server {minimum}"));

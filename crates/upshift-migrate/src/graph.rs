@@ -180,6 +180,7 @@ pub(crate) mod tests {
             down: Some(section("SELECT 0;")),
             checksum: checksum(&format!("SELECT {id};")),
             allows: Vec::new(),
+            origin: crate::source::Origin::Files,
         }
     }
 

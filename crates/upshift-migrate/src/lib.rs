@@ -5,6 +5,7 @@
 
 pub mod engine;
 mod error;
+pub mod external;
 pub mod graph;
 pub mod lexer;
 pub mod lint;

@@ -96,6 +96,17 @@ pub struct Revision {
     pub checksum: String,
     /// The `-- upshift:allow` lines of the header and the up section, for the linter.
     pub allows: Vec<AllowLine>,
+    /// Who runs it: upshift (its SQL sections), or an external tool.
+    pub origin: Origin,
+}
+
+/// Who runs a revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// upshift, from the SQL of its file.
+    Files,
+    /// An external tool (Alembic's revisions): no SQL here, the tool runs it both ways.
+    Tool,
 }
 
 /// A `-- upshift:allow RULE reason` line: the linter accepts a finding of RULE there.
@@ -116,8 +127,11 @@ impl Revision {
             crate::lexer::split(sql, crate::lexer::Dialect::Postgres)
                 .map_or(true, |pieces| pieces.iter().any(|p| !p.is_empty()))
         };
-        // A revision whose up does nothing (a merge) has nothing to undo.
-        self.down.as_ref().is_some_and(|down| has_sql(&down.sql)) || !has_sql(&self.up.sql)
+        // A revision whose up does nothing (a merge) has nothing to undo; an external tool
+        // has a way down for each of its revisions.
+        self.origin == Origin::Tool
+            || self.down.as_ref().is_some_and(|down| has_sql(&down.sql))
+            || !has_sql(&self.up.sql)
     }
 }
 
@@ -481,6 +495,7 @@ fn build(id: String, name: String, path: &Path, header: Header, up: Section, dow
         up,
         down,
         allows: header.allows,
+        origin: Origin::Files,
     }
 }
 

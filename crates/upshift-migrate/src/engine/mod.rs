@@ -145,6 +145,12 @@ pub trait Engine {
     /// Runs one step and its bookkeeping in one transaction (unless the revision is
     /// `no-transaction`); returns how long the statements took.
     fn execute(&mut self, step: &Step<'_>) -> Result<Duration, Error>;
+
+    /// What the steps run since the last call printed, line by line: an external tool's
+    /// output (upshift's own engines print nothing).
+    fn take_output(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Opens the engine for `url`. With `create` false a missing SQLite file is not created
@@ -152,7 +158,7 @@ pub trait Engine {
 pub fn connect(url: &DatabaseUrl, create: bool) -> Result<Box<dyn Engine>, Error> {
     Ok(match url {
         DatabaseUrl::Sqlite { path } => Box::new(SqliteEngine::open(path, create)?),
-        DatabaseUrl::Postgres { config, redacted } => Box::new(PostgresEngine::connect(config, redacted)?),
+        DatabaseUrl::Postgres { config, redacted, .. } => Box::new(PostgresEngine::connect(config, redacted)?),
     })
 }
 

@@ -178,6 +178,10 @@ pub fn lint(migrator: &Migrator, selected: &[(usize, Phase)], dialect: Dialect) 
     let mut findings = Vec::new();
     for &index in graph.topological() {
         let revision = graph.revision(index);
+        if revision.origin == crate::source::Origin::Tool {
+            // An external tool's revisions hold no SQL to read.
+            continue;
+        }
         let phase = selected.iter().find(|(i, _)| *i == index).map(|(_, p)| *p);
         let context = Context { no_transaction: revision.no_transaction, phase_declared: revision.phase_declared };
         let up = &revision.up;

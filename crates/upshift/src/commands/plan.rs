@@ -7,7 +7,7 @@ use serde::Serialize;
 use upshift_core::journal;
 use upshift_core::manifest::DriverKind;
 use upshift_core::plan::{Migrations, Plan, PlanInput, StepKind, UndoDepth};
-use upshift_migrate::{DatabaseUrl, Migrator};
+use upshift_migrate::DatabaseUrl;
 
 use crate::cli::{GlobalArgs, TargetArgs};
 use crate::exit::UsageError;
@@ -41,8 +41,8 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
     let url = database_url(database, Some(&manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
         Some(url) => {
-            let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)?;
-            let mut engine = upshift_migrate::connect(url, false)?;
+            let migrator = manifest.migrations()?;
+            let mut engine = migrator.connect(url, false)?;
             let version = engine.server_version().with_context(|| format!("the database {url} is not reachable"))?;
             let applied = engine.applied()?;
             (Some((migrator, url.dialect())), applied, Some(format!("{url} ({version})")))
