@@ -135,6 +135,7 @@ fn an_alembic_project_goes_up_down_and_up_again() {
     let phases: Vec<(&str, &str)> =
         history.as_array().unwrap().iter().map(|e| (e["id"].as_str().unwrap(), e["phase"].as_str().unwrap())).collect();
     assert_eq!(phases, [("e1", "expand"), ("c1", "contract"), ("a1", "expand")], "the contract branch is contract");
+    assert!(history.as_array().unwrap().iter().all(|e| e["applied_at"].is_null()));
 
     // Up: every head, each revision its own `alembic upgrade`, with Alembic's output.
     let run = ctx.run(&["migrate", "up", "--output", "json"]);
@@ -145,6 +146,9 @@ fn an_alembic_project_goes_up_down_and_up_again() {
     run.success().stdout_has("nothing to do");
     assert_eq!(project.versions(), ["c1", "e1"]);
     assert_eq!(project.tables(), ["notes", "tags"]);
+    let history: serde_json::Value = ctx.run(&["migrate", "history", "--output", "json"]).success().json();
+    assert!(history.as_array().unwrap().iter().all(|e| e["applied"] == true && e["applied_at"].is_null()), "{history}");
+    ctx.run(&["migrate", "history"]).success().stdout_has("expand    applied\n");
     assert!(!project.has_title());
 
     // Down one: the last on its own branch only, however Alembic's branches share a1.

@@ -132,7 +132,8 @@ fn history(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> 
                 parents: graph.parents(index).iter().map(|&p| graph.revision(p).id.as_str()).collect(),
                 phase: revision.phase.as_str(),
                 applied: applied_at.contains_key(revision.id.as_str()),
-                applied_at: applied_at.get(revision.id.as_str()).copied(),
+                // An external tool does not say when (Alembic keeps no time).
+                applied_at: applied_at.get(revision.id.as_str()).copied().filter(|at| !at.is_empty()),
             }
         })
         .collect();
@@ -147,7 +148,11 @@ fn history(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> 
             match line.node {
                 Some(i) => {
                     let e = &entries[i];
-                    let state = e.applied_at.map_or_else(|| "pending".to_owned(), |at| format!("applied {at}"));
+                    let state = match (e.applied, e.applied_at) {
+                        (true, Some(at)) => format!("applied {at}"),
+                        (true, None) => "applied".to_owned(),
+                        (false, _) => "pending".to_owned(),
+                    };
                     let _ = writeln!(
                         out,
                         "{:width$}  {:id_width$}  {:name_width$}  {:8}  {state}",
