@@ -379,10 +379,10 @@ impl Engine for ExternalEngine {
 
     fn applied(&mut self) -> Result<Vec<AppliedRevision>, Error> {
         let mut applied = BTreeSet::new();
-        let mut todo = self.heads()?;
-        while let Some(id) = todo.pop() {
+        let mut unseen = self.heads()?;
+        while let Some(id) = unseen.pop() {
             if applied.insert(id.clone()) {
-                todo.extend(self.parents.get(&id).into_iter().flatten().cloned());
+                unseen.extend(self.parents.get(&id).into_iter().flatten().cloned());
             }
         }
         Ok(applied
