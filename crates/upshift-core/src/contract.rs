@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use serde_json::json;
-use upshift_migrate::{DatabaseUrl, Migrator};
+use upshift_migrate::DatabaseUrl;
 
 use crate::driver::{ComponentStatus, Deployed, Driver, DriverError, Drivers};
 use crate::journal::Journal;
@@ -401,16 +401,14 @@ impl Lab {
 fn plan(manifest: &Manifest, url: &DatabaseUrl, journal: &Journal, version: &str) -> Result<crate::Plan, RunError> {
     let target: semver::Version = version.parse().expect("a lab version");
     let deployed = journal.deployed()?.map(|r| r.version.parse().expect("semver in the journal"));
-    let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)
-        .map_err(|e| RunError::Preflight(e.to_string()))?;
-    let applied = upshift_migrate::connect(url, true)
-        .and_then(|mut e| e.applied())
-        .map_err(|e| RunError::Preflight(e.to_string()))?;
+    let migrator = manifest.migrations().map_err(|e| RunError::Preflight(e.to_string()))?;
+    let applied =
+        migrator.connect(url, true).and_then(|mut e| e.applied()).map_err(|e| RunError::Preflight(e.to_string()))?;
     Ok(crate::plan(&PlanInput {
         manifest,
         target: &target,
         deployed: deployed.as_ref(),
-        migrations: Some((&migrator, &applied)),
+        migrations: Some(crate::plan::Migrations { migrator: &migrator, applied: &applied, dialect: url.dialect() }),
         database: Some(url.to_string()),
         no_backup: false,
         options: &BTreeSet::new(),

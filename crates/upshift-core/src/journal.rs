@@ -215,9 +215,10 @@ pub struct StepDetail {
     /// Verify: the smoke commands' results.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub smoke: Vec<SmokeResult>,
-    /// Hook: the end of its output (redacted).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
+    /// Expand, contract with an external migrator: the commands it ran and their output;
+    /// hook: the end of its output (redacted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output: Vec<String>,
     /// Verify: when its watch ends (RFC 3339), once the watch began.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watch_until: Option<String>,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
+use upshift_migrate::external::{External, Tool};
 
 /// A manifest that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -714,6 +715,29 @@ struct RawDatabase {
     #[serde(default)]
     no_transaction: Vec<String>,
     via: Option<Spanned<RawVia>>,
+    migrator: Option<Spanned<RawMigrator>>,
+    alembic: Option<Spanned<String>>,
+    alembic_command: Option<Spanned<Vec<String>>>,
+    commands: Option<Spanned<RawCommands>>,
+    contract: Option<Spanned<Vec<String>>>,
+}
+
+/// `[database] migrator`: who runs the revisions.
+#[derive(Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum RawMigrator {
+    Upshift,
+    Alembic,
+    Commands,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCommands {
+    list: Spanned<Vec<String>>,
+    current: Spanned<Vec<String>>,
+    up: Spanned<Vec<String>>,
+    down: Spanned<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -753,6 +777,9 @@ pub struct Manifest {
     /// `[database] no_transaction`: revisions to run outside a transaction without editing
     /// their files.
     pub no_transaction: Vec<String>,
+    /// `[database] migrator = "alembic"` or `"commands"`: the tool that owns the revisions;
+    /// `None` for upshift's own files.
+    pub migrator: Option<External>,
     /// The manifest's folder: where relative paths start.
     pub base_dir: PathBuf,
     /// `[backup]`.
@@ -838,6 +865,15 @@ pub struct BackupSettings {
 }
 
 impl Manifest {
+    /// The revisions of `[database]`: upshift's own files in `migrations`, or those of the
+    /// external migrator, who runs them.
+    pub fn migrations(&self) -> Result<upshift_migrate::Migrator, upshift_migrate::Error> {
+        match &self.migrator {
+            Some(external) => upshift_migrate::Migrator::load_external(external),
+            None => upshift_migrate::Migrator::load_with(&self.migrations_dir, &self.no_transaction),
+        }
+    }
+
     /// Reads and checks the manifest at `path`, expanding `${VAR}` from `env`.
     pub fn load(path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Manifest, ManifestError> {
         let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
@@ -853,6 +889,10 @@ impl Manifest {
         let mut loader = Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new() };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
+        let migrator = match &raw.database {
+            Some(database) => loader.migrator(database, base)?,
+            None => None,
+        };
         let (database_url_raw, migrations, min_server, no_transaction, via) = match raw.database {
             Some(database) => {
                 (database.url, database.migrations, database.min_server, database.no_transaction, database.via)
@@ -922,6 +962,7 @@ impl Manifest {
             min_server,
             database_via,
             no_transaction,
+            migrator,
             migrations_dir: base.join(migrations.unwrap_or_else(|| "migrations".into())),
             base_dir: base.to_path_buf(),
             backup,
@@ -972,6 +1013,102 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// `[database] migrator` and the keys of the tool it names.
+    fn migrator(&self, database: &RawDatabase, base: &Path) -> Result<Option<External>, ManifestError> {
+        let kind = database.migrator.as_ref().map_or(RawMigrator::Upshift, |m| *m.get_ref());
+        let at = database.migrator.as_ref().map(Spanned::span);
+        let not_for = |span: Range<usize>, key: &str, owner: &str| {
+            self.error(
+                Some(span),
+                format!(
+                    "`{key}` is a setting of migrator = \"{owner}\", but the migrator is {}",
+                    match kind {
+                        RawMigrator::Upshift => "upshift's own files",
+                        RawMigrator::Alembic => "alembic",
+                        RawMigrator::Commands => "commands",
+                    }
+                ),
+            )
+        };
+        if kind != RawMigrator::Alembic {
+            if let Some(key) = &database.alembic {
+                return Err(not_for(key.span(), "alembic", "alembic"));
+            }
+            if let Some(key) = &database.alembic_command {
+                return Err(not_for(key.span(), "alembic_command", "alembic"));
+            }
+        }
+        if kind != RawMigrator::Commands
+            && let Some(key) = &database.commands
+        {
+            return Err(not_for(key.span(), "commands", "commands"));
+        }
+        let contract = database.contract.as_ref().map(|c| c.get_ref().clone()).unwrap_or_default();
+        let tool = match kind {
+            RawMigrator::Upshift => {
+                if let Some(key) = &database.contract {
+                    return Err(self.error(
+                        Some(key.span()),
+                        "`contract` names the contract revisions of an external migrator; upshift's own files say it with `-- upshift:phase contract`".into(),
+                    ));
+                }
+                return Ok(None);
+            }
+            _ if database.migrations.is_some() || !database.no_transaction.is_empty() => {
+                return Err(self.error(
+                    at,
+                    "`migrations` and `no_transaction` are for upshift's own files; with an external migrator its tool owns the revisions".into(),
+                ));
+            }
+            RawMigrator::Alembic => {
+                let command = match &database.alembic_command {
+                    Some(command) if command.get_ref().is_empty() => {
+                        return Err(self.error(Some(command.span()), "`alembic_command` is empty; expected a program and its arguments, e.g. [\"venv/bin/alembic\"]".into()));
+                    }
+                    Some(command) => command.get_ref().clone(),
+                    None => vec!["alembic".to_owned()],
+                };
+                let config = base.join(database.alembic.as_ref().map_or("alembic.ini", |c| c.get_ref().as_str()));
+                Tool::Alembic { config, command }
+            }
+            RawMigrator::Commands => {
+                let Some(commands) = &database.commands else {
+                    return Err(self.error(
+                        at,
+                        "migrator = \"commands\" needs `commands = { list = [...], current = [...], up = [...], down = [...] }`".into(),
+                    ));
+                };
+                let commands = commands.get_ref();
+                let checked = |name: &str, argv: &Spanned<Vec<String>>, needs: &[&str]| {
+                    if argv.get_ref().is_empty() {
+                        return Err(self.error(
+                            Some(argv.span()),
+                            format!("`commands.{name}` is empty; expected a program and its arguments"),
+                        ));
+                    }
+                    if !needs.is_empty() && !argv.get_ref().iter().any(|a| needs.iter().any(|n| a.contains(n))) {
+                        return Err(self.error(
+                            Some(argv.span()),
+                            format!(
+                                "`commands.{name}` does not say which revision: put {} in its arguments",
+                                needs.join(" or ")
+                            ),
+                        ));
+                    }
+                    Ok(argv.get_ref().clone())
+                };
+                Tool::Commands {
+                    dir: if base.as_os_str().is_empty() { PathBuf::from(".") } else { base.to_path_buf() },
+                    list: checked("list", &commands.list, &[])?,
+                    current: checked("current", &commands.current, &[])?,
+                    up: checked("up", &commands.up, &["{revision}"])?,
+                    down: checked("down", &commands.down, &["{revision}", "{parent}"])?,
+                }
+            }
+        };
+        Ok(Some(External { tool, contract }))
+    }
+
     fn error(&self, span: Option<Range<usize>>, message: String) -> ManifestError {
         ManifestError {
             path: self.path.to_path_buf(),
@@ -1643,6 +1780,46 @@ mod tests {
         assert_eq!(m.database_url.as_deref(), Some("sqlite:app.db"));
         assert_eq!(m.migrations_dir, PathBuf::from("deploy/db"));
         assert_eq!(m.state_dir, PathBuf::from("deploy/.upshift"));
+    }
+
+    #[test]
+    fn external_migrators_and_their_keys() {
+        let parse = |text: &str| Manifest::parse(Path::new("deploy/upshift.toml"), text, env);
+        let alembic =
+            parse("[database]\nmigrator = \"alembic\"\nalembic = \"db/alembic.ini\"\ncontract = [\"contract\"]\n")
+                .unwrap()
+                .migrator
+                .unwrap();
+        assert_eq!(
+            alembic.tool,
+            Tool::Alembic { config: PathBuf::from("deploy/db/alembic.ini"), command: vec!["alembic".to_owned()] }
+        );
+        assert_eq!(alembic.contract, ["contract"]);
+        let commands = parse(
+            "[database]\nmigrator = \"commands\"\ncommands = { list = [\"t\", \"list\"], current = [\"t\", \"current\"], up = [\"t\", \"up\", \"{revision}\"], down = [\"t\", \"down\", \"{parent}\"] }\n",
+        )
+        .unwrap();
+        assert!(
+            matches!(commands.migrator.unwrap().tool, Tool::Commands { ref dir, .. } if dir == Path::new("deploy"))
+        );
+        assert!(parse("[database]\nurl = \"sqlite:x.db\"\n").unwrap().migrator.is_none());
+
+        let refused = |text: &str, place: (usize, usize), what: &str| {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.position, Some(place), "{err}");
+            assert!(err.to_string().contains(what), "{err}");
+        };
+        refused("[database]\nmigrator = \"flyway\"\n", (2, 12), "unknown variant `flyway`");
+        refused("[database]\nalembic = \"alembic.ini\"\n", (2, 11), "`alembic` is a setting of migrator = \"alembic\"");
+        refused("[database]\ncontract = [\"x\"]\n", (2, 12), "-- upshift:phase contract");
+        refused("[database]\nmigrator = \"commands\"\n", (2, 12), "needs `commands = {");
+        refused(
+            "[database]\nmigrator = \"commands\"\ncommands = { list = [\"t\"], current = [\"t\"], up = [\"t\", \"up\"], down = [\"t\", \"{parent}\"] }\n",
+            (3, 50),
+            "put {revision} in its arguments",
+        );
+        refused("[database]\nmigrator = \"alembic\"\nalembic_command = []\n", (3, 19), "`alembic_command` is empty");
+        refused("[database]\nmigrator = \"alembic\"\nno_transaction = [\"1\"]\n", (2, 12), "with an external migrator");
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! Pending revisions up to the release's `migrate_to` (default: the one head) are split in
 //! two: the expand step runs, in graph order, every pending `expand` revision none of whose
 //! pending ancestors is a `contract` one; the contract step runs the rest, after the new
-//! code is verified.
+//! code is verified. Both are linted in the phase they run in: an expand revision with a
+//! finding the old code cannot survive stops the plan; other findings are its warnings.
 
 use std::collections::BTreeSet;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
+use upshift_migrate::lexer::Dialect;
+use upshift_migrate::lint::Finding;
 use upshift_migrate::{AppliedRevision, Migrator, Phase, UpTarget};
 
 use crate::manifest::{DriverKind, Hook, HookPoint, Manifest, Probe, RollbackPolicy};
@@ -38,6 +41,15 @@ pub enum PlanError {
     /// release with migrations).
     #[error("{0}")]
     Only(String),
+    /// An expand revision does what the old code cannot survive (the linter says so, and
+    /// no `-- upshift:allow` accepts it).
+    #[error(
+        "the old code cannot survive {}, which run{} while it still serves:\n\n{}\n\nrewrite each as its fix says, or accept one with `-- upshift:allow RULE reason` on the line before its statement",
+        if findings.len() == 1 { "this expand revision" } else { "these expand revisions" },
+        if findings.len() == 1 { "s" } else { "" },
+        findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n\n")
+    )]
+    Lint { findings: Vec<Finding> },
 }
 
 /// How deep an undo goes, least destructive first.
@@ -130,6 +142,20 @@ pub struct Plan {
     pub only: Vec<String>,
     /// The steps.
     pub steps: Vec<PlanStep>,
+    /// What the linter found in the pending revisions that no allow accepts and that does
+    /// not stop the plan: warnings.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lint: Vec<Finding>,
+}
+
+/// The migrations of a plan and the database they run against.
+pub struct Migrations<'a> {
+    /// The revisions.
+    pub migrator: &'a Migrator,
+    /// The applied ones.
+    pub applied: &'a [AppliedRevision],
+    /// The database's dialect, which the linter reads the SQL in.
+    pub dialect: Dialect,
 }
 
 /// What a plan is made from.
@@ -141,7 +167,7 @@ pub struct PlanInput<'a> {
     /// The deployed version, from the journal.
     pub deployed: Option<&'a Version>,
     /// The migrations and the applied revisions, when there is a database.
-    pub migrations: Option<(&'a Migrator, &'a [AppliedRevision])>,
+    pub migrations: Option<Migrations<'a>>,
     /// A printable description of the database (URL without password, server version).
     pub database: Option<String>,
     /// `--no-backup`.
@@ -214,7 +240,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
 
     // Split the pending revisions into expand and contract.
-    if let Some((migrator, applied)) = input.migrations {
+    if let Some(Migrations { migrator, applied, dialect }) = input.migrations {
         migrator.check_applied(applied)?;
         let target = match &release.migrate_to {
             Some(id) => UpTarget::Revision(id.clone()),
@@ -222,6 +248,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         };
         let graph = migrator.graph();
         let (expand, contract) = split_phases(migrator, &migrator.plan_up(applied, &target)?);
+        let lint = lint(migrator, &expand, &contract, dialect)?;
         let expand_reversible = expand.iter().all(|&i| graph.revision(i).reversible());
         let describe = |index: &usize| {
             let revision = graph.revision(*index);
@@ -249,6 +276,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         let mut plan =
             build(input, ids(&expand), ids(&contract), expand_details, contract_details, expand_reversible, &only);
         plan.only = only;
+        plan.lint = lint;
         return Ok(plan);
     }
     let mut plan = build(input, Vec::new(), Vec::new(), Vec::new(), Vec::new(), true, &only);
@@ -292,6 +320,25 @@ fn deploy_set(input: &PlanInput<'_>, finishing: bool) -> Result<Vec<String>, Pla
 /// Whether a plan deploying `only` (empty: all) deploys `name`.
 fn deploys(only: &[String], name: &str) -> bool {
     only.is_empty() || only.iter().any(|o| o == name)
+}
+
+/// Lints the pending revisions, each in the step that runs it. Refuses an expand revision
+/// with a finding the old code cannot survive; returns the other findings not allowed.
+fn lint(
+    migrator: &Migrator,
+    expand: &[usize],
+    contract: &[usize],
+    dialect: Dialect,
+) -> Result<Vec<Finding>, PlanError> {
+    let selected: Vec<(usize, Phase)> =
+        expand.iter().map(|&i| (i, Phase::Expand)).chain(contract.iter().map(|&i| (i, Phase::Contract))).collect();
+    let graph = migrator.graph();
+    let in_expand = |id: &str| expand.iter().any(|&i| graph.revision(i).id == id);
+    let (refused, warnings): (Vec<Finding>, Vec<Finding>) = upshift_migrate::lint::lint(migrator, &selected, dialect)?
+        .into_iter()
+        .filter(|f| !f.allowed)
+        .partition(|f| f.rule.breaks_old_code() && in_expand(&f.revision));
+    if refused.is_empty() { Ok(warnings) } else { Err(PlanError::Lint { findings: refused }) }
 }
 
 /// Builds the steps, one method per kind.
@@ -344,6 +391,7 @@ fn build(
         no_backup: input.no_backup || nothing_to_back_up(input),
         only: Vec::new(),
         steps: builder.steps,
+        lint: Vec::new(),
     }
 }
 
@@ -413,7 +461,11 @@ impl Builder<'_> {
             (None, Some(deployed)) => format!("release {} is known; {deployed} is deployed", input.target),
         });
         if let Some(database) = &input.database {
-            checks.push("migrations folder is sane: one head, no drift, no vanished file".to_owned());
+            checks.push(if input.migrations.as_ref().is_some_and(|m| m.migrator.external().is_some()) {
+                "the migrator's revisions are sane: no drift, no applied revision it does not know".to_owned()
+            } else {
+                "migrations folder is sane: one head, no drift, no vanished file".to_owned()
+            });
             checks.push(format!("database {database} is reachable"));
             if let Some(minimum) = &manifest.min_server {
                 checks.push(format!("a PostgreSQL server is at least [database] min_server {minimum}"));

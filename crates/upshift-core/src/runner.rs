@@ -110,7 +110,7 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 }
 
 fn migrator(ctx: &Context<'_>) -> Result<Migrator, String> {
-    Migrator::load_with(&ctx.manifest.migrations_dir, &ctx.manifest.no_transaction).map_err(|e| chain(&e))
+    ctx.manifest.migrations().map_err(|e| chain(&e))
 }
 
 fn component<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m Component, String> {
@@ -139,7 +139,7 @@ fn migrate_up(
         return Ok(());
     }
     let migrator = migrator(ctx)?;
-    let mut engine = upshift_migrate::connect(url, true).map_err(|e| chain(&e))?;
+    let mut engine = migrator.connect(url, true).map_err(|e| chain(&e))?;
     for id in ids {
         let mut journal_error = None;
         let result = migrator.up(
@@ -158,6 +158,15 @@ fn migrate_up(
         );
         if let Some(e) = journal_error {
             return Err(chain(&e));
+        }
+        // An external tool's output, shown and kept with the step.
+        let output = engine.take_output();
+        if !output.is_empty() {
+            for line in &output {
+                (ctx.say)(&format!("    {}", ctx.manifest.redact(&url.redact(line))));
+            }
+            detail.output.extend(output.iter().map(|line| ctx.manifest.redact(&url.redact(line))));
+            journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
         }
         if let Err(e) = result {
             // Half applied and recorded nowhere: only the backup can undo it.
@@ -248,7 +257,7 @@ fn execute(
                 Ok(output) => output.clone(),
                 Err(e) => e.clone(),
             };
-            detail.output = Some(tail(&output, 4096));
+            detail.output = vec![tail(&output, 4096)];
             journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
             result.map(drop).map_err(|e| format!("hook {}: {e}", hook.name))?;
             (ctx.say)(&format!("  hook {} done", hook.name));
@@ -457,7 +466,7 @@ fn done(steps: &[StepRow], plan: &Plan) -> Done {
 /// The database's applied set now.
 fn applied_now(ctx: &Context<'_>) -> Result<BTreeSet<String>, String> {
     let Some(url) = ctx.database else { return Ok(BTreeSet::new()) };
-    let mut engine = upshift_migrate::connect(url, false).map_err(|e| chain(&e))?;
+    let mut engine = migrator(ctx)?.connect(url, false).map_err(|e| chain(&e))?;
     Ok(engine.applied().map_err(|e| chain(&e))?.into_iter().map(|r| r.id).collect())
 }
 
@@ -608,12 +617,19 @@ fn act(ctx: &mut Context<'_>, run: &str, action: &UndoAction) -> Result<(), Stri
         UndoAction::Revert { revisions } => {
             let url = ctx.database.ok_or("no database to revert")?;
             let migrator = migrator(ctx)?;
-            let mut engine = upshift_migrate::connect(url, true).map_err(|e| chain(&e))?;
-            migrator
-                .down(engine.as_mut(), &DownTarget::Exactly(revisions.clone()), ctx.lock_timeout, &mut |revision, _| {
+            let mut engine = migrator.connect(url, true).map_err(|e| chain(&e))?;
+            let result = migrator.down(
+                engine.as_mut(),
+                &DownTarget::Exactly(revisions.clone()),
+                ctx.lock_timeout,
+                &mut |revision, _| {
                     (ctx.say)(&format!("  reverted {} {}", revision.id, revision.name));
-                })
-                .map_err(|e| format!("reverting {}: {}", revisions.join(", "), chain(&e)))?;
+                },
+            );
+            for line in engine.take_output() {
+                (ctx.say)(&format!("    {}", ctx.manifest.redact(&url.redact(&line))));
+            }
+            result.map_err(|e| format!("reverting {}: {}", revisions.join(", "), chain(&e)))?;
         }
         UndoAction::Restore { backup } => {
             upshift_backup::restore(

@@ -67,6 +67,12 @@ pub enum Error {
         /// True for `no-transaction` revisions, whose earlier statements stay applied.
         partial: bool,
     },
+    /// An external migration tool could not say what its revisions are, or which is applied.
+    #[error("could not ask {command}: {message}")]
+    Listing { command: String, message: String },
+    /// An external migration tool failed on a revision.
+    #[error("revision {id} failed: `{command}` ended with {message}")]
+    Command { id: String, command: String, message: String },
     /// A database operation outside any migration failed.
     #[error("could not {action}")]
     Database {
@@ -90,8 +96,13 @@ impl Error {
             | Error::Drift { .. }
             | Error::Vanished { .. }
             | Error::NoDown { .. }
+            | Error::Listing { .. }
             | Error::Url { .. } => true,
-            Error::Connect { .. } | Error::Locked { .. } | Error::Statement { .. } | Error::Database { .. } => false,
+            Error::Connect { .. }
+            | Error::Locked { .. }
+            | Error::Statement { .. }
+            | Error::Command { .. }
+            | Error::Database { .. } => false,
         }
     }
 
@@ -101,7 +112,7 @@ impl Error {
 }
 
 /// Where a revision's down SQL goes, in the layout its file is in.
-fn where_down_goes(path: &std::path::Path) -> String {
+pub(crate) fn where_down_goes(path: &std::path::Path) -> String {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(stem) = name.strip_suffix(".up.sql") {
         format!("in {stem}.down.sql beside it")

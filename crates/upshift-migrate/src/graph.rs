@@ -175,9 +175,12 @@ pub(crate) mod tests {
             phase: Phase::Expand,
             phase_declared: false,
             no_transaction: false,
+            down_no_transaction: false,
             up: section(&format!("SELECT {id};")),
             down: Some(section("SELECT 0;")),
             checksum: checksum(&format!("SELECT {id};")),
+            allows: Vec::new(),
+            origin: crate::source::Origin::Files,
         }
     }
 

@@ -1,11 +1,14 @@
 //! The schema engine of upshift: revision files, the revision graph, a SQL lexer, and the
 //! SQLite and PostgreSQL engines that apply and revert revisions under a lock, each in one
-//! transaction with its bookkeeping row.
+//! transaction with its bookkeeping row, and the linter that reads what a revision would do
+//! to the code that runs beside it.
 
 pub mod engine;
 mod error;
+pub mod external;
 pub mod graph;
 pub mod lexer;
+pub mod lint;
 mod migrator;
 pub mod source;
 mod url;

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use crate::engine::{AppliedRevision, Direction, Engine, PreparedStatement, Step, TABLE, table_ddl};
 use crate::error::Error;
+use crate::external::{External, ExternalEngine};
 use crate::graph::Graph;
 use crate::lexer::{self, Dialect};
 use crate::source::{self, Revision};
+use crate::url::DatabaseUrl;
 
 /// Where `up` goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +100,8 @@ pub struct Status {
 pub struct Migrator {
     dir: PathBuf,
     graph: Graph,
+    /// The tool that runs the revisions, when they are not upshift's own files.
+    external: Option<External>,
 }
 
 impl Migrator {
@@ -121,7 +125,39 @@ impl Migrator {
             revision.no_transaction = true;
         }
         let graph = Graph::new(revisions)?;
-        Ok(Migrator { dir: dir.to_path_buf(), graph })
+        Ok(Migrator { dir: dir.to_path_buf(), graph, external: None })
+    }
+
+    /// Asks an external tool (Alembic, or any tool's commands) for its revisions; the
+    /// tool runs them.
+    pub fn load_external(external: &External) -> Result<Migrator, Error> {
+        let graph = Graph::new(external.revisions()?)?;
+        Ok(Migrator { dir: external.dir(), graph, external: Some(external.clone()) })
+    }
+
+    /// The external tool that runs the revisions, if any.
+    pub fn external(&self) -> Option<&External> {
+        self.external.as_ref()
+    }
+
+    /// Opens the database the revisions run against: upshift's engine for its own files,
+    /// the external tool's otherwise. With `create` false a missing SQLite file is not made.
+    pub fn connect(&self, url: &DatabaseUrl, create: bool) -> Result<Box<dyn Engine>, Error> {
+        match &self.external {
+            Some(external) => Ok(Box::new(ExternalEngine::connect(external, url, self.graph.revisions())?)),
+            None => crate::engine::connect(url, create),
+        }
+    }
+
+    /// Refuses what only upshift's own SQL files can do.
+    fn own_files(&self, what: &str, instead: &str) -> Result<(), Error> {
+        match &self.external {
+            Some(external) => Err(Error::Target(format!(
+                "{what} works on upshift's own SQL files; the revisions here are {}'s: {instead}",
+                external.name()
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The revision graph.
@@ -187,9 +223,12 @@ impl Migrator {
         })
     }
 
+    /// Refuses two heads: branches that met in version control and were not merged. An
+    /// external tool owns its graph, and its heads may be meant (Alembic's expand and
+    /// contract branches): `heads` is all of them, as `alembic upgrade heads` says.
     fn single_head(&self) -> Result<(), Error> {
         let heads = self.graph.heads();
-        if heads.len() > 1 {
+        if heads.len() > 1 && self.external.is_none() {
             return Err(Error::MultipleHeads {
                 heads: heads.into_iter().map(|i| self.graph.revision(i).id.clone()).collect(),
             });
@@ -300,6 +339,9 @@ impl Migrator {
         plan.iter()
             .map(|&index| {
                 let revision = self.graph.revision(index);
+                if revision.origin == source::Origin::Tool {
+                    return Ok(Step { revision, direction, statements: Vec::new() });
+                }
                 let section = match direction {
                     Direction::Up => &revision.up,
                     Direction::Down => revision
@@ -327,9 +369,16 @@ impl Migrator {
                         ),
                     });
                 }
-                if !revision.no_transaction {
-                    for statement in &statements {
-                        if let Some(message) = refused_in_a_transaction(&statement.sql, dialect) {
+                let step = Step { revision, direction, statements };
+                if !step.no_transaction() {
+                    // A down file of its own (a pair, a diesel folder) can say it alone.
+                    let marker = if direction == Direction::Down && section.path != revision.path {
+                        "add `-- no-transaction` as the first line of this down file"
+                    } else {
+                        "add `-- upshift:no-transaction` to the file's header"
+                    };
+                    for statement in &step.statements {
+                        if let Some(message) = refused_in_a_transaction(&statement.sql, dialect, marker) {
                             return Err(Error::File {
                                 path: section.path.clone(),
                                 line: Some(statement.line),
@@ -338,7 +387,7 @@ impl Migrator {
                         }
                     }
                 }
-                Ok(Step { revision, direction, statements })
+                Ok(step)
             })
             .collect()
     }
@@ -393,6 +442,7 @@ impl Migrator {
     /// Records `id` and every revision it follows as applied, without running them: for a
     /// database whose schema already is at `id`. Returns the ids recorded.
     pub fn baseline(&self, engine: &mut dyn Engine, id: &str, lock_timeout: Duration) -> Result<Vec<String>, Error> {
+        self.own_files("`baseline`", "`alembic stamp` (or the tool's own) records a revision without running it")?;
         let index = self.find(id)?;
         locked(engine, lock_timeout, |engine| {
             let applied = engine.applied()?;
@@ -435,13 +485,14 @@ impl Migrator {
     /// The SQL script of `plan` (revision indexes, in the order they would run), with the
     /// bookkeeping table and rows, as `sql` prints it.
     pub fn render_sql(&self, plan: &[usize], direction: Direction, dialect: Dialect) -> Result<String, Error> {
+        self.own_files("printing the SQL", "`alembic upgrade --sql` (or the tool's own) prints theirs")?;
         let steps = self.steps(plan, direction, dialect)?;
         let mut script = format!("{};\n", table_ddl(dialect));
         for step in &steps {
             let revision = step.revision;
             let way = if direction == Direction::Up { "up" } else { "down" };
             let _ = writeln!(script, "\n-- revision {} ({}), {}, {way}", revision.id, revision.name, revision.phase);
-            if revision.no_transaction {
+            if step.no_transaction() {
                 script.push_str("-- no-transaction: each statement commits on its own\n");
             } else {
                 script.push_str("BEGIN;\n");
@@ -474,7 +525,7 @@ impl Migrator {
                     let _ = writeln!(script, "DELETE FROM {TABLE} WHERE revision = {};", quote(&revision.id));
                 }
             }
-            if !revision.no_transaction {
+            if !step.no_transaction() {
                 script.push_str("COMMIT;\n");
             }
         }
@@ -504,7 +555,7 @@ fn first_words(sql: &str, count: usize) -> Vec<String> {
 /// Why `sql` cannot run in a revision that upshift runs in one transaction, if it cannot:
 /// transaction control of its own, or a statement the server refuses inside a transaction
 /// block. Said before anything runs, with the fix.
-fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
+fn refused_in_a_transaction(sql: &str, dialect: Dialect, marker: &str) -> Option<String> {
     let words = first_words(sql, 4);
     let word = |i: usize| words.get(i).map_or("", String::as_str);
     let control = match word(0) {
@@ -515,7 +566,7 @@ fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
     };
     if control {
         return Some(format!(
-            "`{}` controls the transaction itself, but upshift runs this revision in one transaction with its bookkeeping row (a COMMIT here would end it early, and a failure after it would leave part of the revision applied and unrecorded); remove the transaction statements (the revision stays atomic), or add `-- upshift:no-transaction` to its header",
+            "`{}` controls the transaction itself, but upshift runs this revision in one transaction with its bookkeeping row (a COMMIT here would end it early, and a failure after it would leave part of the revision applied and unrecorded); remove the transaction statements (the revision stays atomic), or {marker}",
             word(0)
         ));
     }
@@ -531,7 +582,7 @@ fn refused_in_a_transaction(sql: &str, dialect: Dialect) -> Option<String> {
     );
     outside_only.then(|| {
         format!(
-            "`{}` cannot run inside a transaction block, and upshift runs this revision in one; add `-- upshift:no-transaction` to the file's header (its statements then run one by one, and a failure says which stayed applied)",
+            "`{}` cannot run inside a transaction block, and upshift runs this revision in one; {marker} (its statements then run one by one, and a failure says which stayed applied)",
             words.join(" ")
         )
     })
@@ -566,7 +617,7 @@ mod tests {
 
     #[test]
     fn statements_a_transaction_cannot_hold_are_named() {
-        let refused = |sql: &str| refused_in_a_transaction(sql, Dialect::Postgres);
+        let refused = |sql: &str| refused_in_a_transaction(sql, Dialect::Postgres, "add `-- upshift:no-transaction`");
         assert!(refused("BEGIN").unwrap().contains("`BEGIN` controls the transaction"));
         assert!(refused("-- done\nCOMMIT").is_some());
         assert!(refused("start transaction isolation level serializable").is_some());
@@ -586,13 +637,13 @@ mod tests {
             assert!(refused(fine).is_none(), "{fine}");
         }
         assert!(
-            refused_in_a_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END", Dialect::Sqlite)
+            refused_in_a_transaction("CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END", Dialect::Sqlite, "")
                 .is_none()
         );
     }
 
     fn migrator(revisions: Vec<Revision>) -> Migrator {
-        Migrator { dir: PathBuf::from("migrations"), graph: Graph::new(revisions).unwrap() }
+        Migrator { dir: PathBuf::from("migrations"), graph: Graph::new(revisions).unwrap(), external: None }
     }
 
     fn applied(m: &Migrator, ids: &[(&str, &str)]) -> Vec<AppliedRevision> {

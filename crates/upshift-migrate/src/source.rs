@@ -82,14 +82,40 @@ pub struct Revision {
     pub phase: Phase,
     /// Whether the file declared its phase (the linter checks undeclared ones).
     pub phase_declared: bool,
-    /// Run outside a transaction (for `CREATE INDEX CONCURRENTLY` and the like).
+    /// Run outside a transaction (for `CREATE INDEX CONCURRENTLY` and the like), both ways.
     pub no_transaction: bool,
+    /// The down section alone runs outside a transaction: a `.down.sql` file that says
+    /// `-- no-transaction` on its first line (sqlx) or `-- upshift:no-transaction`, or
+    /// dbmate's `-- migrate:down transaction:false`.
+    pub down_no_transaction: bool,
     /// The `up` section.
     pub up: Section,
     /// The `down` section, when the revision has one.
     pub down: Option<Section>,
     /// Hex sha256 of the `up` section.
     pub checksum: String,
+    /// The `-- upshift:allow` lines of the header and the up section, for the linter.
+    pub allows: Vec<AllowLine>,
+    /// Who runs it: upshift (its SQL sections), or an external tool.
+    pub origin: Origin,
+}
+
+/// Who runs a revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// upshift, from the SQL of its file.
+    Files,
+    /// An external tool (Alembic's revisions): no SQL here, the tool runs it both ways.
+    Tool,
+}
+
+/// A `-- upshift:allow RULE reason` line: the linter accepts a finding of RULE there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllowLine {
+    /// 1-based line in the file of the up section.
+    pub line: usize,
+    /// What follows `upshift:allow`, trimmed: the rule, then the reason.
+    pub text: String,
 }
 
 impl Revision {
@@ -101,8 +127,11 @@ impl Revision {
             crate::lexer::split(sql, crate::lexer::Dialect::Postgres)
                 .map_or(true, |pieces| pieces.iter().any(|p| !p.is_empty()))
         };
-        // A revision whose up does nothing (a merge) has nothing to undo.
-        self.down.as_ref().is_some_and(|down| has_sql(&down.sql)) || !has_sql(&self.up.sql)
+        // A revision whose up does nothing (a merge) has nothing to undo; an external tool
+        // has a way down for each of its revisions.
+        self.origin == Origin::Tool
+            || self.down.as_ref().is_some_and(|down| has_sql(&down.sql))
+            || !has_sql(&self.up.sql)
     }
 }
 
@@ -264,7 +293,8 @@ enum Directive {
     Phase(Phase),
     NoTransaction,
     Up { no_transaction: bool },
-    Down,
+    Down { no_transaction: bool },
+    Allow(AllowLine),
 }
 
 /// Reads a `-- upshift:` or `-- migrate:` line; `Ok(None)` for any other line.
@@ -287,9 +317,12 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
             },
             "no-transaction" => Ok(Some(Directive::NoTransaction)),
             "up" => Ok(Some(Directive::Up { no_transaction: false })),
-            "down" => Ok(Some(Directive::Down)),
+            "down" => Ok(Some(Directive::Down { no_transaction: false })),
+            "allow" => {
+                Ok(Some(Directive::Allow(AllowLine { line: line_no, text: rest["allow".len()..].trim().to_owned() })))
+            }
             other => Err(bad(format!(
-                "unknown directive `upshift:{other}`: expected one of parents, phase, no-transaction, up, down"
+                "unknown directive `upshift:{other}`: expected one of parents, phase, no-transaction, up, down, allow"
             ))),
         };
     }
@@ -299,7 +332,7 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
         let no_transaction = words.any(|w| w == "transaction:false");
         return match name {
             "up" => Ok(Some(Directive::Up { no_transaction })),
-            "down" => Ok(Some(Directive::Down)),
+            "down" => Ok(Some(Directive::Down { no_transaction })),
             other => {
                 Err(bad(format!("unknown dbmate marker `migrate:{other}`: expected `migrate:up` or `migrate:down`")))
             }
@@ -308,11 +341,22 @@ fn directive(path: &Path, line_no: usize, line: &str) -> Result<Option<Directive
     Ok(None)
 }
 
+fn is_allow(line: &str) -> bool {
+    line.trim().strip_prefix("--").is_some_and(|comment| {
+        comment
+            .trim()
+            .strip_prefix("upshift:allow")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    })
+}
+
 #[derive(Default)]
 struct Header {
     parents: Option<Vec<String>>,
     phase: Option<Phase>,
     no_transaction: bool,
+    down_no_transaction: bool,
+    allows: Vec<AllowLine>,
 }
 
 impl Header {
@@ -322,7 +366,8 @@ impl Header {
             Directive::Phase(phase) => self.phase = Some(phase),
             Directive::NoTransaction => self.no_transaction = true,
             Directive::Up { no_transaction } => self.no_transaction |= no_transaction,
-            Directive::Down => {}
+            Directive::Allow(allow) => self.allows.push(allow),
+            Directive::Down { no_transaction } => self.down_no_transaction |= no_transaction,
         }
     }
 }
@@ -358,13 +403,21 @@ fn parse_single(stem: &str, path: &Path, text: &str) -> Result<Revision, Error> 
                     }
                     up = Some((next, line_no + 1));
                 }
-                Directive::Down => {
+                Directive::Down { .. } => {
                     if down.is_some() {
                         return Err(dup("down"));
                     }
                     up_end = Some(offset);
                     down = Some((next, line_no + 1));
                 }
+                Directive::Allow(_) if down.is_some() => {
+                    return Err(Error::File {
+                        path: path.to_path_buf(),
+                        line: Some(line_no),
+                        message: "has `upshift:allow` in the down section, which the linter does not read; put it before the up statement it accepts, or in the header".into(),
+                    });
+                }
+                Directive::Allow(_) => {}
                 _ if up.is_some() || down.is_some() => {
                     return Err(Error::File {
                         path: path.to_path_buf(),
@@ -409,6 +462,13 @@ fn parse_pair(
             header.apply(d);
         }
     }
+    // A down file may say it for itself, the way an up file does.
+    header.down_no_transaction = down_text.is_some_and(|text| {
+        text.lines().enumerate().any(|(index, line)| {
+            let comment = line.trim().strip_prefix("--").map(str::trim);
+            (index == 0 && comment == Some("no-transaction")) || comment == Some("upshift:no-transaction")
+        })
+    });
     let up = Section { sql: up_text.to_owned(), path: up_path.to_path_buf(), first_line: 1 };
     let down = down_path.zip(down_text).map(|(path, sql)| Section {
         sql: sql.to_owned(),
@@ -419,8 +479,11 @@ fn parse_pair(
 }
 
 fn build(id: String, name: String, path: &Path, header: Header, up: Section, down: Option<Section>) -> Revision {
+    // `-- upshift:allow` lines are the linter's notes, not SQL: accepting a finding in a
+    // revision that is already applied is no drift.
+    let sql: String = up.sql.split_inclusive('\n').filter(|line| !is_allow(line)).collect();
     Revision {
-        checksum: checksum(&up.sql),
+        checksum: checksum(&sql),
         id,
         name,
         path: path.to_path_buf(),
@@ -428,8 +491,11 @@ fn build(id: String, name: String, path: &Path, header: Header, up: Section, dow
         phase: header.phase.unwrap_or(Phase::Expand),
         phase_declared: header.phase.is_some(),
         no_transaction: header.no_transaction,
+        down_no_transaction: header.down_no_transaction,
         up,
         down,
+        allows: header.allows,
+        origin: Origin::Files,
     }
 }
 
@@ -495,6 +561,25 @@ mod tests {
     }
 
     #[test]
+    fn down_sections_say_no_transaction_for_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.up.sql", "CREATE INDEX i ON t (a);\n");
+        write(dir.path(), "1_a.down.sql", "-- no-transaction\nDROP INDEX CONCURRENTLY i;\n");
+        write(dir.path(), "2_b.up.sql", "CREATE INDEX j ON t (a);\n");
+        write(dir.path(), "2_b.down.sql", "-- why: j is big\n-- upshift:no-transaction\nDROP INDEX CONCURRENTLY j;\n");
+        write(dir.path(), "3_c.up.sql", "SELECT 1;\n");
+        write(dir.path(), "3_c.down.sql", "SELECT 2;\n-- no-transaction is only a marker on the first line\n");
+        write(
+            dir.path(),
+            "4_d.sql",
+            "-- migrate:up\nCREATE INDEX k ON t (a);\n-- migrate:down transaction:false\nDROP INDEX CONCURRENTLY k;\n",
+        );
+        let revs = read_dir(dir.path()).unwrap();
+        let flags: Vec<(bool, bool)> = revs.iter().map(|r| (r.no_transaction, r.down_no_transaction)).collect();
+        assert_eq!(flags, [(false, true), (false, true), (false, false), (false, true)]);
+    }
+
+    #[test]
     fn bom_and_crlf_do_not_change_the_checksum() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "1_a.sql", "-- upshift:up\nSELECT 1;\n-- upshift:down\nSELECT 2;\n");
@@ -502,6 +587,29 @@ mod tests {
         let revs = read_dir(dir.path()).unwrap();
         assert_eq!(revs[0].checksum, revs[1].checksum);
         assert_eq!(revs[1].up.sql, "SELECT 1;\n");
+    }
+
+    #[test]
+    fn allow_lines_are_read_and_left_out_of_the_checksum() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "1_a.sql", "-- upshift:up\nCREATE INDEX i ON t (a);\n");
+        write(
+            dir.path(),
+            "2_a.sql",
+            "-- upshift:allow drop-table  whole revision\n-- upshift:up\n  --  upshift:allow index-without-concurrently t is small\nCREATE INDEX i ON t (a);\n",
+        );
+        write(dir.path(), "3_a.up.sql", "-- upshift:allow x y\nCREATE INDEX i ON t (a);\n");
+        let revs = read_dir(dir.path()).unwrap();
+        assert_eq!(revs[0].checksum, revs[1].checksum);
+        assert_eq!(revs[0].checksum, checksum("CREATE INDEX i ON t (a);\n"));
+        assert_eq!(revs[1].checksum, revs[2].checksum);
+        let allows: Vec<(usize, &str)> = revs[1].allows.iter().map(|a| (a.line, a.text.as_str())).collect();
+        assert_eq!(allows, [(1, "drop-table  whole revision"), (3, "index-without-concurrently t is small")]);
+        assert_eq!(revs[2].allows[0].text, "x y");
+        // Only the linter reads them: in the down section one is refused.
+        write(dir.path(), "4_a.sql", "SELECT 1;\n-- upshift:down\n-- upshift:allow drop-table x\nSELECT 2;\n");
+        let err = read_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("4_a.sql:3") && err.contains("down section"), "{err}");
     }
 
     #[test]

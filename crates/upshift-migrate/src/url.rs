@@ -21,6 +21,8 @@ pub enum DatabaseUrl {
         config: Box<upshift_postgres::Config>,
         /// The URL with its password replaced by `***`.
         redacted: String,
+        /// The URL as given, password included: only for a tool's environment.
+        url: String,
     },
 }
 
@@ -40,11 +42,28 @@ impl DatabaseUrl {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let config = upshift_postgres::Config::parse(url, |name| std::env::var(name).ok())
                 .map_err(|e| bad(format!("{e}; expected postgres://user:pass@host:port/db[?sslmode=verify-full]")))?;
-            return Ok(DatabaseUrl::Postgres { config: Box::new(config), redacted });
+            return Ok(DatabaseUrl::Postgres { config: Box::new(config), redacted, url: url.to_owned() });
         }
         Err(bad(
             "unknown scheme: expected postgres://user:pass@host:port/db, postgresql://..., sqlite:PATH or sqlite://PATH".into(),
         ))
+    }
+
+    /// The URL with its password, for the environment of a migration tool that connects
+    /// by itself. Never print it.
+    pub fn secret_text(&self) -> String {
+        match self {
+            DatabaseUrl::Sqlite { path } => format!("sqlite:{}", path.display()),
+            DatabaseUrl::Postgres { url, .. } => url.clone(),
+        }
+    }
+
+    /// `text` with this URL, should it appear there, shown redacted.
+    pub fn redact(&self, text: &str) -> String {
+        match self {
+            DatabaseUrl::Sqlite { .. } => text.to_owned(),
+            DatabaseUrl::Postgres { url, redacted, .. } => text.replace(url.as_str(), redacted),
+        }
     }
 
     /// The SQL dialect of the engine behind this URL.

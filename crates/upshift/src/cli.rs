@@ -322,6 +322,12 @@ pub(crate) enum MigrateCommand {
     },
     /// Check the checksums of applied revisions against the files
     Verify,
+    /// Report what revisions would do to the code running beside them (locks that stall it,
+    /// renames and drops that break it), each with the safe rewrite; offline
+    Lint {
+        /// The revisions to lint [default: every revision in the folder]
+        revisions: Vec<String>,
+    },
     /// Mark an existing schema as being at a revision, without running anything
     Baseline {
         /// The revision the schema is at; it and everything before it are recorded

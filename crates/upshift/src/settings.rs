@@ -115,6 +115,8 @@ pub(crate) struct MigrateSettings {
     pub(crate) dir: PathBuf,
     /// The manifest's `[database] no_transaction`.
     pub(crate) no_transaction: Vec<String>,
+    /// The manifest's external migrator (Alembic, commands), which owns the revisions.
+    pub(crate) external: Option<upshift_migrate::external::External>,
     url: Option<String>,
     pub(crate) lock_timeout: Duration,
 }
@@ -128,12 +130,13 @@ impl MigrateSettings {
         let manifest = manifest(global)?;
         let url = database_url(&connect.database, manifest.as_ref(), printer)?;
         let no_transaction = manifest.as_ref().map(|m| m.no_transaction.clone()).unwrap_or_default();
+        let external = manifest.as_ref().and_then(|m| m.migrator.clone());
         let dir = connect
             .dir
             .clone()
             .or_else(|| manifest.map(|m| m.migrations_dir))
             .unwrap_or_else(|| PathBuf::from("migrations"));
-        Ok(MigrateSettings { dir, no_transaction, url, lock_timeout: connect.lock_timeout })
+        Ok(MigrateSettings { dir, no_transaction, external, url, lock_timeout: connect.lock_timeout })
     }
 
     /// The database URL, or a usage error saying where to put one.

@@ -796,3 +796,157 @@ fn revisions_run_outside_a_transaction_by_sqlx_marker_or_manifest_list() {
     ctx.write("upshift.toml", "[database]\nno_transaction = [\"4\"]\n");
     ctx.migrate(&db, &["status"]).code(2).stderr_has("no_transaction names 4, which is not a revision");
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LintFinding {
+    file: String,
+    line: usize,
+    revision: String,
+    rule: String,
+    message: String,
+    fix: String,
+    allowed: bool,
+    reason: Option<String>,
+}
+
+/// `migrate lint` names each finding with its file and line, rule, what it does to the old code
+/// and the safe rewrite, and fails (exit 1) until each is rewritten or allowed with a
+/// reason; it is offline, and a malformed allow is bad input (exit 2).
+#[test]
+fn lint_names_what_blocks_or_breaks_the_old_code() {
+    let ctx = Context::new();
+    ctx.write(
+        "migrations/1_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id bigint PRIMARY KEY, title text, body text);\nCREATE INDEX notes_title ON notes (title);\n-- upshift:down\nDROP TABLE notes;\n",
+    );
+    let body = "-- upshift:phase expand\n-- upshift:up\nSET LOCAL lock_timeout = '5s';\nCREATE INDEX notes_body ON notes (body);\nALTER TABLE notes RENAME COLUMN title TO heading;\n-- upshift:down\nDROP INDEX notes_body;\nALTER TABLE notes RENAME COLUMN heading TO title;\n";
+    ctx.write("migrations/2_body.sql", body);
+    // A contract revision is where a drop belongs.
+    ctx.write(
+        "migrations/3_drop.up.sql",
+        "-- upshift:phase contract\nSET LOCAL lock_timeout = '5s';\nALTER TABLE notes DROP COLUMN body;\n",
+    );
+
+    let run = ctx.run(&["migrate", "lint"]);
+    run.code(1)
+        .stdout_has("migrations/2_body.sql:4: index-without-concurrently: CREATE INDEX notes_body on notes, a table that exists before this revision, holds a SHARE lock")
+        .stdout_has("fix: build it with CREATE INDEX CONCURRENTLY, in a revision of its own marked `-- upshift:no-transaction`")
+        .stdout_has("migrations/2_body.sql:5: rename-column: RENAME COLUMN title of notes to heading in an expand revision")
+        .stdout_has("3 revision(s) linted: 2 finding(s), 0 allowed")
+        .stderr_has("2 finding(s) not allowed")
+        .stderr_has("-- upshift:allow RULE reason");
+    assert!(!run.stdout.contains("3_drop"), "{}", run.stdout);
+    let findings: Vec<LintFinding> = ctx.run(&["migrate", "lint", "--output", "json"]).code(1).json();
+    let summary: Vec<(&str, usize, &str, &str)> =
+        findings.iter().map(|f| (f.file.as_str(), f.line, f.revision.as_str(), f.rule.as_str())).collect();
+    assert_eq!(
+        summary,
+        [
+            ("migrations/2_body.sql", 4, "2", "index-without-concurrently"),
+            ("migrations/2_body.sql", 5, "2", "rename-column")
+        ]
+    );
+    assert!(findings.iter().all(|f| !f.allowed && f.reason.is_none() && !f.message.is_empty()));
+    assert!(findings[1].fix.contains("upshift:phase contract"), "{}", findings[1].fix);
+
+    // Allowed with reasons, one before its statement and one in the header: exit 0.
+    let allowed = "-- upshift:allow rename-column 2.0.0 reads heading, and 1.0.0 is never run again\n-- upshift:phase expand\n-- upshift:up\nSET LOCAL lock_timeout = '5s';\n-- upshift:allow index-without-concurrently notes holds a few hundred rows\nCREATE INDEX notes_body ON notes (body);\nALTER TABLE notes RENAME COLUMN title TO heading;\n-- upshift:down\nDROP INDEX notes_body;\nALTER TABLE notes RENAME COLUMN heading TO title;\n";
+    ctx.write("migrations/2_body.sql", allowed);
+    ctx.run(&["migrate", "lint"])
+        .success()
+        .stdout_has("migrations/2_body.sql:6: index-without-concurrently: allowed (notes holds a few hundred rows)")
+        .stdout_has("2 finding(s), 2 allowed");
+    let findings: Vec<LintFinding> = ctx.run(&["migrate", "lint", "--output", "json"]).success().json();
+    assert_eq!(
+        findings.iter().map(|f| f.reason.as_deref()).collect::<Vec<_>>(),
+        [Some("notes holds a few hundred rows"), Some("2.0.0 reads heading, and 1.0.0 is never run again")]
+    );
+
+    // Only the revisions asked for; an unknown one is bad input.
+    ctx.write("migrations/2_body.sql", body);
+    ctx.run(&["migrate", "lint", "3"]).success().stdout_has("1 revision(s) linted: 0 finding(s)");
+    ctx.run(&["migrate", "lint", "9"]).code(2).stderr_has("no revision `9`");
+    // SQLite has no such locks: only the phase rules apply; nothing is created.
+    ctx.migrate("sqlite:app.db", &["lint"]).code(1).stdout_has("rename-column").stderr_has("SQLite: only the rules");
+    assert!(!ctx.migrate("sqlite:app.db", &["lint"]).stdout.contains("index-without-concurrently"));
+    assert!(!ctx.join("app.db").exists());
+
+    // An allow without a reason, or naming no rule, stops it with the place.
+    ctx.write(
+        "migrations/2_body.sql",
+        &body.replace("CREATE INDEX", "-- upshift:allow index-without-concurrently\nCREATE INDEX"),
+    );
+    ctx.run(&["migrate", "lint"]).code(2).stderr_has("migrations/2_body.sql:4:").stderr_has("needs a reason");
+    ctx.write(
+        "migrations/2_body.sql",
+        &body.replace("CREATE INDEX", "-- upshift:allow concurrently small table\nCREATE INDEX"),
+    );
+    ctx.run(&["migrate", "lint"]).code(2).stderr_has("`-- upshift:allow concurrently`: no such rule");
+    // An allow in the down section is read nowhere: refused with its line.
+    ctx.write("migrations/2_body.sql", &format!("{body}-- upshift:allow drop-index-without-concurrently new index\n"));
+    ctx.run(&["migrate", "lint"]).code(2).stderr_has("migrations/2_body.sql:9:").stderr_has("down section");
+}
+
+/// Regression: a `.down.sql` file's own `-- no-transaction` was ignored, so a down that
+/// drops an index concurrently was refused ("cannot run inside a transaction block") unless
+/// the up file said it for both. Now the down file says it for itself; a failure there says
+/// which statements stayed applied.
+#[test]
+fn a_down_file_runs_outside_a_transaction_by_its_own_marker() {
+    let db = upshift_testing::fresh_database();
+    let pg = upshift_testing::postgres();
+    let name = upshift_testing::database_name(&db).to_owned();
+    let indexes = |like: &str| -> i64 {
+        pg.connect(&name).query_one("SELECT count(*) FROM pg_indexes WHERE indexname LIKE $1", &[&like]).unwrap().get(0)
+    };
+    let ctx = Context::new();
+    ctx.write("migrations/1_notes.up.sql", "CREATE TABLE notes (id int, body text);\n");
+    ctx.write("migrations/1_notes.down.sql", "DROP TABLE notes;\n");
+    ctx.write(
+        "migrations/2_index.up.sql",
+        "CREATE INDEX notes_body ON notes (body);\nCREATE INDEX notes_id ON notes (id);\n",
+    );
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "DROP INDEX CONCURRENTLY notes_body;\nDROP INDEX CONCURRENTLY notes_id;\n",
+    );
+    ctx.migrate(&db, &["up"]).success();
+    // Unmarked, the down is refused before anything runs, with the marker to add.
+    ctx.migrate(&db, &["down", "-1"])
+        .code(2)
+        .stderr_has("2_index.down.sql:1")
+        .stderr_has("add `-- no-transaction` as the first line of this down file");
+    assert_eq!(indexes("notes_%"), 2);
+
+    // Marked, with a statement that fails after the first: the first stays done, and the
+    // error says so; the revision stays applied.
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "-- no-transaction\nDROP INDEX CONCURRENTLY notes_body;\nDROP INDEX CONCURRENTLY no_such_index;\n",
+    );
+    let sql = ctx.migrate(&db, &["sql", "down", "1"]).success().stdout.clone();
+    assert!(
+        sql.contains("-- revision 2 (index), expand, down\n-- no-transaction: each statement commits on its own\n"),
+        "{sql}"
+    );
+    assert!(!sql.contains("BEGIN"), "{sql}");
+    ctx.migrate(&db, &["down", "-1"])
+        .code(1)
+        .stderr_has("2_index.down.sql:3")
+        .stderr_has("the statements at line 2 ran and stay applied");
+    assert_eq!(indexes("notes_%"), 1);
+    assert_eq!(status(&ctx, &db).applied, ["1", "2"]);
+
+    ctx.write(
+        "migrations/2_index.down.sql",
+        "-- no-transaction\nDROP INDEX CONCURRENTLY IF EXISTS notes_body;\nDROP INDEX CONCURRENTLY notes_id;\n",
+    );
+    ctx.migrate(&db, &["down", "-1"]).success();
+    assert_eq!(indexes("notes_%"), 0);
+    assert_eq!(status(&ctx, &db).applied, ["1"]);
+    // The up file still runs in a transaction: up again, and down once more.
+    ctx.migrate(&db, &["up"]).success();
+    assert_eq!(indexes("notes_%"), 2);
+    ctx.migrate(&db, &["down", "-1"]).success();
+}

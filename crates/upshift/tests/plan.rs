@@ -15,6 +15,21 @@ struct PlanJson {
     contract: Vec<String>,
     no_backup: bool,
     steps: Vec<Step>,
+    #[serde(default)]
+    lint: Vec<LintFinding>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LintFinding {
+    file: String,
+    line: usize,
+    revision: String,
+    rule: String,
+    message: String,
+    fix: String,
+    allowed: bool,
+    reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -227,4 +242,80 @@ fn refused_plans_exit_2() {
             .replace("driver = \"process\"\nrun = [\"releases/{version}/notes\", \"--worker\"]", "driver = \"helm\""),
     );
     ctx.run(&["plan", "--to", "2.0.0"]).code(2).stderr_has("helm driver");
+}
+
+/// A manifest with a database and releases only: nothing to deploy.
+fn schema_only(url: &str) -> String {
+    format!(
+        "[database]\nurl = \"{url}\"\n\n[[releases]]\nversion = \"1.0.0\"\nmigrate_to = \"1\"\n\n[[releases]]\nversion = \"2.0.0\"\n"
+    )
+}
+
+/// `plan` and `upgrade` lint the release's revisions: an expand revision the old code
+/// cannot survive (a drop, a rename, a NOT NULL column without default) is refused with
+/// exit 2 before anything is touched, unless an allow with a reason accepts it; other
+/// findings are warnings, and a drop in a contract revision is none.
+#[test]
+fn plan_and_upgrade_refuse_an_expand_revision_the_old_code_cannot_survive() {
+    let ctx = Context::new();
+    ctx.write("upshift.toml", &schema_only("sqlite:notes.db"));
+    ctx.write(
+        "migrations/1_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id integer, title text, body text);\n-- upshift:down\nDROP TABLE notes;\n",
+    );
+    let drop = "-- upshift:up\nALTER TABLE notes DROP COLUMN title;\n-- upshift:down\nALTER TABLE notes ADD COLUMN title text;\n";
+    ctx.write("migrations/2_drop_title.sql", drop);
+    ctx.run(&["plan", "--to", "2.0.0"])
+        .code(2)
+        .stderr_has("the old code cannot survive this expand revision, which runs while it still serves")
+        .stderr_has("migrations/2_drop_title.sql:2: drop-column: DROP COLUMN title of notes in an expand revision (it has no `-- upshift:phase` line")
+        .stderr_has("fix: drop it in a `-- upshift:phase contract` revision")
+        .stderr_has("-- upshift:allow RULE reason");
+    ctx.run(&["upgrade", "--to", "2.0.0", "--yes"]).code(2).stderr_has("drop-column");
+    assert!(!ctx.join("notes.db").exists(), "the refused upgrade touched the database");
+    assert!(!ctx.join(".upshift/backups").exists(), "the refused upgrade took a backup");
+
+    // The same drop as a contract revision is what contract revisions are for.
+    ctx.write("migrations/2_drop_title.sql", &format!("-- upshift:phase contract\n{drop}"));
+    let plan = plan(&ctx, &["--to", "2.0.0"]);
+    assert_eq!((plan.expand.as_slice(), plan.contract.as_slice()), (&["1".to_owned()][..], &["2".to_owned()][..]));
+    assert!(plan.lint.is_empty(), "{:?}", plan.lint);
+
+    // Allowed with a reason, it plans; an irreversible expand revision is a warning.
+    ctx.write(
+        "migrations/2_drop_title.sql",
+        "-- upshift:allow drop-column title was never shown by 1.0.0, which selects id and body only\n-- upshift:up\nALTER TABLE notes DROP COLUMN title;\n",
+    );
+    let run = ctx.run(&["plan", "--to", "2.0.0", "--output", "json"]);
+    run.success()
+        .stderr_has("warning: migrations/2_drop_title.sql:3: irreversible: expand revision 2 has no down section");
+    let plan: PlanJson = run.json();
+    let lint: Vec<(&str, usize, &str, bool)> =
+        plan.lint.iter().map(|f| (f.rule.as_str(), f.line, f.revision.as_str(), f.allowed)).collect();
+    assert_eq!(lint, [("irreversible", 3, "2", false)]);
+    assert!(plan.lint[0].file.ends_with("2_drop_title.sql") && plan.lint[0].fix.contains("-- upshift:down"));
+    assert!(!plan.lint[0].message.is_empty() && plan.lint[0].reason.is_none());
+}
+
+/// With PostgreSQL the lock rules apply too: an index built without CONCURRENTLY on a
+/// table the old code uses is a warning of the plan, not a refusal.
+#[test]
+fn postgres_plans_warn_about_locks() {
+    let url = upshift_testing::fresh_database();
+    let ctx = Context::new();
+    ctx.write("upshift.toml", &schema_only(&url));
+    ctx.write(
+        "migrations/1_notes.sql",
+        "-- upshift:up\nCREATE TABLE notes (id bigint, body text);\n-- upshift:down\nDROP TABLE notes;\n",
+    );
+    ctx.write(
+        "migrations/2_index.sql",
+        "-- upshift:up\nSET LOCAL lock_timeout = '5s';\nCREATE INDEX notes_body ON notes (body);\n-- upshift:down\nDROP INDEX notes_body;\n",
+    );
+    ctx.migrate(&url, &["up", "1"]).success();
+    let run = ctx.run(&["plan", "--to", "2.0.0", "--output", "json"]);
+    run.success().stderr_has("warning: migrations/2_index.sql:3: index-without-concurrently");
+    let plan: PlanJson = run.json();
+    assert_eq!(plan.expand, ["2"]);
+    assert_eq!(plan.lint.iter().map(|f| f.rule.as_str()).collect::<Vec<_>>(), ["index-without-concurrently"]);
 }

@@ -3,6 +3,7 @@
 -- its default (the titles themselves are gone: restore a backup to get them back).
 -- upshift:parents 20260201000000
 -- upshift:phase contract
+-- upshift:allow missing-lock-timeout the example runs on SQLite too, which has no SET LOCAL, and holds no long transactions
 -- upshift:up
 ALTER TABLE notes DROP COLUMN title;
 -- upshift:down

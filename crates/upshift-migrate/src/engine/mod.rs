@@ -90,6 +90,12 @@ pub struct Step<'a> {
 }
 
 impl Step<'_> {
+    /// Whether the statements run one by one in autocommit mode: the revision says so, or
+    /// its down section does for itself.
+    pub fn no_transaction(&self) -> bool {
+        self.revision.no_transaction || (self.direction == Direction::Down && self.revision.down_no_transaction)
+    }
+
     /// The file the statements come from.
     pub fn path(&self) -> &std::path::Path {
         match (self.direction, &self.revision.down) {
@@ -100,7 +106,7 @@ impl Step<'_> {
 
     /// The error for statement `index` failing with `message`.
     pub(crate) fn failed(&self, index: usize, message: String) -> Error {
-        let partial = self.revision.no_transaction && index > 0;
+        let partial = self.no_transaction() && index > 0;
         // Without a transaction, say exactly which statements stayed applied.
         let message = if partial {
             let lines: Vec<String> = self.statements.iter().take(index).map(|s| s.line.to_string()).collect();
@@ -139,6 +145,12 @@ pub trait Engine {
     /// Runs one step and its bookkeeping in one transaction (unless the revision is
     /// `no-transaction`); returns how long the statements took.
     fn execute(&mut self, step: &Step<'_>) -> Result<Duration, Error>;
+
+    /// What the steps run since the last call printed, line by line: an external tool's
+    /// output (upshift's own engines print nothing).
+    fn take_output(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Opens the engine for `url`. With `create` false a missing SQLite file is not created
@@ -146,7 +158,7 @@ pub trait Engine {
 pub fn connect(url: &DatabaseUrl, create: bool) -> Result<Box<dyn Engine>, Error> {
     Ok(match url {
         DatabaseUrl::Sqlite { path } => Box::new(SqliteEngine::open(path, create)?),
-        DatabaseUrl::Postgres { config, redacted } => Box::new(PostgresEngine::connect(config, redacted)?),
+        DatabaseUrl::Postgres { config, redacted, .. } => Box::new(PostgresEngine::connect(config, redacted)?),
     })
 }
 

@@ -41,6 +41,36 @@ impl PostgresEngine {
         Ok(PostgresEngine { client })
     }
 
+    /// Takes the migration lock (a session advisory lock), waiting at most `timeout`.
+    pub(crate) fn advisory_lock(&mut self, timeout: Duration) -> Result<(), Error> {
+        let acquired = if timeout.is_zero() {
+            self.client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
+                .map_err(|e| Error::database("take the advisory lock", e))?
+                .get::<_, bool>(0)
+        } else {
+            self.client
+                .batch_execute(&format!("SET lock_timeout = {}", timeout.as_millis().max(1)))
+                .map_err(|e| Error::database("set lock_timeout", e))?;
+            let result = self.client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]);
+            self.client.batch_execute("RESET lock_timeout").map_err(|e| Error::database("reset lock_timeout", e))?;
+            match result {
+                Ok(_) => true,
+                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
+                Err(e) => return Err(Error::database("take the advisory lock", e)),
+            }
+        };
+        if !acquired {
+            return Err(Error::Locked { holder: self.lock_holder(), waited: timeout });
+        }
+        Ok(())
+    }
+
+    /// The connection, for an external tool's bookkeeping (`alembic_version`).
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// Who holds the migration lock, for the message of a run that waited.
     fn lock_holder(&mut self) -> String {
         let row = self.client.query_opt(
@@ -154,26 +184,7 @@ impl Engine for PostgresEngine {
     }
 
     fn lock(&mut self, timeout: Duration) -> Result<(), Error> {
-        let acquired = if timeout.is_zero() {
-            self.client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&LOCK_KEY])
-                .map_err(|e| Error::database("take the advisory lock", e))?
-                .get::<_, bool>(0)
-        } else {
-            self.client
-                .batch_execute(&format!("SET lock_timeout = {}", timeout.as_millis().max(1)))
-                .map_err(|e| Error::database("set lock_timeout", e))?;
-            let result = self.client.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY]);
-            self.client.batch_execute("RESET lock_timeout").map_err(|e| Error::database("reset lock_timeout", e))?;
-            match result {
-                Ok(_) => true,
-                Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => false,
-                Err(e) => return Err(Error::database("take the advisory lock", e)),
-            }
-        };
-        if !acquired {
-            return Err(Error::Locked { holder: self.lock_holder(), waited: timeout });
-        }
+        self.advisory_lock(timeout)?;
         self.client
             .batch_execute(&table_ddl(Dialect::Postgres))
             .map_err(|e| Error::database(format!("create {TABLE}"), e))
@@ -189,7 +200,7 @@ impl Engine for PostgresEngine {
     fn execute(&mut self, step: &Step<'_>) -> Result<Duration, Error> {
         let record_error = |e| Error::database(format!("record {}", step.revision.id), e);
         let started = Instant::now();
-        if step.revision.no_transaction {
+        if step.no_transaction() {
             run_statements(&mut self.client, step)?;
             let duration = started.elapsed();
             bookkeeping(&mut self.client, step, duration).map_err(record_error)?;

@@ -179,7 +179,7 @@ impl Engine for SqliteEngine {
     }
 
     fn execute(&mut self, step: &Step<'_>) -> Result<Duration, Error> {
-        if step.revision.no_transaction {
+        if step.no_transaction() {
             self.connection()?.execute_batch("COMMIT").map_err(|e| Error::database("commit", e))?;
             let started = Instant::now();
             for (index, statement) in step.statements.iter().enumerate() {

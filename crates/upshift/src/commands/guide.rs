@@ -34,7 +34,9 @@ pub(crate) fn guide(global: &GlobalArgs, from: &str, to: &str, printer: &Printer
         .as_deref()
         .and_then(|u| DatabaseUrl::parse(u).ok())
         .map_or(Dialect::Postgres, |u| u.dialect());
-    let migrator = if manifest.database_url.is_some() && manifest.migrations_dir.is_dir() {
+    // An external migrator's revisions hold no SQL to show: the guide leaves them out.
+    let migrator = if manifest.migrator.is_none() && manifest.database_url.is_some() && manifest.migrations_dir.is_dir()
+    {
         Some(Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)?)
     } else {
         None

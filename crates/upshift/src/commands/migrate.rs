@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use serde::Serialize;
 use upshift_migrate::{
-    AppliedRevision, DatabaseUrl, Direction, DownTarget, Engine, Migrator, UpTarget, connect, lexer::Dialect,
+    AppliedRevision, DatabaseUrl, Direction, DownTarget, Engine, Migrator, UpTarget, lexer::Dialect,
 };
 
 use super::graph_lines::{self, Node};
@@ -31,24 +31,29 @@ pub(crate) fn run(global: &GlobalArgs, args: &MigrateArgs, printer: &Printer) ->
         MigrateCommand::Up { target } => up(&settings, target, printer),
         MigrateCommand::Down { target } => down(&settings, target, printer),
         MigrateCommand::Baseline { id } => baseline(&settings, id, printer),
+        MigrateCommand::Lint { revisions } => lint(&settings, revisions, printer),
     }
 }
 
 fn load(settings: &MigrateSettings) -> anyhow::Result<Migrator> {
-    Ok(Migrator::load_with(&settings.dir, &settings.no_transaction)?)
+    Ok(match &settings.external {
+        Some(external) => Migrator::load_external(external)?,
+        None => Migrator::load_with(&settings.dir, &settings.no_transaction)?,
+    })
 }
 
-/// Opens the database; `create` only for commands that write.
-fn open(url: &DatabaseUrl, create: bool, printer: &Printer) -> anyhow::Result<Box<dyn Engine>> {
-    let mut engine = connect(url, create)?;
+/// Opens the database the migrator's revisions run against; `create` only for commands
+/// that write.
+fn open(migrator: &Migrator, url: &DatabaseUrl, create: bool, printer: &Printer) -> anyhow::Result<Box<dyn Engine>> {
+    let mut engine = migrator.connect(url, create)?;
     if let Ok(version) = engine.server_version() {
         printer.verbose(&format!("database {url} ({version})"));
     }
     Ok(engine)
 }
 
-fn applied(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<Vec<AppliedRevision>> {
-    Ok(open(&settings.url()?, false, printer)?.applied()?)
+fn applied(migrator: &Migrator, settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<Vec<AppliedRevision>> {
+    Ok(open(migrator, &settings.url()?, false, printer)?.applied()?)
 }
 
 #[derive(Serialize)]
@@ -64,7 +69,7 @@ struct StatusJson<'a> {
 fn status(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
     let migrator = load(settings)?;
     let url = settings.url()?;
-    let rows = applied(settings, printer)?;
+    let rows = applied(&migrator, settings, printer)?;
     let status = migrator.status(&rows);
     for id in &status.drifted {
         printer.warn(&format!("revision {id} changed after it was applied (`upshift migrate verify` says how)"));
@@ -84,7 +89,14 @@ fn status(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
         let list = |ids: &[String]| if ids.is_empty() { "-".to_owned() } else { ids.join(", ") };
         let mut out = String::new();
         let _ = writeln!(out, "database  {url}");
-        let _ = writeln!(out, "folder    {}", migrator.dir().display());
+        match migrator.external() {
+            Some(external) => {
+                let _ = writeln!(out, "migrator  {} ({})", external.name(), migrator.dir().display());
+            }
+            None => {
+                let _ = writeln!(out, "folder    {}", migrator.dir().display());
+            }
+        }
         let _ = writeln!(out, "applied   {} of {}", status.applied.len(), migrator.graph().revisions().len());
         let _ = writeln!(out, "current   {}", list(&status.current));
         let _ = writeln!(out, "heads     {}", list(&status.heads));
@@ -105,7 +117,7 @@ struct HistoryEntry<'a> {
 
 fn history(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
     let migrator = load(settings)?;
-    let rows = applied(settings, printer)?;
+    let rows = applied(&migrator, settings, printer)?;
     let applied_at: HashMap<&str, &str> = rows.iter().map(|r| (r.id.as_str(), r.applied_at.as_str())).collect();
     let graph = migrator.graph();
     let entries: Vec<HistoryEntry<'_>> = graph
@@ -120,7 +132,8 @@ fn history(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> 
                 parents: graph.parents(index).iter().map(|&p| graph.revision(p).id.as_str()).collect(),
                 phase: revision.phase.as_str(),
                 applied: applied_at.contains_key(revision.id.as_str()),
-                applied_at: applied_at.get(revision.id.as_str()).copied(),
+                // An external tool does not say when (Alembic keeps no time).
+                applied_at: applied_at.get(revision.id.as_str()).copied().filter(|at| !at.is_empty()),
             }
         })
         .collect();
@@ -135,7 +148,11 @@ fn history(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> 
             match line.node {
                 Some(i) => {
                     let e = &entries[i];
-                    let state = e.applied_at.map_or_else(|| "pending".to_owned(), |at| format!("applied {at}"));
+                    let state = match (e.applied, e.applied_at) {
+                        (true, Some(at)) => format!("applied {at}"),
+                        (true, None) => "applied".to_owned(),
+                        (false, _) => "pending".to_owned(),
+                    };
                     let _ = writeln!(
                         out,
                         "{:width$}  {:id_width$}  {:name_width$}  {:8}  {state}",
@@ -188,18 +205,26 @@ struct DownJson {
 }
 
 /// Runs `work`, collecting the revisions it finishes; prints them (and the error, in json
-/// mode) whether it succeeds or not, since what finished before a failure stays done.
+/// mode) whether it succeeds or not, since what finished before a failure stays done. An
+/// external tool's output goes to stderr before the result.
 fn run_steps<T: Serialize>(
     printer: &Printer,
     verb: &str,
-    work: impl FnOnce(&mut dyn FnMut(&upshift_migrate::Revision, Duration)) -> Result<(), upshift_migrate::Error>,
+    engine: &mut dyn Engine,
+    work: impl FnOnce(
+        &mut dyn Engine,
+        &mut dyn FnMut(&upshift_migrate::Revision, Duration),
+    ) -> Result<(), upshift_migrate::Error>,
     json: impl FnOnce(Vec<String>, Option<String>) -> T,
 ) -> anyhow::Result<()> {
     let mut done = Vec::new();
-    let result = work(&mut |revision, duration| {
+    let result = work(engine, &mut |revision, duration| {
         printer.progress(&format!("{verb} {} {} ({} ms)", revision.id, revision.name, duration.as_millis()));
         done.push(revision.id.clone());
     });
+    for line in engine.take_output() {
+        printer.progress(&format!("  {line}"));
+    }
     let error = result.as_ref().err().map(ToString::to_string);
     let count = done.len();
     printer.result(&json(done, error), || {
@@ -220,24 +245,28 @@ fn up(settings: &MigrateSettings, target: &str, printer: &Printer) -> anyhow::Re
     let migrator = load(settings)?;
     let target: UpTarget = target.parse()?;
     migrator.check_up_target(&target)?;
-    let mut engine = open(&settings.url()?, true, printer)?;
+    let url = settings.url()?;
+    let mut engine = open(&migrator, &url, true, printer)?;
     run_steps(
         printer,
         "applied",
-        |done| migrator.up(engine.as_mut(), &target, settings.lock_timeout, done),
-        |applied, error| UpJson { applied, error },
+        engine.as_mut(),
+        |engine, done| migrator.up(engine, &target, settings.lock_timeout, done),
+        |applied, error| UpJson { applied, error: error.map(|e| url.redact(&e)) },
     )
 }
 
 fn down(settings: &MigrateSettings, target: &str, printer: &Printer) -> anyhow::Result<()> {
     let migrator = load(settings)?;
     let target: DownTarget = target.parse()?;
-    let mut engine = open(&settings.url()?, true, printer)?;
+    let url = settings.url()?;
+    let mut engine = open(&migrator, &url, true, printer)?;
     run_steps(
         printer,
         "reverted",
-        |done| migrator.down(engine.as_mut(), &target, settings.lock_timeout, done),
-        |reverted, error| DownJson { reverted, error },
+        engine.as_mut(),
+        |engine, done| migrator.down(engine, &target, settings.lock_timeout, done),
+        |reverted, error| DownJson { reverted, error: error.map(|e| url.redact(&e)) },
     )
 }
 
@@ -248,7 +277,7 @@ struct BaselineJson<'a> {
 
 fn baseline(settings: &MigrateSettings, id: &str, printer: &Printer) -> anyhow::Result<()> {
     let migrator = load(settings)?;
-    let mut engine = open(&settings.url()?, true, printer)?;
+    let mut engine = open(&migrator, &settings.url()?, true, printer)?;
     let recorded = migrator.baseline(engine.as_mut(), id, settings.lock_timeout)?;
     printer.result(&BaselineJson { recorded: &recorded }, || {
         format!("recorded {} revision(s) as applied without running them, up to {id}\n", recorded.len())
@@ -265,7 +294,7 @@ struct VerifyJson<'a> {
 
 fn verify(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
     let migrator = load(settings)?;
-    let rows = applied(settings, printer)?;
+    let rows = applied(&migrator, settings, printer)?;
     let status = migrator.status(&rows);
     let ok = status.drifted.is_empty() && status.vanished.is_empty();
     let json = VerifyJson { ok, checked: rows.len(), drifted: &status.drifted, vanished: &status.vanished };
@@ -274,6 +303,60 @@ fn verify(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
     })?;
     // The first problem, with the whole explanation, becomes the error.
     migrator.check_applied(&rows)?;
+    Ok(())
+}
+
+/// Findings that no `-- upshift:allow` accepts (exit 1: the files are read fine, and they
+/// fail the check).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{count} finding(s) not allowed; rewrite each as its fix says, or accept it with `-- upshift:allow RULE reason` on the line before its statement"
+)]
+struct Findings {
+    count: usize,
+}
+
+fn lint(settings: &MigrateSettings, revisions: &[String], printer: &Printer) -> anyhow::Result<()> {
+    let migrator = load(settings)?;
+    // Offline: the URL, when there is one, only picks the dialect.
+    let dialect = settings.optional_url()?.map_or(Dialect::Postgres, |url| url.dialect());
+    if dialect == Dialect::Sqlite {
+        printer.progress(
+            "SQLite: only the rules that do not depend on PostgreSQL's locks apply (renames, drops, irreversible revisions)",
+        );
+    }
+    let graph = migrator.graph();
+    let selected: Vec<(usize, upshift_migrate::Phase)> = if revisions.is_empty() {
+        graph.topological().iter().map(|&i| (i, graph.revision(i).phase)).collect()
+    } else {
+        revisions
+            .iter()
+            .map(|id| {
+                let index = graph.find(id).ok_or_else(|| {
+                    upshift_migrate::Error::Target(format!(
+                        "no revision `{id}` in {}; `upshift migrate history` lists them",
+                        migrator.dir().display()
+                    ))
+                })?;
+                Ok((index, graph.revision(index).phase))
+            })
+            .collect::<Result<_, upshift_migrate::Error>>()?
+    };
+    let findings = upshift_migrate::lint::lint(&migrator, &selected, dialect)?;
+    let refused = findings.iter().filter(|f| !f.allowed).count();
+    printer.result(&findings, || {
+        let mut out = String::new();
+        for finding in &findings {
+            let _ = writeln!(out, "{finding}\n");
+        }
+        let allowed = findings.len() - refused;
+        let _ =
+            writeln!(out, "{} revision(s) linted: {} finding(s), {allowed} allowed", selected.len(), findings.len());
+        out
+    })?;
+    if refused > 0 {
+        return Err(Findings { count: refused }.into());
+    }
     Ok(())
 }
 
@@ -354,7 +437,20 @@ fn head_ids(migrator: Option<&Migrator>) -> Vec<String> {
         .map_or_else(Vec::new, |m| m.graph().heads().into_iter().map(|i| m.graph().revision(i).id.clone()).collect())
 }
 
+/// Refuses to write upshift files beside an external migrator's revisions.
+fn own_files(settings: &MigrateSettings, what: &str) -> anyhow::Result<()> {
+    match &settings.external {
+        Some(external) => Err(UsageError(format!(
+            "the revisions are {}'s ([database] migrator): {what} with it (`alembic revision`, `alembic merge`), not with upshift",
+            external.name()
+        ))
+        .into()),
+        None => Ok(()),
+    }
+}
+
 fn new(settings: &MigrateSettings, slug: &str, phase: PhaseArg, printer: &Printer) -> anyhow::Result<()> {
+    own_files(settings, "write new revisions")?;
     let slug = slugify(slug)?;
     let migrator = if settings.dir.exists() { Some(load(settings)?) } else { None };
     let parents = head_ids(migrator.as_ref());
@@ -372,6 +468,7 @@ fn new(settings: &MigrateSettings, slug: &str, phase: PhaseArg, printer: &Printe
 }
 
 fn merge(settings: &MigrateSettings, message: Option<&str>, printer: &Printer) -> anyhow::Result<()> {
+    own_files(settings, "merge heads")?;
     let migrator = load(settings)?;
     let parents = head_ids(Some(&migrator));
     if parents.len() < 2 {

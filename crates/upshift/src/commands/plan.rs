@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use serde::Serialize;
 use upshift_core::journal;
 use upshift_core::manifest::DriverKind;
-use upshift_core::plan::{Plan, PlanInput, StepKind, UndoDepth};
-use upshift_migrate::{DatabaseUrl, Migrator};
+use upshift_core::plan::{Migrations, Plan, PlanInput, StepKind, UndoDepth};
+use upshift_migrate::DatabaseUrl;
 
 use crate::cli::{GlobalArgs, TargetArgs};
 use crate::exit::UsageError;
@@ -43,11 +43,11 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
     let url = database_url(database, Some(&manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
         Some(url) => {
-            let migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)?;
-            let mut engine = upshift_migrate::connect(url, false)?;
+            let migrator = manifest.migrations()?;
+            let mut engine = migrator.connect(url, false)?;
             let version = engine.server_version().with_context(|| format!("the database {url} is not reachable"))?;
             let applied = engine.applied()?;
-            (Some(migrator), applied, Some(format!("{url} ({version})")))
+            (Some((migrator, url.dialect())), applied, Some(format!("{url} ({version})")))
         }
         None => (None, Vec::new(), None),
     };
@@ -55,7 +55,11 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         manifest: &manifest,
         target: &target,
         deployed: deployed.as_ref(),
-        migrations: migrator.as_ref().map(|m| (m, applied.as_slice())),
+        migrations: migrator.as_ref().map(|(migrator, dialect)| Migrations {
+            migrator,
+            applied: applied.as_slice(),
+            dialect: *dialect,
+        }),
         database: described,
         no_backup,
         options: &upshift_core::config::options_set(&manifest),
@@ -63,6 +67,9 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
         behind: &behind,
     })?;
     describe_changes(&manifest, &mut plan, &target.to_string())?;
+    for finding in &plan.lint {
+        printer.warn(&finding.to_string());
+    }
     let app = manifest.app_name.as_deref();
     printer.result(&PlanJson { app, plan: &plan }, || {
         let mut out = format!(

@@ -13,10 +13,10 @@ use upshift_core::Manifest;
 use upshift_core::driver::{ComponentStatus, Driver, DriverError, Drivers};
 use upshift_core::journal::{Journal, ReleaseRow, RunRow};
 use upshift_core::manifest::DriverKind;
-use upshift_core::plan::PlanInput;
+use upshift_core::plan::{Migrations, PlanInput};
 use upshift_core::runner::{self, Context, Outcome};
 use upshift_deploy::{ComposeDriver, ProcessDriver};
-use upshift_migrate::{DatabaseUrl, Migrator};
+use upshift_migrate::DatabaseUrl;
 
 use crate::cli::{DatabaseArgs, GlobalArgs, TargetArgs};
 use crate::exit::{RolledBack, Stuck, UsageError};
@@ -209,12 +209,12 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
         let migrator;
         let migrations = match context.database {
             Some(url) => {
-                migrator = Migrator::load_with(&manifest.migrations_dir, &manifest.no_transaction)
-                    .map_err(|e| runner::RunError::Preflight(e.to_string()))?;
-                applied = upshift_migrate::connect(url, false)
+                migrator = manifest.migrations().map_err(|e| runner::RunError::Preflight(e.to_string()))?;
+                applied = migrator
+                    .connect(url, false)
                     .and_then(|mut e| e.applied())
                     .map_err(|e| runner::RunError::Preflight(format!("the database {url}: {e}")))?;
-                Some((&migrator, applied.as_slice()))
+                Some(Migrations { migrator: &migrator, applied: applied.as_slice(), dialect: url.dialect() })
             }
             None => None,
         };
@@ -229,6 +229,9 @@ pub(crate) fn upgrade(global: &GlobalArgs, target_args: &TargetArgs, printer: &P
             only,
             behind: &behind,
         })?;
+        for finding in &plan.lint {
+            printer.warn(&finding.to_string());
+        }
         confirm(global, || plan_summary(&plan), &format!("Upgrade to {target}?"))?;
         runner::upgrade(context, journal, &plan)
     })

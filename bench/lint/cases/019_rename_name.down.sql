@@ -1,0 +1,1 @@
+ALTER TABLE users RENAME COLUMN full_name TO name;

@@ -1,0 +1,2 @@
+DROP VIEW orders;
+ALTER TABLE purchases RENAME TO orders;

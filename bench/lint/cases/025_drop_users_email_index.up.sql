@@ -1,0 +1,2 @@
+SET LOCAL lock_timeout = '5s';
+DROP INDEX users_email;

@@ -1,0 +1,1 @@
+DROP INDEX audit_happened_at;
