@@ -191,6 +191,10 @@ fn an_upgrade_killed_at_every_journal_write_with_hooks_converges() {
         },
     );
     assert!(points >= 15, "only {points} crash points");
+    #[allow(clippy::print_stderr)]
+    {
+        eprintln!("hooks and artifacts: {points} crash points converged");
+    }
 }
 
 /// A crash inside a hook (the hook kills upshift): `resume` runs the hook again and goes

@@ -53,6 +53,8 @@ struct Status {
     current: Vec<String>,
     drifted: Vec<String>,
     vanished: Vec<String>,
+    #[serde(default)]
+    irreversible: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +127,7 @@ fn up_and_down(ctx: &Context, db: &Db, url: &str) {
             current: vec![],
             drifted: vec![],
             vanished: vec![],
+            irreversible: vec![],
         }
     );
     let up: Applied = ctx.migrate(url, &["up", "--output", "json"]).success().json();
@@ -949,4 +952,17 @@ fn a_down_file_runs_outside_a_transaction_by_its_own_marker() {
     ctx.migrate(&db, &["up"]).success();
     assert_eq!(indexes("notes_%"), 2);
     ctx.migrate(&db, &["down", "-1"]).success();
+}
+
+/// An empty down section is no undo: `migrate status` says which revisions only a restore
+/// can undo (issue 17).
+#[test]
+fn status_names_the_revisions_without_a_real_down_section() {
+    let ctx = Context::new();
+    let url = format!("sqlite:{}", ctx.join("app.db").display());
+    linear_three(&ctx);
+    ctx.write("migrations/4_empty_down.sql", "-- upshift:up\nCREATE TABLE t (id int);\n-- upshift:down\n-- nothing\n");
+    ctx.write("migrations/5_no_down.sql", "-- upshift:up\nCREATE TABLE u (id int);\n");
+    assert_eq!(status(&ctx, &url).irreversible, ["4", "5"]);
+    ctx.migrate(&url, &["status"]).success().stdout_has("irreversible in practice: 4, 5");
 }

@@ -64,6 +64,9 @@ struct StatusJson<'a> {
     current: &'a [String],
     drifted: &'a [String],
     vanished: &'a [String],
+    /// Revisions without a down section (or an empty one): only a restore undoes them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    irreversible: Vec<&'a str>,
 }
 
 fn status(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
@@ -84,6 +87,7 @@ fn status(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
         current: &status.current,
         drifted: &status.drifted,
         vanished: &status.vanished,
+        irreversible: migrator.graph().revisions().iter().filter(|r| !r.reversible()).map(|r| r.id.as_str()).collect(),
     };
     printer.result(&json, || {
         let list = |ids: &[String]| if ids.is_empty() { "-".to_owned() } else { ids.join(", ") };
@@ -101,6 +105,13 @@ fn status(settings: &MigrateSettings, printer: &Printer) -> anyhow::Result<()> {
         let _ = writeln!(out, "current   {}", list(&status.current));
         let _ = writeln!(out, "heads     {}", list(&status.heads));
         let _ = writeln!(out, "pending   {}", list(&status.pending));
+        if !json.irreversible.is_empty() {
+            let _ = writeln!(
+                out,
+                "irreversible in practice: {} (no down section, or an empty one: only a restore undoes them)",
+                json.irreversible.join(", ")
+            );
+        }
         out
     })
 }
