@@ -31,11 +31,12 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Reads a state file the agent saved (`agent.json`, `routes.json`); none there is empty.
 /// One that does not parse is never silently taken for empty: the error is logged with the
-/// file, and the file is kept aside as `<name>.damaged` for a person to read.
-fn read_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
-    let Ok(text) = std::fs::read_to_string(path) else { return T::default() };
+/// file, the file is kept aside as `<name>.damaged` for a person to read, and `None` tells
+/// the caller to recover what it held another way.
+fn read_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Option<T> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Some(T::default()) };
     match serde_json::from_str(&text) {
-        Ok(value) => value,
+        Ok(value) => Some(value),
         Err(e) => {
             let aside = path.with_extension("json.damaged");
             let _ = std::fs::rename(path, &aside);
@@ -43,9 +44,9 @@ fn read_state<T: serde::de::DeserializeOwned + Default>(path: &Path) -> T {
                 file = %path.display(),
                 kept_as = %aside.display(),
                 error = %e,
-                "a saved state file does not parse; starting without it (check for processes or routes it named)"
+                "a saved state file does not parse; recovering what it held from the running processes"
             );
-            T::default()
+            None
         }
     }
 }

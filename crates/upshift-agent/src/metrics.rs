@@ -131,6 +131,7 @@ mod tests {
                 env: BTreeMap::new(),
                 cwd: "/".into(),
                 addr: None,
+                serve: None,
             },
             pid: Some(1),
             running: true,

@@ -23,6 +23,10 @@ pub struct Spec {
     pub cwd: PathBuf,
     /// The address it listens on, when it serves.
     pub addr: Option<String>,
+    /// The stable address the proxy holds for its component, when it is behind the proxy:
+    /// what an agent rebuilds a lost route from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serve: Option<String>,
 }
 
 /// A request to the agent.

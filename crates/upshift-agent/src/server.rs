@@ -156,6 +156,28 @@ fn handle(stream: UnixStream, state_dir: &Path, supervisor: &Arc<Supervisor>, sh
     }
 }
 
+/// The routes the running instances behind the proxy imply: each component with a
+/// `serve` address to every running instance of it (weight 1). Used when routes.json is
+/// lost; the run in flight (or the next one) then settles which version serves.
+fn routes_of(instances: &[crate::protocol::InstanceStatus]) -> Vec<crate::proxy::SavedRoute> {
+    let mut routes: std::collections::BTreeMap<String, crate::proxy::SavedRoute> = std::collections::BTreeMap::new();
+    for instance in instances.iter().filter(|i| i.running) {
+        let spec = &instance.spec;
+        let (Some(serve), Some(addr)) = (&spec.serve, &spec.addr) else { continue };
+        tracing::warn!(component = %spec.component, listen = %serve, upstream = %addr, "rebuilding a lost route from a running instance");
+        routes
+            .entry(spec.component.clone())
+            .or_insert_with(|| crate::proxy::SavedRoute {
+                component: spec.component.clone(),
+                listen: serve.clone(),
+                upstreams: Vec::new(),
+            })
+            .upstreams
+            .push(crate::protocol::Upstream { addr: addr.clone(), version: spec.version.clone(), weight: 1 });
+    }
+    routes.into_values().collect()
+}
+
 /// Runs the agent for `state_dir` until a `shutdown` request: one agent per state dir,
 /// guarded by a lock on `agent.lock`.
 pub fn run(state_dir: &Path) -> Result<(), AgentError> {
@@ -182,8 +204,11 @@ pub fn run(state_dir: &Path) -> Result<(), AgentError> {
 
     let supervisor = Supervisor::new(state_dir);
     let shared: Arc<SharedProxy> = Arc::new(Mutex::new(None));
-    // Serve the routes of the agent before this one (it died, or the machine restarted).
-    let saved: Vec<crate::proxy::SavedRoute> = crate::read_state(&state_dir.join(ROUTES));
+    // Serve the routes of the agent before this one (it died, or the machine restarted); a
+    // damaged routes.json is rebuilt from the running instances, so that no serve address
+    // is left without a listener.
+    let saved: Vec<crate::proxy::SavedRoute> =
+        crate::read_state(&state_dir.join(ROUTES)).unwrap_or_else(|| routes_of(&supervisor.status()));
     for route in saved {
         let restored =
             proxy(&shared).and_then(|p| p.route(&route.component, &route.listen, &route.upstreams, Duration::ZERO));

@@ -153,10 +153,52 @@ fn log_path(state_dir: &Path, spec: &Spec) -> PathBuf {
     state_dir.join("logs").join(format!("{}-{}.log", spec.component, spec.version))
 }
 
+/// The variable that names the state dir of the agent that started an instance.
+const AGENT_DIR_VAR: &str = "UPSHIFT_AGENT_DIR";
+/// The variable that holds an instance's spec (JSON): how a later agent finds and adopts
+/// it when `agent.json` cannot say (damaged, or the agent died between start and save).
+const INSTANCE_VAR: &str = "UPSHIFT_INSTANCE";
+
+/// `state_dir` as instances name it.
+fn agent_dir(state_dir: &Path) -> PathBuf {
+    fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf())
+}
+
+/// The instances an agent of `state_dir` started that still run, found by their
+/// environment: process-group leaders whose `UPSHIFT_AGENT_DIR` is this state dir, with
+/// their spec, pid and start time.
+fn find_instances(state_dir: &Path) -> Vec<(Spec, u32, u64)> {
+    let wanted = agent_dir(state_dir);
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(environ) = fs::read(entry.path().join("environ")) else { continue };
+        let mut dir = None;
+        let mut spec = None;
+        for pair in environ.split(|b| *b == 0) {
+            let text = String::from_utf8_lossy(pair);
+            if let Some(value) = text.strip_prefix(&format!("{AGENT_DIR_VAR}=")) {
+                dir = Some(PathBuf::from(value));
+            } else if let Some(value) = text.strip_prefix(&format!("{INSTANCE_VAR}=")) {
+                spec = serde_json::from_str::<Spec>(value).ok();
+            }
+        }
+        if let (Some(dir), Some(spec), Some((started, group))) = (dir, spec, identity(pid))
+            && dir == wanted
+            && group == pid
+        {
+            found.push((spec, pid, started));
+        }
+    }
+    found
+}
+
 /// Starts `spec`'s process with its output going through a pipe to its own log writer
 /// (`upshift agent log`, see `log_writer`), so both outlive this agent, a later agent can
-/// adopt the process, and rotation loses nothing.
-fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
+/// adopt the process, and rotation loses nothing. Its environment names this agent's state
+/// dir and holds its spec ([`find_instances`]).
+fn spawn(spec: &Spec, log: &Path, state_dir: &Path) -> std::io::Result<Child> {
     let (program, args) = spec
         .command
         .split_first()
@@ -177,9 +219,12 @@ fn spawn(spec: &Spec, log: &Path) -> std::io::Result<Child> {
     let output = pipe.try_clone()?;
     // Reaped when it ends (after the component and its children close the pipe).
     std::thread::spawn(move || writer.wait());
+    let marker = serde_json::to_string(spec).map_err(std::io::Error::other)?;
     Command::new(program)
         .args(args)
         .envs(&spec.env)
+        .env(AGENT_DIR_VAR, agent_dir(state_dir))
+        .env(INSTANCE_VAR, marker)
         .current_dir(&spec.cwd)
         .stdin(Stdio::null())
         .stdout(output)
@@ -196,24 +241,45 @@ impl Supervisor {
     pub(crate) fn new(state_dir: &Path) -> Arc<Supervisor> {
         let supervisor =
             Arc::new(Supervisor { state_dir: state_dir.to_path_buf(), instances: Mutex::new(BTreeMap::new()) });
-        let saved: Vec<Saved> = crate::read_state(&supervisor.saved_path());
+        // A damaged agent.json is recovered from the running instances alone.
+        let saved: Vec<Saved> = crate::read_state(&supervisor.saved_path()).unwrap_or_default();
+        // What runs, found by its environment: the instances agent.json names but whose
+        // pid it lost (an agent killed between start and save), and those it cannot name.
+        let mut running: BTreeMap<Key, (Spec, u32, u64)> = find_instances(state_dir)
+            .into_iter()
+            .map(|(spec, pid, started)| ((spec.component.clone(), spec.slot.clone()), (spec, pid, started)))
+            .collect();
         for saved in saved {
+            let key = (saved.spec.component.clone(), saved.spec.slot.clone());
             match saved.pid {
                 Some(pid) if runs(pid, saved.started, &saved.spec) => {
-                    let mut instances = supervisor.instances.lock().expect("instances lock");
-                    let log = log_path(&supervisor.state_dir, &saved.spec);
-                    note(&log, &format!("[upshift agent] adopted pid {pid} from the previous agent\n"));
-                    tracing::info!(component = %saved.spec.component, version = %saved.spec.version, pid, "adopted from the previous agent");
-                    let key = (saved.spec.component.clone(), saved.spec.slot.clone());
-                    let process = Process::Adopted { pid, started: saved.started };
-                    instances.insert(key, Instance::new(saved.spec, process, log));
-                    supervisor.save(&instances);
+                    running.remove(&key);
+                    supervisor.adopt(saved.spec, pid, saved.started, "from the previous agent");
                 }
-                // Best effort: what cannot start is retried by the restart loop.
-                _ => drop(supervisor.start(saved.spec)),
+                _ => match running.remove(&key) {
+                    Some((spec, pid, started)) => {
+                        supervisor.adopt(spec, pid, Some(started), "found by its environment");
+                    }
+                    // Best effort: what cannot start is retried by the restart loop.
+                    None => drop(supervisor.start(saved.spec)),
+                },
             }
         }
+        for (spec, pid, started) in running.into_values() {
+            supervisor.adopt(spec, pid, Some(started), "found by its environment (agent.json did not name it)");
+        }
         supervisor
+    }
+
+    /// Takes a running process on as `spec`'s instance.
+    fn adopt(&self, spec: Spec, pid: u32, started: Option<u64>, how: &str) {
+        let mut instances = self.instances.lock().expect("instances lock");
+        let log = log_path(&self.state_dir, &spec);
+        note(&log, &format!("[upshift agent] adopted pid {pid} {how}\n"));
+        tracing::info!(component = %spec.component, version = %spec.version, slot = %spec.slot, pid, how, "adopted");
+        let key = (spec.component.clone(), spec.slot.clone());
+        instances.insert(key, Instance::new(spec, Process::Adopted { pid, started }, log));
+        self.save(&instances);
     }
 
     fn saved_path(&self) -> PathBuf {
@@ -262,7 +328,8 @@ impl Supervisor {
             ));
         }
         let log = log_path(&self.state_dir, &spec);
-        let child = spawn(&spec, &log).map_err(|e| format!("could not start {}: {e}", spec.command.join(" ")))?;
+        let child = spawn(&spec, &log, &self.state_dir)
+            .map_err(|e| format!("could not start {}: {e}", spec.command.join(" ")))?;
         let pid = child.id();
         instances.insert(key, Instance::new(spec, Process::Child(child), log));
         self.save(&instances);
@@ -342,7 +409,7 @@ impl Supervisor {
                 instance.backoff = (instance.backoff * 2).min(MAX_BACKOFF);
             }
             if instance.process.is_none() && instance.restart_at.is_some_and(|at| at <= now) {
-                match spawn(&instance.spec, &instance.log) {
+                match spawn(&instance.spec, &instance.log, &self.state_dir) {
                     Ok(child) => {
                         instance.process = Some(Process::Child(child));
                         instance.started_at = now;

@@ -94,6 +94,7 @@ impl ProcessDriver {
                 .collect::<Result<BTreeMap<_, _>, DriverError>>()?,
             cwd: self.cwd.clone(),
             addr: addr.map(str::to_owned),
+            serve: process.serve.clone().filter(|_| crate::rollout::behind_proxy(component)),
         })
     }
 

@@ -1629,3 +1629,32 @@ fn a_release_too_slow_during_the_watch_is_undone() {
     assert!(stderr.contains("watch: api 2.0.0 got") && stderr.contains("is over max_p99_ms 50 ms"), "{stderr}");
     assert_eq!(app.status().components[0].version.as_deref(), Some("1.0.0"));
 }
+
+/// The agent died and its state files were garbled: the next agent finds the running
+/// instance by its environment, adopts it (same pid), rebuilds its route so the serve
+/// address answers again, and the next upgrade replaces it cleanly (issue 12).
+#[test]
+fn a_garbled_state_is_recovered_from_the_running_instances() {
+    let (app, serve) = App::behind_proxy("blue-green", 1);
+    app.upgrade("1.0.0").success();
+    let pid = app.status().components[0].instances.iter().find_map(|i| i.pid).expect("1.0.0 runs");
+    app.kill_agent();
+    app.ctx.write(".upshift/agent.json", "[{\"component\": \"api\", \"slot\"");
+    app.ctx.write(".upshift/routes.json", "not json");
+    app.run(&["agent", "--detach"]).success();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !exchange(&serve, GET_NOTES, 5).is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(std::time::Instant::now() < deadline, "{serve} never answered again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = app.status();
+    let instance = &status.components[0].instances[0];
+    assert_eq!((instance.pid, instance.version.as_str()), (Some(pid), "1.0.0"), "adopted, not started again");
+    assert!(app.logged(&format!("adopted pid {pid} found by its environment")));
+    app.upgrade("2.0.0").success();
+    assert_eq!(app.status().components[0].version.as_deref(), Some("2.0.0"));
+    // Gone, or a zombie waiting for a parent that does not reap (the dead agent's).
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let running = state.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(!running, "the adopted 1.0.0 still runs: {state}");
+}
