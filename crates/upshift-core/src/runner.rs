@@ -235,6 +235,28 @@ fn run_hook(
     }
 }
 
+/// The component of a stop or deploy step and its driver, once what runs for it now is
+/// recorded in the step's detail (`Replaced`: what an undo puts back), before anything is
+/// stopped. A step run again by `resume` keeps the first record.
+fn replaced_first<'c, 'm>(
+    ctx: &'c mut Context<'m>,
+    journal: &mut Journal,
+    run: &str,
+    step: &PlanStep,
+    detail: &mut StepDetail,
+) -> Result<(&'m Component, &'c mut dyn crate::driver::Driver), String> {
+    let what = step.kind.as_str();
+    let name = step.component.as_deref().ok_or_else(|| format!("a {what} step without a component"))?;
+    let component = component(ctx.manifest, name)?;
+    let driver = ctx.drivers.get(component).map_err(|e| format!("{what} {name}: {}", chain(&e)))?;
+    if detail.replaced.is_none() {
+        let previous = driver.current(component).map_err(|e| format!("{what} {name}: {}", chain(&e)))?;
+        detail.replaced = Some(Replaced { previous, component: component.clone() });
+        journal.step_detail(run, step.number, detail).map_err(|e| chain(&e))?;
+    }
+    Ok((component, driver))
+}
+
 /// Runs one step of the plan (not the record). `detail` is the journal's record of it,
 /// kept from an earlier attempt when resuming.
 fn execute(
@@ -303,32 +325,19 @@ fn execute(
         StepKind::Expand => migrate_up(ctx, journal, run, seq, &plan.expand, detail),
         StepKind::Contract => migrate_up(ctx, journal, run, seq, &plan.contract, detail),
         StepKind::Stop => {
-            let name = step.component.as_deref().ok_or("a stop step without a component")?;
-            let component = component(ctx.manifest, name)?;
-            let driver = ctx.drivers.get(component).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
-            // What it was, recorded before it stops: what an undo starts again.
-            if detail.replaced.is_none() {
-                let previous = driver.current(component).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
-                detail.replaced = Some(Replaced { previous, component: component.clone() });
-                journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
-            }
+            let say = ctx.say;
+            let (component, driver) = replaced_first(ctx, journal, run, step, detail)?;
+            let name = &component.name;
             driver.put_back(component, None).map_err(|e| format!("stop {name}: {}", chain(&e)))?;
-            (ctx.say)(&format!("  {name} is stopped until its deploy"));
+            say(&format!("  {name} is stopped until its deploy"));
             Ok(())
         }
         StepKind::Deploy => {
-            let name = step.component.as_deref().ok_or("a deploy step without a component")?;
-            let component = component(ctx.manifest, name)?;
-            let driver = ctx.drivers.get(component).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
-            // What it replaces, recorded before anything is stopped (kept when this step is
-            // re-run by `resume`).
-            if detail.replaced.is_none() {
-                let previous = driver.current(component).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
-                detail.replaced = Some(Replaced { previous, component: component.clone() });
-                journal.step_detail(run, seq, detail).map_err(|e| chain(&e))?;
-            }
-            driver.deploy(component, &version, ctx.say).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
-            (ctx.say)(&format!("  {name} {version} is up"));
+            let say = ctx.say;
+            let (component, driver) = replaced_first(ctx, journal, run, step, detail)?;
+            let name = &component.name;
+            driver.deploy(component, &version, say).map_err(|e| format!("deploy {name}: {}", chain(&e)))?;
+            say(&format!("  {name} {version} is up"));
             Ok(())
         }
         StepKind::Verify => {

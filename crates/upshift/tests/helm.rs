@@ -50,6 +50,11 @@ fn docker_tag(from: &str, to: &str) {
 /// `fail-helm-test-<tag>` is in the data folder.
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/helm");
 
+/// How long Helm waits for a release's pods. A rollback under the load of the other Helm
+/// tests on two cores once took longer than 12 s in CI; `--wait` returns as soon as the
+/// pods are ready, so only the cases that fail on purpose wait it whole.
+const HELM_TIMEOUT: &str = "30s";
+
 /// A namespace, the chart, the migrations and a manifest of three releases of it
 /// (`platform`, `data`, `services`, in that order); the namespace goes on drop.
 struct Charts {
@@ -96,7 +101,7 @@ impl Charts {
             let _ = write!(
                 manifest,
                 "\n[[components]]\nname = \"{name}\"\ndriver = \"helm\"\nrelease = \"{name}\"\nchart = \"chart\"\n\
-                 namespace = \"{namespace}\"\nset = {{ tag = \"{tag}\", dataDir = \"{data}\" }}\ntimeout = \"12s\"\n\
+                 namespace = \"{namespace}\"\nset = {{ tag = \"{tag}\", dataDir = \"{data}\" }}\ntimeout = \"{HELM_TIMEOUT}\"\n\
                  tests = true\n"
             );
         }

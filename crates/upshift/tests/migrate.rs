@@ -5,7 +5,7 @@ mod common;
 
 use std::process::Stdio;
 
-use common::{Context, Run};
+use common::{Context, LintFinding, Run};
 use serde::Deserialize;
 
 /// A database the tests can look into.
@@ -798,19 +798,6 @@ fn revisions_run_outside_a_transaction_by_sqlx_marker_or_manifest_list() {
     ctx.migrate(&db, &["up"]).success();
     ctx.write("upshift.toml", "[database]\nno_transaction = [\"4\"]\n");
     ctx.migrate(&db, &["status"]).code(2).stderr_has("no_transaction names 4, which is not a revision");
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LintFinding {
-    file: String,
-    line: usize,
-    revision: String,
-    rule: String,
-    message: String,
-    fix: String,
-    allowed: bool,
-    reason: Option<String>,
 }
 
 /// `migrate lint` names each finding with its file and line, rule, what it does to the old code

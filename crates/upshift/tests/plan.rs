@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::Context;
+use common::{Context, LintFinding};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -17,19 +17,6 @@ struct PlanJson {
     steps: Vec<Step>,
     #[serde(default)]
     lint: Vec<LintFinding>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LintFinding {
-    file: String,
-    line: usize,
-    revision: String,
-    rule: String,
-    message: String,
-    fix: String,
-    allowed: bool,
-    reason: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

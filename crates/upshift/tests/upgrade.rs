@@ -222,6 +222,16 @@ migrate_to = "20260202000000"
         self.run(&["status", "--output", "json"]).success().json()
     }
 
+    /// Waits (up to a minute) until the app's folder holds `name` (a mark a smoke command
+    /// leaves once the verify passed).
+    fn wait_for_file(&self, name: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_mins(1);
+        while !self.ctx.join(name).exists() {
+            assert!(std::time::Instant::now() < deadline, "{name} never appeared: the verify never passed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits (up to a minute) until the run in flight is at `step`.
     fn wait_for_step(&self, step: i64) {
         let deadline = std::time::Instant::now() + Duration::from_mins(1);
@@ -477,11 +487,7 @@ fn a_release_that_breaks_during_the_watch_is_undone() {
     app.ctx.write("upshift.toml", &watched);
     let run =
         app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while !app.ctx.join("smoke-passed-2.0.0").exists() {
-        assert!(std::time::Instant::now() < deadline, "the verify never passed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    app.wait_for_file("smoke-passed-2.0.0");
     // 2.0.0 serves and passed its checks; now it hangs (SIGSTOP): its health check times out.
     let instance = app.status().components[0].instances.iter().find(|i| i.version == "2.0.0").and_then(|i| i.pid);
     let pid = instance.expect("2.0.0 runs").to_string();
@@ -1571,11 +1577,7 @@ fn watching(component_settings: &str) -> (App, String, std::process::Child) {
     app.ctx.write("upshift.toml", &watched);
     let run =
         app.command().args(["upgrade", "--to", "2.0.0"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_mins(1);
-    while !app.ctx.join("smoke-passed-2.0.0").exists() {
-        assert!(std::time::Instant::now() < deadline, "the verify never passed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    app.wait_for_file("smoke-passed-2.0.0");
     (app, serve, run)
 }
 

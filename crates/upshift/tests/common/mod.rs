@@ -154,6 +154,20 @@ pub fn crash_at_every_write(
     write - 1
 }
 
+/// One finding of `upshift migrate lint --output json` (and of a plan's `lint`).
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct LintFinding {
+    pub file: String,
+    pub line: usize,
+    pub revision: String,
+    pub rule: String,
+    pub message: String,
+    pub fix: String,
+    pub allowed: bool,
+    pub reason: Option<String>,
+}
+
 /// `upshift status --output json`, as far as the driver tests read it.
 #[derive(serde::Deserialize, Debug)]
 pub struct Status {
