@@ -38,12 +38,16 @@ fn kubeconfig() -> Option<String> {
     None
 }
 
+/// The test Deployment. Its progress deadline is 30 s: a rolling update under the load of
+/// the other cluster tests on two cores once took longer than 12 s in CI; a rollout that
+/// progresses ends as soon as it is done, so only the releases that never get ready (on
+/// purpose) wait it whole.
 const DEPLOYMENT: &str = r#"apiVersion: apps/v1
 kind: Deployment
 metadata: {name: notes, namespace: NAMESPACE}
 spec:
   replicas: 2
-  progressDeadlineSeconds: 12
+  progressDeadlineSeconds: 30
   selector: {matchLabels: {app: notes}}
   template:
     metadata: {labels: {app: notes}}
