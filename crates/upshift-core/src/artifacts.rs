@@ -92,11 +92,5 @@ fn fill(argv: &[String], placeholder: &str, path: &Path) -> Vec<String> {
 
 /// A command's end as a result, redacted.
 fn finish(manifest: &Manifest, argv: &[String], ran: Result<crate::command::Finished, String>) -> Result<(), String> {
-    let shown = manifest.redact(&argv.join(" "));
-    let done = ran.map_err(|e| manifest.redact(&e))?;
-    if done.status.success() {
-        Ok(())
-    } else {
-        Err(format!("`{shown}` exited with {}: {}", done.status, manifest.redact(done.output.trim())))
-    }
+    ran.and_then(|done| done.success(argv)).map(drop).map_err(|e| manifest.redact(&e))
 }

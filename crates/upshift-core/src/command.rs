@@ -34,11 +34,17 @@ pub struct Options<'a> {
 /// Runs `argv` with no stdin and at most `timeout`; returns its stdout and stderr (the
 /// first 64 KiB) when it exits 0, or says how it failed, with that output.
 pub fn run(argv: &[String], timeout: Duration) -> Result<String, String> {
-    let finished = run_with(argv, timeout, &Options::default())?;
-    if finished.status.success() {
-        Ok(finished.output)
-    } else {
-        Err(format!("`{}` exited with {}: {}", argv.join(" "), finished.status, finished.output.trim()))
+    run_with(argv, timeout, &Options::default())?.success(argv)
+}
+
+impl Finished {
+    /// Its output when it exited 0, else how `argv` failed, with that output.
+    pub fn success(self, argv: &[String]) -> Result<String, String> {
+        if self.status.success() {
+            Ok(self.output)
+        } else {
+            Err(format!("`{}` exited with {}: {}", argv.join(" "), self.status, self.output.trim()))
+        }
     }
 }
 

@@ -1357,19 +1357,20 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     })
 }
 
-/// The deployed release's version, or `None` when nothing was deployed (no journal yet).
-/// A damaged journal is an error, never "nothing deployed".
-pub fn deployed_version(state_dir: &Path) -> Result<Option<semver::Version>, JournalError> {
+/// The deployed release and its version, or `None` when nothing was deployed (no journal
+/// yet). A damaged journal is an error, never "nothing deployed".
+pub fn deployed_release(state_dir: &Path) -> Result<Option<(ReleaseRow, semver::Version)>, JournalError> {
     let Some(journal) = Journal::open_existing(state_dir)? else {
         return Ok(None);
     };
     journal
         .deployed()?
         .map(|r| {
-            r.version.parse().map_err(|e| JournalError::Damaged {
+            let version = r.version.parse().map_err(|e| JournalError::Damaged {
                 path: journal.path.display().to_string(),
                 message: format!("release {} records version `{}`, which is not semver: {e}", r.revision, r.version),
-            })
+            })?;
+            Ok((r, version))
         })
         .transpose()
 }
@@ -1404,7 +1405,7 @@ mod tests {
         let err = Journal::open(dir.path()).err().unwrap();
         assert!(matches!(err, JournalError::Damaged { .. }), "{err}");
         assert!(err.to_string().contains("empty"), "{err}");
-        assert!(deployed_version(dir.path()).is_err());
+        assert!(deployed_release(dir.path()).is_err());
         std::fs::write(dir.path().join(FILE), b"not a database at all, just text ....").unwrap();
         assert!(matches!(Journal::open(dir.path()).err().unwrap(), JournalError::Damaged { .. }));
     }

@@ -62,14 +62,9 @@ pub fn send(
             notify.timeout,
             &crate::command::Options { env: &env, stdin: Some(&body), ..Default::default() },
         )
-        .and_then(|done| {
-            if done.status.success() {
-                Ok(())
-            } else {
-                Err(format!("exited with {}: {}", done.status, done.output.trim()))
-            }
-        })
-        .map_err(|e| redact(&format!("command `{}`: {e}", command.join(" "))));
+        .and_then(|done| done.success(command))
+        .map(drop)
+        .map_err(|e| redact(&format!("command: {e}")));
         sent.push(("command", result));
     }
     sent

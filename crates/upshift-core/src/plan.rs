@@ -284,18 +284,18 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     Ok(plan)
 }
 
+/// Why `--only NAME` names nothing: with the components there are.
+pub(crate) fn no_such_component(manifest: &Manifest, name: &str) -> String {
+    let known: Vec<&str> = manifest.components.iter().map(|c| c.name.as_str()).collect();
+    format!("--only {name}: there is no such component; expected one of: {}", known.join(", "))
+}
+
 /// The components a partial upgrade deploys (empty: all): those `--only` names, and when
 /// finishing the deployed release, only those still behind it.
 fn deploy_set(input: &PlanInput<'_>, finishing: bool) -> Result<Vec<String>, PlanError> {
     let components = &input.manifest.components;
-    for name in input.only {
-        if !components.iter().any(|c| &c.name == name) {
-            let known: Vec<&str> = components.iter().map(|c| c.name.as_str()).collect();
-            return Err(PlanError::Only(format!(
-                "--only {name}: there is no such component; expected one of: {}",
-                known.join(", ")
-            )));
-        }
+    if let Some(name) = input.only.iter().find(|name| !components.iter().any(|c| &c.name == *name)) {
+        return Err(PlanError::Only(no_such_component(input.manifest, name)));
     }
     if input.only.is_empty() && !finishing {
         return Ok(Vec::new());

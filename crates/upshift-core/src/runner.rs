@@ -225,14 +225,10 @@ fn run_hook(
         vars.push((key.clone(), manifest.expand(value)?));
     }
     (ctx.say)(&format!("  hook {name}: {}", manifest.redact(&argv.join(" "))));
-    let done = crate::command::run_with(&argv, timeout, &crate::command::Options { env: &vars, ..Default::default() })
-        .map_err(|e| manifest.redact(&e))?;
-    let output = manifest.redact(&done.output);
-    if done.status.success() {
-        Ok(output)
-    } else {
-        Err(format!("`{}` exited with {}: {}", manifest.redact(&argv.join(" ")), done.status, output.trim()))
-    }
+    crate::command::run_with(&argv, timeout, &crate::command::Options { env: &vars, ..Default::default() })
+        .and_then(|done| done.success(&argv))
+        .map(|output| manifest.redact(&output))
+        .map_err(|e| manifest.redact(&e))
 }
 
 /// The component of a stop or deploy step and its driver, once what runs for it now is

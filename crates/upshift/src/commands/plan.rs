@@ -37,8 +37,7 @@ pub(crate) fn run(global: &GlobalArgs, target_args: &TargetArgs, printer: &Print
     let manifest = required_manifest(global)?;
     let target: semver::Version =
         to.parse().map_err(|e| UsageError(format!("`--to {to}` is not a version ({e}); expected one like 2.0.0")))?;
-    let release = journal::Journal::open_existing(&manifest.state_dir)?.map(|j| j.deployed()).transpose()?.flatten();
-    let deployed = journal::deployed_version(&manifest.state_dir)?;
+    let (release, deployed) = journal::deployed_release(&manifest.state_dir)?.unzip();
     let behind = upshift_core::runner::behind(&manifest, release.as_ref());
     let url = database_url(database, Some(&manifest), printer)?.map(|text| DatabaseUrl::parse(&text)).transpose()?;
     let (migrator, applied, described) = match &url {
