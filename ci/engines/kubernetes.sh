@@ -46,6 +46,8 @@ build() {
 start() {
     build
     command -v etcd >/dev/null || apt-get install -y -q etcd-server jq >/dev/null
+    # The kubelet's port-forward (dockershim) runs socat in the pod's network namespace.
+    command -v socat >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q socat >/dev/null
     command -v kubectl >/dev/null || { echo "kubectl is needed" >&2; exit 1; }
     if [ -f "$DIR/kubeconfig" ] && KUBECONFIG="$DIR/kubeconfig" kubectl get --raw /readyz >/dev/null 2>&1; then
         echo "$DIR/kubeconfig"
@@ -101,6 +103,7 @@ KC
         --token-auth-file="$DIR/pki/tokens.csv" --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc --service-account-key-file="$DIR/pki/sa.pub" \
         --service-account-signing-key-file="$DIR/pki/sa.key" --service-cluster-ip-range=10.96.0.0/16 \
+        --kubelet-preferred-address-types=InternalIP \
         > "$DIR/apiserver.log" 2>&1 &
     for _ in $(seq 1 200); do
         [ "$(curl -sk -m2 -H "Authorization: Bearer $token" https://127.0.0.1:16443/readyz)" = ok ] && break
@@ -111,9 +114,13 @@ KC
         > "$DIR/kcm.log" 2>&1 &
     nohup "$CACHE/kube-scheduler" --kubeconfig="$KUBECONFIG" --leader-elect=false --port=0 --secure-port=0 \
         > "$DIR/scheduler.log" 2>&1 &
-    nohup "$CACHE/kubelet" --kubeconfig="$KUBECONFIG" --hostname-override=node-1 --container-runtime=docker \
+    # The kubelet listens on the Docker bridge's address, which the API server dials for
+    # exec, logs and port-forward (a node IP cannot be loopback); nothing outside reaches it.
+    local node_ip
+    node_ip=$(ip -4 -o addr show docker0 | awk '{ split($4, a, "/"); print a[1] }')
+    nohup "$CACHE/kubelet" --kubeconfig="$KUBECONFIG" --hostname-override=node-1 --node-ip="$node_ip" --container-runtime=docker \
         --pod-infra-container-image=upshift/pause:1 --cgroup-driver=cgroupfs --fail-swap-on=false \
-        --root-dir="$DIR/kubelet" --cert-dir="$DIR/kubelet/pki" --address=127.0.0.1 --read-only-port=0 \
+        --root-dir="$DIR/kubelet" --cert-dir="$DIR/kubelet/pki" --address="$node_ip" --read-only-port=0 \
         --healthz-port=0 --cgroups-per-qos=false --enforce-node-allocatable= --image-gc-high-threshold=100 \
         --image-gc-low-threshold=99 --eviction-hard= --authentication-token-webhook=false \
         --authorization-mode=AlwaysAllow > "$DIR/kubelet.log" 2>&1 &

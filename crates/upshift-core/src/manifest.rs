@@ -743,7 +743,17 @@ struct RawCommands {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVia {
-    compose: String,
+    compose: Option<String>,
+    kubernetes: Option<RawKubernetesVia>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetesVia {
+    pod: String,
+    port: u16,
+    namespace: Option<String>,
+    context: Option<String>,
 }
 
 /// `[database] via`: how upshift reaches a database that is not published on the host.
@@ -754,6 +764,19 @@ pub enum DatabaseVia {
     Compose {
         /// The service.
         service: String,
+    },
+    /// The database is a pod's port in a Kubernetes cluster: upshift opens a port-forward
+    /// tunnel through the API server (what `kubectl port-forward` does) and connects to
+    /// its local end.
+    Kubernetes {
+        /// The pod (`postgresql-0`).
+        pod: String,
+        /// The port the database listens on in the pod.
+        port: u16,
+        /// The pod's namespace (default: the context's).
+        namespace: Option<String>,
+        /// The kubeconfig context (default: the current one).
+        context: Option<String>,
     },
 }
 
@@ -907,30 +930,7 @@ impl Manifest {
             components.push(component);
         }
         let database_via = match via {
-            Some(via) => {
-                let at = Some(via.span());
-                let service = via.into_inner().compose;
-                if !components.iter().any(|c| c.compose().is_some()) {
-                    return Err(loader.error(
-                        at,
-                        "[database] via = { compose = ... } names a service of the Compose project of a component with \
-                         driver = \"compose\", and there is none"
-                            .into(),
-                    ));
-                }
-                if !database_url
-                    .as_deref()
-                    .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
-                {
-                    return Err(loader.error(
-                        at,
-                        "[database] via = { compose = ... } needs a PostgreSQL URL (postgres://user@host:port/db) in [database] url; \
-                         its host is replaced by the container's address"
-                            .into(),
-                    ));
-                }
-                Some(DatabaseVia::Compose { service })
-            }
+            Some(via) => Some(loader.via(via, database_url.as_deref(), &components)?),
             None => None,
         };
         let verify = loader.verify(raw.verify)?;
@@ -1013,6 +1013,54 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// `[database] via`: a Compose service, or a pod reached through a port-forward.
+    fn via(
+        &self,
+        via: Spanned<RawVia>,
+        url: Option<&str>,
+        components: &[Component],
+    ) -> Result<DatabaseVia, ManifestError> {
+        let at = Some(via.span());
+        let via = match via.into_inner() {
+            RawVia { compose: Some(service), kubernetes: None } => {
+                if !components.iter().any(|c| c.compose().is_some()) {
+                    return Err(self.error(
+                        at,
+                        "[database] via = { compose = ... } names a service of the Compose project of a component with \
+                         driver = \"compose\", and there is none"
+                            .into(),
+                    ));
+                }
+                DatabaseVia::Compose { service }
+            }
+            RawVia { compose: None, kubernetes: Some(k) } => {
+                if k.port == 0 {
+                    return Err(
+                        self.error(at, "[database] via: kubernetes.port must be the pod's port (1-65535)".into())
+                    );
+                }
+                DatabaseVia::Kubernetes { pod: k.pod, port: k.port, namespace: k.namespace, context: k.context }
+            }
+            _ => {
+                return Err(self.error(
+                    at,
+                    "[database] via takes one of `compose = \"<service>\"` or \
+                     `kubernetes = { pod = \"<pod>\", port = <port> }`"
+                        .into(),
+                ));
+            }
+        };
+        if !url.is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+            return Err(self.error(
+                at,
+                "[database] via needs a PostgreSQL URL (postgres://user@host:port/db) in [database] url; its host \
+                 (and, through a tunnel, its port) is replaced by where the database really is"
+                    .into(),
+            ));
+        }
+        Ok(via)
+    }
+
     /// `[database] migrator` and the keys of the tool it names.
     fn migrator(&self, database: &RawDatabase, base: &Path) -> Result<Option<External>, ManifestError> {
         let kind = database.migrator.as_ref().map_or(RawMigrator::Upshift, |m| *m.get_ref());

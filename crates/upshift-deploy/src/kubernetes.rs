@@ -147,6 +147,21 @@ fn template_version(template: &PodTemplateSpec, container: Option<&str>) -> Opti
     Some(image.rsplit_once(':').filter(|(_, tag)| !tag.contains('/')).map_or(image, |(_, tag)| tag).to_owned())
 }
 
+/// A client made like `kubectl` makes one: the kubeconfig's `context` (or its current
+/// context), else the pod's service account.
+pub(crate) async fn connect(context: Option<&str>) -> Result<kube::Client, DriverError> {
+    let options = kube::config::KubeConfigOptions { context: context.map(str::to_owned), ..Default::default() };
+    let config = match &options.context {
+        Some(_) => kube::Config::from_kubeconfig(&options).await.map_err(|e| e.to_string()),
+        None => kube::Config::infer().await.map_err(|e| e.to_string()),
+    };
+    config.and_then(|config| kube::Client::try_from(config).map_err(|e| e.to_string())).map_err(|e| {
+        DriverError::Unavailable(format!(
+            "no Kubernetes configuration ({e}); set KUBECONFIG or run where `kubectl` works"
+        ))
+    })
+}
+
 impl KubernetesDriver {
     /// A driver for the manifest's Kubernetes components; nothing is contacted yet.
     pub fn new(manifest: &Manifest) -> Result<KubernetesDriver, DriverError> {
@@ -178,21 +193,7 @@ impl KubernetesDriver {
         if let Some((_, client)) = self.clients.iter().find(|(c, _)| c.as_ref() == context) {
             return Ok(client.clone());
         }
-        let options = kube::config::KubeConfigOptions { context: context.cloned(), ..Default::default() };
-        let client = self
-            .runtime
-            .block_on(async {
-                let config = match &options.context {
-                    Some(_) => kube::Config::from_kubeconfig(&options).await.map_err(|e| e.to_string())?,
-                    None => kube::Config::infer().await.map_err(|e| e.to_string())?,
-                };
-                kube::Client::try_from(config).map_err(|e| e.to_string())
-            })
-            .map_err(|e| {
-                DriverError::Unavailable(format!(
-                    "no Kubernetes configuration ({e}); set KUBECONFIG or run where `kubectl` works"
-                ))
-            })?;
+        let client = self.runtime.block_on(connect(context.map(String::as_str)))?;
         self.clients.push((context.cloned(), client.clone()));
         Ok(client)
     }

@@ -11,6 +11,8 @@ mod helm;
 mod kubernetes;
 mod process;
 pub mod rollout;
+#[cfg(feature = "kubernetes")]
+mod tunnel;
 
 pub use compose::{ComposeDriver, check_compose_files, service_address};
 #[cfg(feature = "kubernetes")]
@@ -18,6 +20,8 @@ pub use helm::{HelmDriver, helm_revisions};
 #[cfg(feature = "kubernetes")]
 pub use kubernetes::KubernetesDriver;
 pub use process::ProcessDriver;
+#[cfg(feature = "kubernetes")]
+pub use tunnel::{TunnelTarget, tunnel};
 
 /// An argument list from string slices (for the CLIs the drivers run).
 pub(crate) fn strings(args: &[&str]) -> Vec<String> {

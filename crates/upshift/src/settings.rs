@@ -65,25 +65,53 @@ pub(crate) fn database_url(
 }
 
 /// The manifest's URL with its host replaced by where `[database] via` says the database
-/// is (a Compose service's container address), when it says so.
+/// is: a Compose service's container address, or the local end of a port-forward tunnel
+/// to a pod (opened here, for as long as this command runs).
 fn via(manifest: &Manifest, url: &str) -> anyhow::Result<String> {
-    match &manifest.database_via {
-        None => Ok(url.to_owned()),
+    let address = match &manifest.database_via {
+        None => return Ok(url.to_owned()),
         Some(DatabaseVia::Compose { service }) => {
-            let address = upshift_deploy::service_address(manifest, service)?;
-            with_host(url, &address).ok_or_else(|| {
-                UsageError(format!(
-                    "{}: [database] via needs a URL like postgres://user@host:port/db in [database] url",
-                    manifest.path.display()
-                ))
-                .into()
-            })
+            with_host(url, &upshift_deploy::service_address(manifest, service)?, None)
         }
-    }
+        Some(DatabaseVia::Kubernetes { pod, port, namespace, context }) => {
+            tunnel(pod, *port, namespace.as_deref(), context.as_deref())
+                .map(|local| with_host(url, &local.ip().to_string(), Some(local.port())))?
+        }
+    };
+    address.ok_or_else(|| {
+        UsageError(format!(
+            "{}: [database] via needs a URL like postgres://user@host:port/db in [database] url",
+            manifest.path.display()
+        ))
+        .into()
+    })
 }
 
-/// `url` (`scheme://[user[:password]@]host[:port][/...]`) with another host.
-fn with_host(url: &str, host: &str) -> Option<String> {
+#[cfg(feature = "kubernetes")]
+fn tunnel(
+    pod: &str,
+    port: u16,
+    namespace: Option<&str>,
+    context: Option<&str>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let target = upshift_deploy::TunnelTarget { context, namespace, pod, port };
+    Ok(upshift_deploy::tunnel(&target)?)
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn tunnel(
+    _pod: &str,
+    _port: u16,
+    _namespace: Option<&str>,
+    _context: Option<&str>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    Err(UsageError("[database] via = { kubernetes = ... } needs upshift built with the `kubernetes` feature".into())
+        .into())
+}
+
+/// `url` (`scheme://[user[:password]@]host[:port][/...]`) with another host, and another
+/// port when `port` is given.
+fn with_host(url: &str, host: &str, port: Option<u16>) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
@@ -91,12 +119,13 @@ fn with_host(url: &str, host: &str) -> Option<String> {
         Some(at) => (&authority[..=at], &authority[at + 1..]),
         None => ("", authority),
     };
-    let port = if hostport.starts_with('[') {
+    let port_text = if hostport.starts_with('[') {
         hostport.find(']').map(|end| &hostport[end + 1..])?
     } else {
         hostport.find(':').map_or("", |colon| &hostport[colon..])
     };
     let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+    let port = port.map_or_else(|| port_text.to_owned(), |p| format!(":{p}"));
     Some(format!("{scheme}://{userinfo}{host}{port}{tail}"))
 }
 
@@ -223,9 +252,17 @@ mod tests {
             ("postgres://u@[::1]:6432/x", "postgres://u@172.18.0.2:6432/x"),
         ];
         for (url, expected) in cases {
-            assert_eq!(with_host(url, "172.18.0.2").as_deref(), Some(expected), "{url}");
+            assert_eq!(with_host(url, "172.18.0.2", None).as_deref(), Some(expected), "{url}");
         }
-        assert_eq!(with_host("postgres://db:5432/x", "fd00::2").as_deref(), Some("postgres://[fd00::2]:5432/x"));
-        assert_eq!(with_host("host=db dbname=x", "172.18.0.2"), None);
+        assert_eq!(with_host("postgres://db:5432/x", "fd00::2", None).as_deref(), Some("postgres://[fd00::2]:5432/x"));
+        assert_eq!(
+            with_host("postgres://u:p@postgresql:5432/x?sslmode=disable", "127.0.0.1", Some(40123)).as_deref(),
+            Some("postgres://u:p@127.0.0.1:40123/x?sslmode=disable")
+        );
+        assert_eq!(
+            with_host("postgres://u@db/x", "127.0.0.1", Some(40123)).as_deref(),
+            Some("postgres://u@127.0.0.1:40123/x")
+        );
+        assert_eq!(with_host("host=db dbname=x", "172.18.0.2", None), None);
     }
 }

@@ -447,4 +447,98 @@ fn kubernetes_settings_are_checked_with_their_line() {
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("means nothing to another strategy");
     ctx.write("upshift.toml", &manifest("context = \"prod\""));
     ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, rolling)");
+    let via = |url: &str, via: &str| format!("[database]\nurl = \"{url}\"\nvia = {via}\n\n{}", manifest(""));
+    let pod = "{ kubernetes = { pod = \"postgresql-0\", port = 5432 } }";
+    ctx.write("upshift.toml", &via("sqlite:x.db", pod));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:3").stderr_has("needs a PostgreSQL URL");
+    ctx.write("upshift.toml", &via("postgres://db/x", "{ kubernetes = { pod = \"postgresql-0\", port = 0 } }"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:3").stderr_has("kubernetes.port");
+    ctx.write("upshift.toml", &via("postgres://db/x", "{ kubernetes = { pod = \"postgresql-0\" } }"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:3").stderr_has("port");
+    ctx.write("upshift.toml", &via("postgres://db/x", "{}"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:3").stderr_has("takes one of");
+}
+
+/// The example in `examples/kubernetes` (seed 003's flow), from its own files.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/kubernetes");
+
+/// Seed 003 on the cluster, from `examples/kubernetes`: PostgreSQL in the cluster, its port
+/// published nowhere, reached through upshift's port-forward tunnel by the migrations, the
+/// backups and the restore; the notes Deployment switched blue-green by its Service. The
+/// data is checked on the database pod's own address, not through upshift.
+#[test]
+fn the_kubernetes_example_migrates_backs_up_and_restores_through_a_tunnel() {
+    let Some(kubeconfig) = kubeconfig() else { return };
+    common::notes_images();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../ci/engines/postgres-image.sh");
+    assert!(Command::new("bash").args([script, "upshift-postgres:local"]).status().unwrap().success(), "{script}");
+    let ctx = Context::new();
+    let namespace = format!("upshift-example-{}", std::process::id());
+    let example =
+        |file: &str| std::fs::read_to_string(format!("{EXAMPLE}/{file}")).unwrap().replace("notes-example", &namespace);
+    ctx.write("upshift.toml", &example("upshift.toml").replace("../notes/migrations", "migrations"));
+    for (name, text) in notes::MIGRATIONS {
+        ctx.write(&format!("migrations/{name}"), text);
+    }
+    let cluster = Cluster { ctx, kubeconfig, namespace: namespace.clone() };
+    let ns = namespace.clone();
+    cluster.kubectl(&["create", "namespace", &ns]);
+    cluster.ctx.write("postgresql.yaml", &example("postgresql.yaml"));
+    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("postgresql.yaml").display().to_string()]);
+    cluster.kubectl(&["-n", &ns, "wait", "--for=condition=Ready", "pod/postgresql-0", "--timeout=60s"]);
+    let database = cluster.kubectl(&["-n", &ns, "get", "pod", "postgresql-0", "-o", "jsonpath={.status.podIP}"]);
+    let sql = |query: &str| -> Vec<String> {
+        let mut client =
+            postgres::Client::connect(&format!("host={database} user=postgres dbname=postgres"), postgres::NoTls)
+                .unwrap();
+        client
+            .simple_query(query)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or("").to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+
+    // The runbook's starting point: 1.0.0's schema, made by the old tooling (here through
+    // the tunnel), and the Deployment applied by hand.
+    cluster.upshift(&["migrate", "up", "20260101000000"]).success();
+    cluster.ctx.write("notes.yaml", &example("notes.yaml").replace("POSTGRES_IP", &database));
+    cluster.kubectl(&["apply", "-f", &cluster.ctx.join("notes.yaml").display().to_string()]);
+    cluster.kubectl(&["-n", &ns, "rollout", "status", "deployment/notes", "--timeout=60s"]);
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success().stderr_has("becomes slot blue");
+    sql("INSERT INTO notes (id, title, body) VALUES (1, 'first', 'kept across everything')");
+
+    // 2.0.0: backed up and migrated through the tunnel around the switch.
+    let started = Instant::now();
+    cluster
+        .upshift(&["upgrade", "--to", "2.0.0"])
+        .success()
+        .stderr_has("backup")
+        .stderr_has("applied 20260202000000")
+        .stderr_has("selects slot blue");
+    eprintln!("example 1.0.0 -> 2.0.0 (backup, expand, switch, contract): {:.1}s", started.elapsed().as_secs_f64());
+    let title = "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' AND column_name = 'title'";
+    assert_eq!(sql(title), ["0"]);
+    assert_eq!(sql("SELECT body FROM notes"), ["kept across everything"]);
+
+    // 3.0.0 never gets ready; the Service stays on 2.0.0's slot.
+    cluster.upshift(&["upgrade", "--to", "3.0.0"]).code(3).stderr_has("2.0.0 is back");
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("2.0.0"));
+
+    // Back to 1.0.0: the contract dropped `title`, so the backup is restored through the
+    // tunnel (with the host's pg_restore), and 1.0.0's slot selected again.
+    cluster.upshift(&["rollback"]).success().stderr_has("restored backup");
+    assert_eq!(sql(title), ["1"]);
+    assert_eq!(sql("SELECT title FROM notes"), ["first"]);
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("1.0.0"));
+    let listed = cluster.upshift(&["backup", "list"]).success().stdout.clone();
+    assert!(listed.lines().count() >= 3, "{listed}");
+
+    // A pod that is not there is named.
+    let manifest = cluster.ctx.read("upshift.toml").replace("pod = \"postgresql-0\"", "pod = \"postgresql-9\"");
+    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.upshift(&["migrate", "status"]).code(1).stderr_has("pod postgresql-9 does not exist");
 }

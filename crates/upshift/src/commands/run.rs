@@ -403,6 +403,7 @@ pub(crate) fn history(global: &GlobalArgs, printer: &Printer) -> anyhow::Result<
 /// Each Helm component's revisions with when they were made; a release that cannot be
 /// asked is left out with a warning (`history` needs no cluster).
 fn helm_revisions(manifest: &Manifest, printer: &Printer) -> BTreeMap<String, Vec<(u64, String)>> {
+    #[cfg_attr(not(feature = "kubernetes"), allow(unused_mut))]
     let mut found = BTreeMap::new();
     #[cfg(feature = "kubernetes")]
     for component in manifest.components.iter().filter(|c| c.driver.kind() == DriverKind::Helm) {
