@@ -1453,15 +1453,6 @@ impl Loader<'_> {
     /// The Kubernetes driver's rules: the strategies it has, and health from the pods.
     fn kubernetes_keys(&self, raw: &RawComponent, name: &str, strategy: Strategy) -> Result<(), ManifestError> {
         let at_name = Some(raw.name.span());
-        if strategy == Strategy::Canary {
-            return Err(self.error(
-                at_name,
-                format!(
-                    "component `{name}`: strategy canary is not in this build's kubernetes driver; use rolling (the \
-                     default), recreate or blue-green"
-                ),
-            ));
-        }
         if (strategy == Strategy::BlueGreen) != raw.service.is_some() {
             return Err(self.error(
                 raw.service.as_ref().map(Spanned::span).or(at_name),
@@ -1477,6 +1468,16 @@ impl Loader<'_> {
                 format!(
                     "component `{name}`: the kubernetes driver judges health by the pods' readiness; put the check in the \
                      Deployment's readinessProbe instead of `health`"
+                ),
+            ));
+        }
+        if raw.max_error_rate.is_some() || raw.max_p99_ms.is_some() {
+            return Err(self.error(
+                at_name,
+                format!(
+                    "component `{name}`: `max_error_rate` and `max_p99_ms` judge the requests the agent's proxy sees, and \
+                     a Kubernetes Service sends none through it; the kubernetes canary judges each step on its pods' \
+                     readiness and restarts"
                 ),
             ));
         }

@@ -64,7 +64,19 @@ impl Target {
     fn slot(&self, slot: &str) -> String {
         if slot == GREEN { format!("{}-green", self.deployment) } else { self.deployment.clone() }
     }
+
+    /// The canary's Deployment: `<deployment>-canary`.
+    fn canary(&self) -> String {
+        format!("{}-canary", self.deployment)
+    }
 }
+
+/// The pod label of the canary's pods (`canary`), beside the Deployment's own labels, so
+/// the Service in front of the Deployment sends them their share of requests.
+const TRACK_LABEL: &str = "upshift.dev/track";
+/// The canary Deployment's annotation with the replica count the two Deployments share,
+/// so a canary resumed after a crash splits the same total.
+const TOTAL_ANNOTATION: &str = "upshift.dev/replicas";
 
 /// The pod label and Service selector key of a blue-green slot.
 const SLOT_LABEL: &str = "upshift.dev/slot";
@@ -476,6 +488,118 @@ impl KubernetesDriver {
         )
     }
 
+    /// Canary by replica share: a copy of the Deployment, `<deployment>-canary`, runs the
+    /// new version; at each step its replicas are that share of the total (at least one)
+    /// and the Deployment gives up as many, so the Service in front of both sends it about
+    /// that share of requests. Each step waits for the canary's rollout, then watches it
+    /// for `step_interval`: a pod that is not ready or restarts fails it. At 100 % the
+    /// Deployment itself rolls to the new version (no replica unavailable) and the canary
+    /// goes to zero.
+    fn deploy_canary(
+        &mut self,
+        target: &Target,
+        component: &Component,
+        version: &str,
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let (api, stable) = self.deployment(target)?;
+        let name = target.canary();
+        let existing = self.find(target, &name)?;
+        // The total: what the canary recorded when a canary of this run is under way (a
+        // resumed run), else the Deployment's own count.
+        let in_flight = existing.as_ref().filter(|d| d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0) > 0);
+        let total = in_flight
+            .and_then(|d| d.metadata.annotations.as_ref()?.get(TOTAL_ANNOTATION)?.parse::<i32>().ok())
+            .or_else(|| stable.spec.as_ref().and_then(|s| s.replicas))
+            .unwrap_or(1)
+            .max(1);
+        let shape = |d: &mut Deployment, replicas: i32| {
+            set_version(d, target, component, version)?;
+            label_track(d);
+            d.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(TOTAL_ANNOTATION.into(), total.to_string());
+            d.spec.get_or_insert_with(Default::default).replicas = Some(replicas);
+            Ok(())
+        };
+        for &share in component.steps.iter().filter(|&&s| s < 100) {
+            let canaries = canary_replicas(total, share);
+            if canaries >= total {
+                break;
+            }
+            say(&format!("  canary at {share}%: {canaries} of {total} replicas run {version}"));
+            if self.find(target, &name)?.is_some() {
+                self.update(&target.named(&name), &|d| shape(d, canaries), say)?;
+            } else {
+                let mut copy = stable.clone();
+                copy.metadata = kube::api::ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: stable.metadata.namespace.clone(),
+                    labels: stable.metadata.labels.clone(),
+                    ..Default::default()
+                };
+                copy.status = None;
+                let spec = copy.spec.get_or_insert_with(Default::default);
+                spec.selector
+                    .match_labels
+                    .get_or_insert_with(Default::default)
+                    .insert(TRACK_LABEL.into(), "canary".into());
+                shape(&mut copy, canaries)?;
+                let created =
+                    self.runtime.block_on(api.create(&PostParams::default(), &copy)).map_err(|e| unavailable(&e))?;
+                self.follow(&api, created, false, say)?;
+            }
+            self.update(
+                target,
+                &|d| {
+                    d.spec.get_or_insert_with(Default::default).replicas = Some(total - canaries);
+                    Ok(())
+                },
+                say,
+            )?;
+            self.judge_canary(target, &name, share, component.step_interval)?;
+            say(&format!(
+                "  canary at {share}%: every canary pod stayed ready for {}s",
+                component.step_interval.as_secs()
+            ));
+        }
+        say(&format!("  canary at 100%: {} rolls to {version}", target.deployment));
+        self.update(
+            target,
+            &|d| {
+                set_version(d, target, component, version)?;
+                d.spec.get_or_insert_with(Default::default).replicas = Some(total);
+                Ok(())
+            },
+            say,
+        )?;
+        self.scale_to_zero(target, &name)
+    }
+
+    /// Watches the canary's pods for `interval`: each one ready, none restarted since the
+    /// step began, the Deployment's rollout not failed.
+    fn judge_canary(&mut self, target: &Target, name: &str, share: u32, interval: Duration) -> Result<(), DriverError> {
+        let until = std::time::Instant::now() + interval;
+        let mut baseline: Option<Vec<(String, i32)>> = None;
+        loop {
+            let (_, canary) = self.deployment(&target.named(name))?;
+            if let Progress::Failed(why) = progress(&canary) {
+                return Err(DriverError::Unhealthy(format!("canary at {share}%: {why}")));
+            }
+            let pods = self.pods(target, &canary)?;
+            let seen = baseline.get_or_insert_with(|| restarts(&pods));
+            if let Some(why) = canary_verdict(&pods, seen) {
+                return Err(DriverError::Unhealthy(format!("canary at {share}%: {why}")));
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(Duration::from_secs(1)));
+        }
+    }
+
     /// The pods of a Deployment (by its selector).
     fn pods(&mut self, target: &Target, deployment: &Deployment) -> Result<Vec<Pod>, DriverError> {
         let (_, namespace) = self.api(target)?;
@@ -545,6 +669,58 @@ fn label_slot(deployment: &mut Deployment, slot: &str) {
         .insert(SLOT_LABEL.to_owned(), slot.to_owned());
 }
 
+/// Puts a Deployment's pods on the canary track.
+fn label_track(deployment: &mut Deployment) {
+    let spec = deployment.spec.get_or_insert_with(Default::default);
+    spec.template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(TRACK_LABEL.to_owned(), "canary".to_owned());
+}
+
+/// The canary's replicas at `share` percent of `total`: rounded up, at least one.
+fn canary_replicas(total: i32, share: u32) -> i32 {
+    let share = i32::try_from(share).unwrap_or(100);
+    ((total * share + 99) / 100).max(1)
+}
+
+/// A pod's restarts, all its containers together.
+fn pod_restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |c| c.iter().map(|c| c.restart_count).sum())
+}
+
+/// Each pod's restarts, by name.
+fn restarts(pods: &[Pod]) -> Vec<(String, i32)> {
+    pods.iter().map(|pod| (pod.metadata.name.clone().unwrap_or_default(), pod_restarts(pod))).collect()
+}
+
+/// Why the canary's pods fail a step, if they do: one is not ready (or gone to a failed
+/// phase), or restarted since the step began (`before`: the restarts then; a pod that came
+/// since is judged from zero).
+fn canary_verdict(pods: &[Pod], before: &[(String, i32)]) -> Option<String> {
+    for pod in pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()) {
+        let name = pod.metadata.name.as_deref().unwrap_or("pod");
+        let status = pod.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        if !ready {
+            let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+            return Some(format!("pod {name} is not ready ({phase})"));
+        }
+        let (count, was) = (pod_restarts(pod), before.iter().find(|(n, _)| n == name).map_or(0, |(_, c)| *c));
+        if count > was {
+            return Some(format!("pod {name} restarted ({count} restarts, {was} when the step began)"));
+        }
+    }
+    None
+}
+
 impl Driver for KubernetesDriver {
     fn kind(&self) -> DriverKind {
         DriverKind::Kubernetes
@@ -588,10 +764,11 @@ impl Driver for KubernetesDriver {
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
         let target = self.target(component)?;
-        if component.strategy == Strategy::BlueGreen {
-            return self.deploy_blue_green(&target, component, version, say);
+        match component.strategy {
+            Strategy::BlueGreen => self.deploy_blue_green(&target, component, version, say),
+            Strategy::Canary => self.deploy_canary(&target, component, version, say),
+            _ => self.update(&target, &|d| set_version(d, &target, component, version), say),
         }
-        self.update(&target, &|d| set_version(d, &target, component, version), say)
     }
 
     fn put_back(&mut self, component: &Component, previous: Option<&Deployed>) -> Result<(), DriverError> {
@@ -603,12 +780,19 @@ impl Driver for KubernetesDriver {
                 let live = self.live_slot(&target, &service)?.unwrap_or_else(|| BLUE.to_owned());
                 return self.scale_to_zero(&target, &target.slot(&live));
             }
+            if component.strategy == Strategy::Canary {
+                self.scale_to_zero(&target, &target.canary())?;
+            }
             return self.scale_to_zero(&target, &target.deployment);
         };
-        if component.strategy == Strategy::BlueGreen {
-            return self.put_back_blue_green(&target, previous);
+        match component.strategy {
+            Strategy::BlueGreen => self.put_back_blue_green(&target, previous),
+            Strategy::Canary => {
+                self.put_back_template(&target, previous)?;
+                self.scale_to_zero(&target, &target.canary())
+            }
+            _ => self.put_back_template(&target, previous),
         }
-        self.put_back_template(&target, previous)
     }
 
     fn check_put_back(&mut self, previous: &Deployed, fallback: &Component) -> Result<(), DriverError> {
@@ -676,11 +860,7 @@ impl Driver for KubernetesDriver {
                     .as_ref()
                     .and_then(|s| s.conditions.as_ref())
                     .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-                let restarts = pod
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.container_statuses.as_ref())
-                    .map_or(0, |c| c.iter().map(|c| c.restart_count).sum::<i32>());
+                let restarts = pod_restarts(pod);
                 // A terminating pod still says Running until it is gone.
                 let terminating = pod.metadata.deletion_timestamp.is_some();
                 let phase = pod.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
@@ -756,6 +936,57 @@ mod tests {
         assert!(
             matches!(progress(&deployment(&stuck)), Progress::Failed(why) if why.contains("exceeded its progress deadline"))
         );
+    }
+
+    /// A pod as the API server lists it (recorded shape, trimmed).
+    fn pod(name: &str, ready: &str, phase: &str, restarts: i32) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": { "name": name, "labels": { "app": "notes", TRACK_LABEL: "canary" } },
+            "status": {
+                "phase": phase,
+                "conditions": [
+                    { "type": "Initialized", "status": "True" },
+                    { "type": "Ready", "status": ready },
+                    { "type": "ContainersReady", "status": ready }
+                ],
+                "containerStatuses": [{
+                    "name": "notes", "ready": ready == "True", "restartCount": restarts,
+                    "image": "upshift-demo-notes:2.0.0", "imageID": "docker://sha256:8ce6", "started": true,
+                    "lastState": { "terminated": { "exitCode": 137, "reason": "Error" } }
+                }]
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_canary_step_fails_on_an_unready_or_restarted_pod() {
+        let steady = [pod("notes-canary-1", "True", "Running", 1), pod("notes-canary-2", "True", "Running", 0)];
+        let before = restarts(&steady);
+        assert_eq!(canary_verdict(&steady, &before), None, "restarts before the step do not count");
+        let restarted = [pod("notes-canary-1", "True", "Running", 2), pod("notes-canary-2", "True", "Running", 0)];
+        assert_eq!(
+            canary_verdict(&restarted, &before).as_deref(),
+            Some("pod notes-canary-1 restarted (2 restarts, 1 when the step began)")
+        );
+        let crashing = [pod("notes-canary-1", "False", "Running", 1), pod("notes-canary-2", "True", "Running", 0)];
+        assert_eq!(canary_verdict(&crashing, &before).as_deref(), Some("pod notes-canary-1 is not ready (Running)"));
+        // A pod that came after the step began is judged from zero restarts.
+        let replaced = [pod("notes-canary-3", "True", "Running", 1)];
+        assert!(canary_verdict(&replaced, &before).is_some_and(|why| why.contains("notes-canary-3 restarted")));
+        // A terminating pod is not judged.
+        let mut going = pod("notes-canary-1", "False", "Running", 5);
+        going.metadata.deletion_timestamp = serde_json::from_value(json!("2026-12-02T07:40:00Z")).unwrap();
+        assert_eq!(canary_verdict(&[going], &before), None);
+    }
+
+    #[test]
+    fn canary_replicas_round_up_and_never_reach_zero() {
+        assert_eq!(canary_replicas(2, 50), 1);
+        assert_eq!(canary_replicas(2, 5), 1);
+        assert_eq!(canary_replicas(10, 25), 3);
+        assert_eq!(canary_replicas(10, 100), 10);
+        assert_eq!(canary_replicas(1, 50), 1);
     }
 
     #[test]

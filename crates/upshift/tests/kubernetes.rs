@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -365,6 +366,79 @@ fn blue_green_switches_the_service_selector_and_a_failed_release_is_never_select
     assert_eq!(cluster.status().components[0].version.as_deref(), Some("1.0.0"));
 }
 
+/// The images of the ready pods of one Deployment (`notes` or `notes-canary`).
+fn ready_of(cluster: &Cluster, track: &str) -> usize {
+    let selector = if track == "canary" { "upshift.dev/track=canary" } else { "!upshift.dev/track" };
+    let pods = cluster.kubectl(&["-n", &cluster.namespace, "get", "pods", "-l", selector, "-o", "json"]);
+    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+        .filter(|p| {
+            p["status"]["conditions"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+        })
+        .count()
+}
+
+/// Canary by replica share: at 50 % one of the two replicas runs the new version in
+/// `notes-canary`, watched for its step, then the Deployment rolls and the canary goes to
+/// zero. A canary that never gets ready is undone: the Deployment never gave up a replica.
+#[test]
+fn a_canary_follows_its_steps_and_one_that_never_gets_ready_is_undone() {
+    let Some(cluster) = Cluster::new() else { return };
+    let manifest = cluster.ctx.read("upshift.toml").replace(
+        "deployment = \"notes\"",
+        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"2s\"",
+    );
+    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
+
+    let started = Instant::now();
+    let fewest = fewest_available(&cluster, || {
+        cluster
+            .upshift(&["upgrade", "--to", "2.0.0"])
+            .success()
+            .stderr_has("canary at 50%: 1 of 2 replicas run 2.0.0")
+            .stderr_has("every canary pod stayed ready for 2s")
+            .stderr_has("canary at 100%: notes rolls to 2.0.0");
+    });
+    eprintln!("canary 1.0.0 -> 2.0.0 (50%, 100%): {:.1}s", started.elapsed().as_secs_f64());
+    assert!(fewest >= 1, "the Deployment had no available replica");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    assert_eq!(
+        cluster.kubectl(&[
+            "-n",
+            &cluster.namespace,
+            "get",
+            "deployment",
+            "notes-canary",
+            "-o",
+            "jsonpath={.spec.replicas}"
+        ]),
+        "0"
+    );
+
+    let started = Instant::now();
+    let fewest = fewest_available(&cluster, || {
+        cluster
+            .upshift(&["upgrade", "--to", "3.0.0"])
+            .code(3)
+            .stderr_has("canary at 50%")
+            .stderr_has("exceeded its progress deadline")
+            .stderr_has("2.0.0 is back");
+    });
+    eprintln!("canary 3.0.0 never ready, undone: {:.1}s", started.elapsed().as_secs_f64());
+    assert_eq!(fewest, 2, "the Deployment gave up a replica to a canary that was never ready");
+    assert_eq!(ready_of(&cluster, "canary"), 0);
+    assert_eq!(ready_of(&cluster, "stable"), 2);
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("2.0.0"));
+}
+
 #[test]
 fn a_missing_deployment_or_container_is_refused_in_preflight() {
     let Some(cluster) = Cluster::new() else { return };
@@ -424,6 +498,76 @@ fn killed_mid_blue_green_at_every_journal_write_then_resume_or_abort_converges()
     eprintln!("blue-green: {points} crash points, each converged");
 }
 
+/// The same contract under canary: `resume` or `abort` leaves the canary at zero and
+/// every ready pod on the journal's version.
+#[test]
+fn killed_mid_canary_at_every_journal_write_then_resume_or_abort_converges() {
+    let Some(cluster) = Cluster::new() else { return };
+    let manifest = cluster.ctx.read("upshift.toml").replace(
+        "deployment = \"notes\"",
+        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"1s\"",
+    );
+    cluster.ctx.write("upshift.toml", &manifest);
+    let points = converges_at_every_write(&cluster);
+    assert_eq!(ready_of(&cluster, "canary"), 0);
+    eprintln!("canary: {points} crash points, each converged");
+}
+
+/// kill -9 of upshift while its canary is being judged (one replica on each Deployment),
+/// then `resume` (the canary goes on with the same total, 2.0.0 everywhere) and, after a
+/// rollback and another kill, `abort` (1.0.0's template and both replicas back, the canary
+/// at zero).
+#[test]
+fn killed_while_a_canary_is_judged_then_resume_or_abort_converges() {
+    let Some(cluster) = Cluster::new() else { return };
+    let manifest = cluster.ctx.read("upshift.toml").replace(
+        "deployment = \"notes\"",
+        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"15s\"",
+    );
+    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    let replicas = || cluster.field(".spec.replicas");
+    let kill_mid_canary = || {
+        let mut child = cluster.ctx.command();
+        let mut child = child
+            .args(["upgrade", "--to", "2.0.0", "--yes"])
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_mins(1);
+        while !(ready_of(&cluster, "canary") == 1 && replicas() == "1") {
+            assert!(Instant::now() < deadline, "the canary never reached its 50% step");
+            assert!(child.try_wait().unwrap().is_none(), "upshift ended before the canary was judged");
+        }
+        let group = format!("-{}", child.id());
+        assert!(Command::new("kill").args(["-KILL", "--", &group]).status().unwrap().success());
+        let _ = child.wait();
+    };
+    let converged = |version: &str| {
+        let status = cluster.status();
+        assert!(status.run.is_none(), "{status:?}");
+        assert_eq!(status.version.as_deref(), Some(version));
+        let image = format!("upshift-demo-notes:{version}");
+        assert_eq!(cluster.ready_images(), [image.clone(), image]);
+        assert_eq!(replicas(), "2");
+        assert_eq!(ready_of(&cluster, "canary"), 0);
+    };
+
+    kill_mid_canary();
+    cluster.upshift(&["resume"]).success().stderr_has("canary at 50%");
+    converged("2.0.0");
+    cluster.upshift(&["rollback"]).success();
+    converged("1.0.0");
+
+    kill_mid_canary();
+    cluster.upshift(&["abort"]).success();
+    converged("1.0.0");
+    cluster.upshift(&["abort"]).code(1).stderr_has("nothing is in flight");
+}
+
 #[test]
 fn kubernetes_settings_are_checked_with_their_line() {
     let ctx = Context::new();
@@ -432,11 +576,10 @@ fn kubernetes_settings_are_checked_with_their_line() {
             "[app]\nname = \"x\"\n\n[[components]]\nname = \"api\"\ndriver = \"kubernetes\"\ndeployment = \"api\"\nimage = \"a:{{version}}\"\n{extra}\n\n[[releases]]\nversion = \"1.0.0\"\n"
         )
     };
-    ctx.write("upshift.toml", &manifest("strategy = \"canary\""));
-    ctx.run(&["plan", "--to", "1.0.0"])
-        .code(2)
-        .stderr_has("upshift.toml:5")
-        .stderr_has("use rolling (the default), recreate or blue-green");
+    ctx.write("upshift.toml", &manifest("strategy = \"canary\"\nmax_error_rate = 0.05"));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:5").stderr_has("readiness and restarts");
+    ctx.write("upshift.toml", &manifest("strategy = \"canary\"\nsteps = [50, 100]"));
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, canary)");
     ctx.write("upshift.toml", &manifest("strategy = \"blue-green\""));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("needs `service`");
     ctx.write("upshift.toml", &manifest("health = { http = \"/health\" }"));
