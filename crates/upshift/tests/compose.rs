@@ -1,14 +1,16 @@
 //! The Compose driver on a real Docker Engine with Compose v2: the notes service (this
 //! binary, named `notes`, in an image made here from scratch) as a Compose service over a
 //! SQLite file on a bind mount, upgraded, failed, undone, rolled back, switched under load
-//! and killed mid-run. Skipped, with the reason, when no Docker with Compose v2 answers;
-//! under CI (`CI` set, where `.ci/run` starts the engine) a missing engine fails instead.
+//! and killed mid-run; and `examples/compose` (seed 004's stack: PostgreSQL, Redis, the api
+//! and a worker) from its own files, at the runbook's three rollback levels. Skipped, with
+//! the reason, when no Docker with Compose v2 answers; under CI (`CI` set, where `.ci/run`
+//! starts the engine) a missing engine fails instead.
 
 #![allow(clippy::print_stderr)] // the skip reason, and the figures the closing note quotes
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,8 +79,20 @@ const COMPOSE_FILE: &str = r#"services:
       retries: 2
 "#;
 
-/// A Compose project of the notes service in a temp folder; its containers, network and
-/// agent go on drop, whatever the test did.
+/// The Compose example, seed 004's stack: its own files are what the example test runs.
+const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/compose");
+
+/// `text` with each `(from, to)` replaced; `from` must be there, else the example changed
+/// under the test.
+fn adapted(text: &str, changes: &[(&str, &str)]) -> String {
+    changes.iter().fold(text.to_owned(), |text, (from, to)| {
+        assert!(text.contains(from), "the example no longer holds {from:?}");
+        text.replace(from, to)
+    })
+}
+
+/// A Compose project of the notes service in a temp folder; its containers, volumes,
+/// network and agent go on drop, whatever the test did.
 struct Stack {
     ctx: Context,
     project: String,
@@ -97,6 +111,13 @@ impl Drop for Stack {
             .unwrap_or_default();
         if !ids.is_empty() {
             let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+        }
+        let volumes = Command::new("docker").args(["volume", "ls", "-q", "--filter", &filter]).output();
+        let volumes: Vec<String> = volumes
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        if !volumes.is_empty() {
+            let _ = Command::new("docker").args(["volume", "rm", "-f"]).args(&volumes).output();
         }
         let _ = Command::new("docker").args(["network", "rm", &format!("{}_default", self.project)]).output();
         for release in RELEASES {
@@ -135,18 +156,8 @@ impl Stack {
 
     /// A stack of `compose_file`, with `database` as the manifest's `[database]` table.
     fn with(compose_file: &str, database: &str, settings: &str) -> Option<Stack> {
-        static COUNT: AtomicU64 = AtomicU64::new(0);
-        if !docker_ready() {
-            return None;
-        }
-        let base = images();
-        let ctx = Context::new();
-        let project = format!("upshift-test-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
-        // A tag of this stack's own, so a test can re-point it like a re-pushed tag.
-        let image = format!("{project}-notes");
-        for release in RELEASES {
-            docker(&["tag", &format!("{base}:{release}"), &format!("{image}:{release}")]);
-        }
+        let mut stack = Stack::bare()?;
+        let (ctx, project, image) = (&stack.ctx, &stack.project, &stack.image);
         let port = free_port();
         ctx.write("compose.yaml", compose_file);
         ctx.write(".env", &format!("NOTES_PORT={port}\n"));
@@ -195,13 +206,120 @@ migrate_to = "20260202000000"
 "#
             ),
         );
-        Some(Stack { ctx, project, address, image })
+        stack.address = address;
+        Some(stack)
+    }
+
+    /// A temp folder and a project name of this stack's own, with the notes images tagged
+    /// for it (so a test can re-point a tag like a re-pushed one); nothing written yet.
+    fn bare() -> Option<Stack> {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        if !docker_ready() {
+            return None;
+        }
+        let base = images();
+        let ctx = Context::new();
+        let project = format!("upshift-test-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
+        let image = format!("{project}-notes");
+        for release in RELEASES {
+            docker(&["tag", &format!("{base}:{release}"), &format!("{image}:{release}")]);
+        }
+        Some(Stack { ctx, project, address: String::new(), image })
+    }
+
+    /// `examples/compose` itself (seed 004's stack: PostgreSQL and Redis from images built
+    /// here, the api blue-green behind the proxy, a worker reporting to Redis), its files
+    /// changed only where this stack must differ: the project name, the notes images' tags,
+    /// the serve address, and the migrations (the notes example's, beside the manifest).
+    fn example() -> Option<Stack> {
+        let mut stack = Stack::bare()?;
+        for (script, tag) in
+            [("postgres-image.sh", "upshift-postgres:example"), ("redis-image.sh", "upshift-redis:example")]
+        {
+            let script = format!("{}/../../ci/engines/{script}", env!("CARGO_MANIFEST_DIR"));
+            let built = Command::new("bash").args([&script, tag]).stdin(Stdio::null()).status().unwrap();
+            assert!(built.success(), "{script} {tag}");
+        }
+        stack.address = format!("127.0.0.1:{}", free_port());
+        let image = format!("{}:", stack.image);
+        let compose_file = std::fs::read_to_string(format!("{EXAMPLE}/compose.yaml")).unwrap();
+        let compose_file = adapted(
+            &compose_file,
+            &[("name: notes-example", &format!("name: {}", stack.project)), ("upshift-demo-notes:", &image)],
+        );
+        stack.ctx.write("compose.yaml", &compose_file);
+        let manifest = std::fs::read_to_string(format!("{EXAMPLE}/upshift.toml")).unwrap();
+        let manifest = adapted(
+            &manifest,
+            &[
+                ("serve = \"127.0.0.1:8000\"", &format!("serve = \"{}\"", stack.address)),
+                ("upshift-demo-notes:", &image),
+                ("migrations = \"../notes/migrations\"", "migrations = \"migrations\""),
+            ],
+        );
+        stack.ctx.write("upshift.toml", &manifest);
+        for entry in std::fs::read_dir(format!("{EXAMPLE}/../notes/migrations")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            stack.ctx.write(&format!("migrations/{name}"), &std::fs::read_to_string(&path).unwrap());
+        }
+        Some(stack)
+    }
+
+    /// Drops the stack, then checks that nothing of it is left: no container, volume or
+    /// network of the project, no proxy on its address.
+    fn drop_and_check(self) {
+        let filter = format!("label=com.docker.compose.project={}", self.project);
+        let address = self.address.clone();
+        drop(self);
+        for what in [&["ps", "--all"][..], &["volume", "ls"], &["network", "ls"]] {
+            let left = docker(&[what, &["--quiet", "--filter", &filter]].concat());
+            assert!(left.is_empty(), "docker {what:?} still lists {left}");
+        }
+        assert!(TcpStream::connect(&address).is_err(), "the proxy still listens on {address}");
+    }
+
+    /// `docker compose ARGS` in the stack's folder; its stdout.
+    fn compose(&self, args: &[&str]) -> String {
+        let output = Command::new("docker")
+            .arg("compose")
+            .args(args)
+            .current_dir(self.ctx.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "docker compose {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
     fn run(&self, args: &[&str]) -> Run {
         let mut all = args.to_vec();
         all.push("--yes");
         self.ctx.run(&all)
+    }
+
+    /// Runs `upshift ARGS --yes`, noting when each line of its stderr came: the run, and
+    /// the seconds from the first line holding `from` to the next holding `to`.
+    fn timed(&self, args: &[&str], from: &str, to: &str) -> (Run, Option<f64>) {
+        let started = Instant::now();
+        let mut child =
+            self.ctx.command().args(args).arg("--yes").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            stdout.read_to_string(&mut text).unwrap();
+            text
+        });
+        let lines: Vec<(Duration, String)> = BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map(|line| (started.elapsed(), line.unwrap()))
+            .collect();
+        let code = child.wait().unwrap().code().unwrap_or(-1);
+        let begun = lines.iter().position(|(_, line)| line.contains(from));
+        let ended = begun.and_then(|b| lines[b..].iter().find(|(_, line)| line.contains(to)));
+        let seconds = begun.zip(ended).map(|(b, (end, _))| end.saturating_sub(lines[b].0).as_secs_f64());
+        let stderr = lines.into_iter().map(|(_, line)| line + "\n").collect();
+        (Run { code, stdout: reader.join().unwrap(), stderr }, seconds)
     }
 
     fn upgrade(&self, version: &str) -> Run {
@@ -246,15 +364,18 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> Result<(u16, String
 /// Clients sending GET /api/notes to `addr` until stopped; every answer is counted.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// Every answer so far, failures included.
+    answered: Arc<AtomicU64>,
     threads: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
 }
 
 impl Load {
     fn start(addr: &str, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicU64::new(0));
         let threads = (0..clients)
             .map(|_| {
-                let (stop, addr) = (Arc::clone(&stop), addr.to_owned());
+                let (stop, answered, addr) = (Arc::clone(&stop), Arc::clone(&answered), addr.to_owned());
                 std::thread::spawn(move || {
                     let (mut ok, mut failed) = (0, Vec::new());
                     while !stop.load(Ordering::SeqCst) {
@@ -263,12 +384,23 @@ impl Load {
                             Ok((code, body)) => failed.push(format!("{code} {body}")),
                             Err(e) => failed.push(e),
                         }
+                        answered.fetch_add(1, Ordering::SeqCst);
                     }
                     (ok, failed)
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load { stop, answered, threads }
+    }
+
+    /// Waits until `more` requests beyond those so far are answered: traffic is flowing.
+    fn wait_for(&self, more: u64) {
+        let target = self.answered.load(Ordering::SeqCst) + more;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.answered.load(Ordering::SeqCst) < target {
+            assert!(Instant::now() < deadline, "the load clients got no answers");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stops the clients: the answers that were 200, and every failure.
@@ -467,6 +599,132 @@ fn postgres_in_the_stack_is_backed_up_migrated_and_restored_through_its_containe
     // Backups list and verify through the same address.
     let listed = stack.ctx.run(&["backup", "list"]).success().stdout.clone();
     assert!(listed.lines().count() >= 3, "{listed}");
+}
+
+/// `examples/compose`, seed 004's runbook with one command per step, on the real engine:
+/// PostgreSQL and Redis run before upshift and are never touched; 1.0.0 is deployed; 2.0.0's
+/// smoke test fails after the switch (level 2: code + down of the expand); 2.0.0 goes through
+/// (expand, blue-green switch, the worker drained, contract); 3.0.0 never becomes healthy
+/// (level 1: code only); the rollback to 1.0.0 restores the backup (level 3). No request
+/// fails across the switches, what was written before the backup survives, and nothing of
+/// the stack is left afterwards.
+#[test]
+fn the_compose_example_upgrades_and_rolls_back_at_three_levels() {
+    let started = Instant::now();
+    let Some(stack) = Stack::example() else { return };
+    stack.compose(&["up", "--detach", "--wait", "db", "redis"]);
+    // The database's and Redis's containers: which, when they started, how often they restarted.
+    let kept = || {
+        ["db", "redis"].map(|service| {
+            let id = stack.compose(&["ps", "--quiet", service]);
+            docker(&["inspect", "--format", "{{.Id}} {{.State.StartedAt}} {{.RestartCount}}", &id])
+        })
+    };
+    let before = kept();
+
+    stack.upgrade("1.0.0").success().stderr_has("api 1.0.0 is up").stderr_has("worker 1.0.0 is up");
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"title": "first", "body": "kept across everything"}"#);
+    assert_eq!(code, 201);
+
+    // Each run under four load clients, traffic flowing before it starts and after it ends;
+    // `until`: the line that ends the api's deploy step (or its undo).
+    let mut report = Vec::new();
+    let mut under_load = |what: &str, version: &str, code: i32, until: &str| {
+        let load = Load::start(&stack.address, 4);
+        load.wait_for(20);
+        let started = Instant::now();
+        let (run, step) = stack.timed(&["upgrade", "--to", version], "deploy api", until);
+        let took = started.elapsed();
+        load.wait_for(20);
+        let (ok, failed) = load.finish();
+        run.code(code);
+        assert!(
+            failed.is_empty(),
+            "{what}: {} of {} requests failed: {:?}",
+            failed.len(),
+            ok + failed.len() as u64,
+            &failed[..failed.len().min(5)]
+        );
+        let step = step.unwrap_or_else(|| panic!("{what}: no {until:?} after the api's deploy step:\n{}", run.stderr));
+        report.push(format!(
+            "{what}: {ok} requests, 0 failed, upgrade took {:.1}s, the api's blue-green step {step:.1}s",
+            took.as_secs_f64()
+        ));
+        run
+    };
+
+    // Level 2 (the runbook's "code + database"): 2.0.0's smoke test fails after the switch;
+    // its expand revision has a down section, so 1.0.0 comes back and the revision is reverted.
+    stack.ctx.write("fail-smoke-2.0.0", "");
+    under_load("2.0.0, smoke test failed, undone (code + down)", "2.0.0", 3, "api 2.0.0 is up")
+        .stderr_has("undoing (code + down)")
+        .stderr_has("reverted 20260201000000")
+        .stderr_has("api: 1.0.0 is back");
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains(r#""title":"first""#), "{body}");
+    std::fs::remove_file(stack.ctx.join("fail-smoke-2.0.0")).unwrap();
+
+    // 2.0.0: expand, the switch, the worker drained, verify, contract.
+    under_load("1.0.0 -> 2.0.0", "2.0.0", 0, "api 2.0.0 is up")
+        .stderr_has("applied 20260201000000")
+        .stderr_has("applied 20260202000000");
+    let (_, body) = stack.http("GET", "/api/notes", "");
+    assert!(body.contains("kept across everything") && !body.contains("title"), "{body}");
+    let (code, _) = stack.http("POST", "/api/notes", r#"{"body": "written after the backup", "tags": ["late"]}"#);
+    assert_eq!(code, 201);
+
+    // Level 1 (code only): 3.0.0 never becomes healthy and no migration ran; the 2.0.0
+    // container serves throughout.
+    under_load("2.0.0 -> 3.0.0, unhealthy, undone (code only)", "3.0.0", 3, "api: 2.0.0 is back")
+        .stderr_has("undoing (code only)");
+    let (code, body) = stack.http("GET", "/health", "");
+    assert_eq!((code, body.contains("2.0.0")), (200, true), "{body}");
+
+    // Level 3, back to 1.0.0: the contract dropped `title`, so the backup taken before 2.0.0
+    // is restored; the note written since is gone, as the rollback's prompt warns.
+    stack.run(&["rollback"]).success().stderr_has("restored backup");
+    let (code, body) = stack.http("GET", "/api/notes", "");
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""title":"first""#) && !body.contains("written after the backup"), "{body}");
+    let status = stack.status();
+    assert_eq!(status.version.as_deref(), Some("1.0.0"));
+    for component in &status.components {
+        assert_eq!(component.version.as_deref(), Some("1.0.0"), "{status:?}");
+        assert!(component.healthy, "{status:?}");
+    }
+
+    // Every worker finished its task before the next one started, and Redis, which ran
+    // throughout with the database, kept the whole log.
+    let expected = [
+        "worker 1.0.0 started",
+        "worker 1.0.0 SIGTERM, finishing its task",
+        "worker 1.0.0 task done, exiting",
+        "worker 2.0.0 started",
+        "worker 2.0.0 SIGTERM, finishing its task",
+        "worker 2.0.0 task done, exiting",
+        "worker 1.0.0 started",
+        "worker 1.0.0 SIGTERM, finishing its task",
+        "worker 1.0.0 task done, exiting",
+        "worker 2.0.0 started",
+        "worker 2.0.0 SIGTERM, finishing its task",
+        "worker 2.0.0 task done, exiting",
+        "worker 1.0.0 started",
+    ]
+    .join("\n");
+    let worker_log = || stack.compose(&["exec", "-T", "redis", "redis-cli", "lrange", "worker:log", "0", "-1"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while worker_log() != expected {
+        assert!(Instant::now() < deadline, "the worker log in Redis:\n{}", worker_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(kept(), before, "the database or Redis was restarted");
+    // What the Drop guard does whatever happened: the agent stopped, and what `docker compose
+    // down -v` removes (found by the project's label, so one-off containers go too).
+    stack.drop_and_check();
+    for line in report {
+        eprintln!("{line}");
+    }
+    eprintln!("the example's story took {:.1}s", started.elapsed().as_secs_f64());
 }
 
 /// A worker (no port, no proxy) mid-task: the old container gets `stop_signal` and `drain`
