@@ -316,6 +316,7 @@ struct RawComponent {
     deployment: Option<Spanned<String>>,
     container: Option<Spanned<String>>,
     context: Option<Spanned<String>>,
+    manifests: Option<Vec<Spanned<String>>>,
     // helm
     release: Option<Spanned<String>>,
     chart: Option<Spanned<String>>,
@@ -511,13 +512,17 @@ pub enum DriverSpec {
         deployment: String,
         /// The container whose image changes.
         container: Option<String>,
-        /// The image, with `{version}`.
-        image: String,
+        /// The image, with `{version}` (none with `manifests`, whose files hold it).
+        image: Option<String>,
         /// The kubeconfig context (default: the current one).
         context: Option<String>,
         /// The Service whose selector blue-green switches.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         service: Option<String>,
+        /// Files of Kubernetes objects (relative to the manifest's folder, `*` in a file
+        /// name), templated with `{version}` and applied server-side.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        manifests: Vec<String>,
     },
     /// A Helm release.
     Helm {
@@ -1375,9 +1380,14 @@ impl Loader<'_> {
                     (&name, "kubernetes", "deployment"),
                 )?,
                 container: raw.container.as_ref().map(|c| self.component_template(c)).transpose()?,
-                image: self.required(raw.image.as_ref(), at_name.clone(), (&name, "kubernetes", "image"))?,
+                image: if raw.manifests.is_some() {
+                    None
+                } else {
+                    Some(self.required(raw.image.as_ref(), at_name.clone(), (&name, "kubernetes", "image"))?)
+                },
                 context: raw.context.as_ref().map(|c| self.component_template(c)).transpose()?,
                 service: raw.service.as_ref().map(|c| self.component_template(c)).transpose()?,
+                manifests: self.strings(raw.manifests.as_deref())?,
             },
             DriverKind::Helm => DriverSpec::Helm {
                 release: self.required(raw.release.as_ref(), at_name.clone(), (&name, "helm", "release"))?,
@@ -1401,7 +1411,7 @@ impl Loader<'_> {
         let span = |value: Option<&Spanned<String>>| value.map(Spanned::span);
         let first_span = |values: Option<&Vec<Spanned<String>>>| values.and_then(|v| v.first()).map(Spanned::span);
         // (key, the drivers that read it, where it is, whether it is set)
-        let keys: [KeyUse<'_>; 21] = [
+        let keys: [KeyUse<'_>; 22] = [
             ("run", &[DriverKind::Process], first_span(raw.run.as_ref()), raw.run.is_some()),
             ("env", &[DriverKind::Process], raw.env.values().next().map(Spanned::span), !raw.env.is_empty()),
             ("serve", &[DriverKind::Process, DriverKind::Compose], span(raw.serve.as_ref()), raw.serve.is_some()),
@@ -1427,6 +1437,7 @@ impl Loader<'_> {
             ("deployment", &[DriverKind::Kubernetes], span(raw.deployment.as_ref()), raw.deployment.is_some()),
             ("container", &[DriverKind::Kubernetes], span(raw.container.as_ref()), raw.container.is_some()),
             ("context", &[DriverKind::Kubernetes], span(raw.context.as_ref()), raw.context.is_some()),
+            ("manifests", &[DriverKind::Kubernetes], first_span(raw.manifests.as_ref()), raw.manifests.is_some()),
             ("release", &[DriverKind::Helm], span(raw.release.as_ref()), raw.release.is_some()),
             ("chart", &[DriverKind::Helm], span(raw.chart.as_ref()), raw.chart.is_some()),
             ("chart_version", &[DriverKind::Helm], span(raw.chart_version.as_ref()), raw.chart_version.is_some()),
@@ -1453,6 +1464,26 @@ impl Loader<'_> {
     /// The Kubernetes driver's rules: the strategies it has, and health from the pods.
     fn kubernetes_keys(&self, raw: &RawComponent, name: &str, strategy: Strategy) -> Result<(), ManifestError> {
         let at_name = Some(raw.name.span());
+        if let Some(manifests) = &raw.manifests {
+            let at = manifests.first().map(Spanned::span).or(at_name.clone());
+            let problem = if manifests.is_empty() {
+                Some("`manifests` lists no file")
+            } else if raw.image.is_some() || raw.container.is_some() {
+                Some(
+                    "with `manifests`, the files hold the image (write `{version}` in them), so `image` and `container` are not read",
+                )
+            } else if raw.strategy.is_some() || raw.service.is_some() {
+                Some(
+                    "with `manifests`, the Deployments roll out as their files' `spec.strategy` says, so `strategy` and \
+                     `service` are not read (blue-green and canary need `image`)",
+                )
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(self.error(at, format!("component `{name}`: {problem}")));
+            }
+        }
         if (strategy == Strategy::BlueGreen) != raw.service.is_some() {
             return Err(self.error(
                 raw.service.as_ref().map(Spanned::span).or(at_name),

@@ -24,7 +24,9 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec, Service};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::core::GroupVersionKind;
+use kube::discovery::Scope;
 use serde_json::json;
 use upshift_core::Manifest;
 use upshift_core::driver::{ComponentStatus, Deployed, Driver, DriverError, InstanceStatus};
@@ -51,6 +53,8 @@ struct Target {
     context: Option<String>,
     /// The Service whose selector blue-green switches.
     service: Option<String>,
+    /// `manifests`: the files of objects applied server-side (none: the image is set).
+    manifests: Vec<String>,
 }
 
 impl Target {
@@ -185,7 +189,8 @@ impl KubernetesDriver {
     }
 
     fn target(&self, component: &Component) -> Result<Target, DriverError> {
-        let DriverSpec::Kubernetes { namespace, deployment, container, image, context, service } = &component.driver
+        let DriverSpec::Kubernetes { namespace, deployment, container, image, context, service, manifests } =
+            &component.driver
         else {
             return Err(refused(format!("component {} does not use the kubernetes driver", component.name)));
         };
@@ -194,9 +199,10 @@ impl KubernetesDriver {
             namespace: namespace.as_ref().map(expand).transpose()?,
             deployment: expand(deployment)?,
             container: container.as_ref().map(expand).transpose()?,
-            image: expand(image)?,
+            image: image.as_ref().map(expand).transpose()?.unwrap_or_default(),
             context: context.as_ref().map(expand).transpose()?,
             service: service.as_ref().map(expand).transpose()?,
+            manifests: manifests.iter().map(expand).collect::<Result<_, _>>()?,
         })
     }
 
@@ -600,6 +606,151 @@ impl KubernetesDriver {
         }
     }
 
+    /// The objects of the `manifests` files for `version`: each file (a `*` in its name
+    /// matches any run of characters) read, `{version}` filled in, its YAML documents
+    /// parsed; every Deployment's pod template gets the version annotation.
+    fn render(&self, target: &Target, version: &str) -> Result<Vec<serde_json::Value>, DriverError> {
+        let base = self.manifest.path.parent().unwrap_or(std::path::Path::new("."));
+        let mut objects = Vec::new();
+        for pattern in &target.manifests {
+            for path in matching_files(&base.join(pattern))? {
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| refused(format!("reading {}: {e}", path.display())))?;
+                let text = crate::process::fill(&text, version, None);
+                let documents: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text)
+                    .map_err(|e| refused(format!("{}: not YAML of Kubernetes objects: {e}", path.display())))?;
+                for mut object in documents.into_iter().filter(|d| !d.is_null()) {
+                    let named = object["apiVersion"].is_string()
+                        && object["kind"].is_string()
+                        && object["metadata"]["name"].is_string();
+                    if !named {
+                        return Err(refused(format!(
+                            "{}: every object needs apiVersion, kind and metadata.name",
+                            path.display()
+                        )));
+                    }
+                    if object["kind"] == "Deployment" {
+                        object["spec"]["template"]["metadata"]["annotations"][VERSION_ANNOTATION] = json!(version);
+                    }
+                    objects.push(object);
+                }
+            }
+        }
+        Ok(objects)
+    }
+
+    /// The API of one object's kind (found by discovery) in its namespace, with the
+    /// object's namespace filled in when its kind is namespaced.
+    async fn object_api(
+        client: &kube::Client,
+        object: &mut serde_json::Value,
+        namespace: &str,
+    ) -> Result<Api<DynamicObject>, DriverError> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, object["kind"].as_str().unwrap_or_default());
+        let (resource, capabilities) = kube::discovery::pinned_kind(client, &gvk)
+            .await
+            .map_err(|e| refused(format!("{} {}: the API server serves no such kind ({e})", api_version, gvk.kind)))?;
+        Ok(if capabilities.scope == Scope::Namespaced {
+            let namespace = object["metadata"]["namespace"].as_str().unwrap_or(namespace).to_owned();
+            object["metadata"]["namespace"] = json!(namespace);
+            Api::namespaced_with(client.clone(), &namespace, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        })
+    }
+
+    /// Applies `objects` server-side (field manager `upshift`, taking over fields other
+    /// managers set), or only checks them with a server-side dry run.
+    fn apply(&mut self, target: &Target, objects: &[serde_json::Value], dry_run: bool) -> Result<(), DriverError> {
+        let (_, namespace) = self.api(target)?;
+        let client = self.client(target.context.as_ref())?;
+        let mut params = PatchParams::apply(FIELD_MANAGER).force();
+        if dry_run {
+            params = params.dry_run();
+        }
+        self.runtime.block_on(async {
+            for object in objects {
+                let mut object = object.clone();
+                let api = Self::object_api(&client, &mut object, &namespace).await?;
+                let name = object["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                api.patch(&name, &params, &Patch::Apply(&object)).await.map_err(|e| match e {
+                    kube::Error::Api(status) => {
+                        let kind = object["kind"].as_str().unwrap_or_default();
+                        refused(format!("{kind} {name}: the API server refused it: {}", status.message))
+                    }
+                    e => unavailable(&e),
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Applies the objects, then follows the rollout of every Deployment among them.
+    fn apply_and_follow(
+        &mut self,
+        target: &Target,
+        objects: &[serde_json::Value],
+        say: &dyn Fn(&str),
+    ) -> Result<(), DriverError> {
+        let deployments: Vec<String> = objects
+            .iter()
+            .filter(|o| o["kind"] == "Deployment")
+            .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
+            .collect();
+        let mut stuck_before = Vec::new();
+        for name in &deployments {
+            if let Some(d) = self.find(target, name)? {
+                stuck_before.push((name.clone(), matches!(progress(&d), Progress::Failed(_))));
+            }
+        }
+        self.apply(target, objects, false)?;
+        for name in &deployments {
+            let (api, deployment) = self.deployment(&target.named(name))?;
+            let stuck = stuck_before.iter().any(|(n, stuck)| n == name && *stuck);
+            self.follow(&api, deployment, stuck, say)?;
+        }
+        Ok(())
+    }
+
+    /// `manifests`: the files rendered for `version`, applied server-side, followed.
+    fn deploy_manifests(&mut self, target: &Target, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
+        let objects = self.render(target, version)?;
+        say(&format!("  applying {} object(s) server-side (field manager {FIELD_MANAGER})", objects.len()));
+        self.apply_and_follow(target, &objects, say)
+    }
+
+    /// `manifests`: the objects as they were before, from the journal's record, applied
+    /// again. An object the new version added is left as it is (upshift never deletes).
+    fn put_back_objects(&mut self, target: &Target, previous: &Deployed) -> Result<(), DriverError> {
+        let objects: Vec<serde_json::Value> = serde_json::from_value(previous.detail["objects"].clone())
+            .map_err(|e| refused(format!("the journal's record of {} has no objects: {e}", target.deployment)))?;
+        self.apply_and_follow(target, &objects, &|_| {})
+    }
+
+    /// The live state of the objects the files name (rendered for the running `version`),
+    /// without what the server owns (status, uid, resourceVersion, managedFields, ...), so
+    /// applying it again puts that state back. Objects that do not exist are left out.
+    fn live_objects(&mut self, target: &Target, version: &str) -> Result<Vec<serde_json::Value>, DriverError> {
+        let objects = self.render(target, version)?;
+        let (_, namespace) = self.api(target)?;
+        let client = self.client(target.context.as_ref())?;
+        self.runtime.block_on(async {
+            let mut live = Vec::new();
+            for mut object in objects {
+                let api = Self::object_api(&client, &mut object, &namespace).await?;
+                let name = object["metadata"]["name"].as_str().unwrap_or_default();
+                match api.get_opt(name).await {
+                    Ok(Some(found)) => live.push(applicable(&found)),
+                    Ok(None) => {}
+                    Err(e) => return Err(unavailable(&e)),
+                }
+            }
+            Ok(live)
+        })
+    }
+
     /// The pods of a Deployment (by its selector).
     fn pods(&mut self, target: &Target, deployment: &Deployment) -> Result<Vec<Pod>, DriverError> {
         let (_, namespace) = self.api(target)?;
@@ -667,6 +818,55 @@ fn label_slot(deployment: &mut Deployment, slot: &str) {
         .labels
         .get_or_insert_with(Default::default)
         .insert(SLOT_LABEL.to_owned(), slot.to_owned());
+}
+
+/// The field manager of upshift's server-side applies.
+const FIELD_MANAGER: &str = "upshift";
+
+/// The files `pattern` names: itself, or with a `*` in its file name, every file of its
+/// folder that matches, sorted. A pattern that matches nothing is an error.
+fn matching_files(pattern: &std::path::Path) -> Result<Vec<std::path::PathBuf>, DriverError> {
+    let name = pattern.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let Some((prefix, suffix)) = name.split_once('*') else {
+        return Ok(vec![pattern.to_path_buf()]);
+    };
+    let folder = pattern.parent().unwrap_or(std::path::Path::new("."));
+    let entries =
+        std::fs::read_dir(folder).map_err(|e| refused(format!("`manifests`: reading {}: {e}", folder.display())))?;
+    let mut found: Vec<_> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.len() >= prefix.len() + suffix.len() && n.starts_with(prefix) && n.ends_with(suffix))
+        })
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        return Err(refused(format!("`manifests`: no file matches {}", pattern.display())));
+    }
+    Ok(found)
+}
+
+/// An object as the server returned it, as something to apply again: the fields the
+/// server or its controllers own are dropped.
+fn applicable(found: &DynamicObject) -> serde_json::Value {
+    let mut object = serde_json::to_value(found).unwrap_or_default();
+    if let Some(map) = object.as_object_mut() {
+        map.remove("status");
+    }
+    if let Some(metadata) = object["metadata"].as_object_mut() {
+        for key in ["managedFields", "resourceVersion", "uid", "creationTimestamp", "generation", "selfLink"] {
+            metadata.remove(key);
+        }
+        if let Some(annotations) = metadata.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+            annotations.remove("deployment.kubernetes.io/revision");
+            annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+    object
 }
 
 /// Puts a Deployment's pods on the canary track.
@@ -751,6 +951,9 @@ impl Driver for KubernetesDriver {
         if let Some(slot) = slot {
             detail["slot"] = json!(slot);
         }
+        if !target.manifests.is_empty() {
+            detail["objects"] = json!(self.live_objects(&target, &version)?);
+        }
         let deployed = Deployed::new(&version, component, detail);
         // Without upshift's annotation, someone else applied it: a first deploy takes it over.
         let annotated = spec
@@ -764,6 +967,9 @@ impl Driver for KubernetesDriver {
 
     fn deploy(&mut self, component: &Component, version: &str, say: &dyn Fn(&str)) -> Result<(), DriverError> {
         let target = self.target(component)?;
+        if !target.manifests.is_empty() {
+            return self.deploy_manifests(&target, version, say);
+        }
         match component.strategy {
             Strategy::BlueGreen => self.deploy_blue_green(&target, component, version, say),
             Strategy::Canary => self.deploy_canary(&target, component, version, say),
@@ -785,6 +991,9 @@ impl Driver for KubernetesDriver {
             }
             return self.scale_to_zero(&target, &target.deployment);
         };
+        if !target.manifests.is_empty() && previous.detail.get("objects").is_some() {
+            return self.put_back_objects(&target, previous);
+        }
         match component.strategy {
             Strategy::BlueGreen => self.put_back_blue_green(&target, previous),
             Strategy::Canary => {
@@ -803,6 +1012,12 @@ impl Driver for KubernetesDriver {
 
     fn preflight(&mut self, component: &Component, version: &str) -> Result<(), DriverError> {
         let target = self.target(component)?;
+        if !target.manifests.is_empty() {
+            // The files render and parse, and the API server accepts every object (a
+            // server-side dry run: kinds, fields, admission), without changing anything.
+            let objects = self.render(&target, version)?;
+            return self.apply(&target, &objects, true);
+        }
         let (_, mut deployment) = self.deployment(&target)?;
         // The change applies (the container is there), without sending it.
         set_version(&mut deployment, &target, component, version)
@@ -978,6 +1193,51 @@ mod tests {
         let mut going = pod("notes-canary-1", "False", "Running", 5);
         going.metadata.deletion_timestamp = serde_json::from_value(json!("2026-12-02T07:40:00Z")).unwrap();
         assert_eq!(canary_verdict(&[going], &before), None);
+    }
+
+    #[test]
+    fn a_live_object_is_applied_again_without_what_the_server_owns() {
+        let found: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": "notes-settings", "namespace": "notes", "uid": "0b7c", "resourceVersion": "4711",
+                "creationTimestamp": "2026-12-02T07:40:00Z", "labels": { "app": "notes" },
+                "annotations": { "kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "a" },
+                "managedFields": [{ "manager": "upshift", "operation": "Apply" }]
+            },
+            "data": { "release": "2.0.0" }
+        }))
+        .unwrap();
+        assert_eq!(
+            applicable(&found),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": "notes-settings", "namespace": "notes", "labels": { "app": "notes" },
+                    "annotations": { "team": "a" }
+                },
+                "data": { "release": "2.0.0" }
+            })
+        );
+    }
+
+    #[test]
+    fn manifests_patterns_match_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["b.yaml", "a.yaml", "a.yml", "notes.txt"] {
+            std::fs::write(dir.path().join(name), "").unwrap();
+        }
+        let names = |pattern: &str| -> Vec<String> {
+            matching_files(&dir.path().join(pattern))
+                .unwrap()
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names("*.yaml"), ["a.yaml", "b.yaml"]);
+        assert_eq!(names("a.*"), ["a.yaml", "a.yml"]);
+        assert_eq!(names("b.yaml"), ["b.yaml"]);
+        assert!(matching_files(&dir.path().join("*.json")).is_err_and(|e| e.to_string().contains("no file matches")));
     }
 
     #[test]

@@ -568,6 +568,77 @@ fn killed_while_a_canary_is_judged_then_resume_or_abort_converges() {
     cluster.upshift(&["abort"]).code(1).stderr_has("nothing is in flight");
 }
 
+/// `manifests`: the component's objects in files, `{version}` filled in, applied
+/// server-side by the field manager `upshift`; what an undo puts back is every object as it
+/// was, from the journal.
+#[test]
+fn manifests_are_applied_server_side_and_put_back_from_the_journal() {
+    let Some(cluster) = Cluster::new() else { return };
+    let ns = cluster.namespace.clone();
+    // The hand-applied Deployment goes: the files create it.
+    cluster.kubectl(&["-n", &ns, "delete", "deployment", "notes", "--wait=true"]);
+    let deployment = DEPLOYMENT
+        .replace("namespace: NAMESPACE", "labels: {app: notes}")
+        .replace("upshift-demo-notes:1.0.0", "upshift-demo-notes:{version}")
+        .replace("DATA_DIR", &cluster.ctx.join("data").display().to_string());
+    cluster.ctx.write("k8s/deployment.yaml", &deployment);
+    cluster.ctx.write(
+        "k8s/settings.yaml",
+        "# the release's settings\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes-settings}\ndata: {release: \"{version}\"}\n---\n",
+    );
+    let manifest = cluster
+        .ctx
+        .read("upshift.toml")
+        .replace("image = \"upshift-demo-notes:{version}\"", "manifests = [\"k8s/*.yaml\"]");
+    cluster.ctx.write("upshift.toml", &manifest);
+    let setting =
+        || cluster.kubectl(&["-n", &ns, "get", "configmap", "notes-settings", "-o", "jsonpath={.data.release}"]);
+
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success().stderr_has("applying 2 object(s) server-side");
+    assert_eq!(setting(), "1.0.0");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:1.0.0", "upshift-demo-notes:1.0.0"]);
+    let managers = cluster.kubectl(&[
+        "-n",
+        &ns,
+        "get",
+        "configmap",
+        "notes-settings",
+        "-o",
+        "jsonpath={.metadata.managedFields[*].manager}/{.metadata.managedFields[*].operation}",
+    ]);
+    assert_eq!(managers, "upshift/Apply");
+
+    cluster.upshift(&["upgrade", "--to", "2.0.0"]).success();
+    assert_eq!(setting(), "2.0.0");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+
+    // 3.0.0 never gets ready: every object is put back as 2.0.0 left it.
+    cluster
+        .upshift(&["upgrade", "--to", "3.0.0"])
+        .code(3)
+        .stderr_has("exceeded its progress deadline")
+        .stderr_has("2.0.0 is back");
+    assert_eq!(setting(), "2.0.0");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:2.0.0", "upshift-demo-notes:2.0.0"]);
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("2.0.0"));
+
+    cluster.upshift(&["rollback"]).success().stderr_has("restored backup");
+    assert_eq!(setting(), "1.0.0");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:1.0.0", "upshift-demo-notes:1.0.0"]);
+
+    // Preflight asks the API server (a dry run) and changes nothing when it refuses.
+    cluster.ctx.write("k8s/zz-bad.yaml", "apiVersion: v1\nkind: Nonsense\nmetadata: {name: x}\n");
+    cluster
+        .upshift(&["upgrade", "--to", "2.0.0"])
+        .code(1)
+        .stderr_has("v1 Nonsense: the API server serves no such kind");
+    cluster.ctx.write("k8s/zz-bad.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {n: [1]}\n");
+    cluster.upshift(&["upgrade", "--to", "2.0.0"]).code(1).stderr_has("ConfigMap x: the API server refused it");
+    cluster.ctx.write("k8s/zz-bad.yaml", "kind: [\n");
+    cluster.upshift(&["upgrade", "--to", "2.0.0"]).code(1).stderr_has("zz-bad.yaml: not YAML of Kubernetes objects");
+    assert_eq!(setting(), "1.0.0");
+}
+
 #[test]
 fn kubernetes_settings_are_checked_with_their_line() {
     let ctx = Context::new();
@@ -588,6 +659,13 @@ fn kubernetes_settings_are_checked_with_their_line() {
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("`serve` is a setting of the process and compose driver");
     ctx.write("upshift.toml", &manifest("service = \"notes\""));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("means nothing to another strategy");
+    let files = manifest("").replace("image = \"a:{version}\"", "manifests = [\"k8s/*.yaml\"]");
+    ctx.write("upshift.toml", &files.replace("deployment = \"api\"", "deployment = \"api\"\nimage = \"a:{version}\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:9").stderr_has("the files hold the image");
+    ctx.write("upshift.toml", &files.replace("deployment = \"api\"", "deployment = \"api\"\nstrategy = \"recreate\""));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("as their files' `spec.strategy` says");
+    ctx.write("upshift.toml", &files);
+    ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, rolling)");
     ctx.write("upshift.toml", &manifest("context = \"prod\""));
     ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, rolling)");
     let via = |url: &str, via: &str| format!("[database]\nurl = \"{url}\"\nvia = {via}\n\n{}", manifest(""));
