@@ -1249,6 +1249,131 @@ mod tests {
         assert_eq!(canary_replicas(1, 50), 1);
     }
 
+    /// A Kubernetes API that answers each request in turn from `script` (a part of the
+    /// request URI it expects, and the JSON body it answers with), on its own thread;
+    /// joining it returns the URIs it was asked.
+    fn scripted(script: Vec<(&'static str, String)>) -> (kube::Client, std::thread::JoinHandle<Vec<String>>) {
+        type Body = kube::client::Body;
+        let (service, mut handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+        let server = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                let mut asked = Vec::new();
+                for (expected, body) in script {
+                    let (request, respond) = handle.next_request().await.expect("the driver asked nothing more");
+                    let uri = request.uri().to_string();
+                    assert!(uri.contains(expected), "asked {uri}, expected {expected}");
+                    asked.push(uri);
+                    respond.send_response(http::Response::builder().body(Body::from(body.into_bytes())).unwrap());
+                }
+                asked
+            })
+        });
+        (kube::Client::new(service, "default"), server)
+    }
+
+    /// A watch answer: one event per line.
+    fn events(events: &[(&str, &serde_json::Value)]) -> String {
+        events.iter().map(|(kind, object)| json!({ "type": kind, "object": object }).to_string() + "\n").collect()
+    }
+
+    /// Follows `start` with the scripted API, as `update` does after its write.
+    fn follow_scripted(
+        start: &serde_json::Value,
+        timed_out_before: bool,
+        script: Vec<(&'static str, String)>,
+    ) -> (Result<(), DriverError>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Manifest::parse(&dir.path().join("upshift.toml"), "[app]\nname = \"x\"\n", |_| None).unwrap();
+        let mut driver = KubernetesDriver::new(&manifest).unwrap();
+        // The client's buffer task runs on the driver's runtime.
+        let (client, server) = {
+            let _inside = driver.runtime.enter();
+            scripted(script)
+        };
+        driver.clients.push((None, client.clone()));
+        let api: Api<Deployment> = Api::namespaced(client, "default");
+        let result = driver.follow(&api, deployment(start), timed_out_before, &|_| {});
+        drop(driver);
+        (result, server.join().unwrap())
+    }
+
+    fn stuck() -> serde_json::Value {
+        json!({
+            "observedGeneration": 3, "updatedReplicas": 1, "replicas": 3, "availableReplicas": 2,
+            "conditions": [{ "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded" }]
+        })
+    }
+
+    fn with_status(status: &serde_json::Value) -> serde_json::Value {
+        serde_json::to_value(deployment(status)).unwrap()
+    }
+
+    #[test]
+    fn a_deadline_left_by_an_earlier_rollout_waits_for_the_controllers_next_word() {
+        let progressing = with_status(&json!({
+            "observedGeneration": 3, "updatedReplicas": 2, "replicas": 3, "availableReplicas": 2,
+            "conditions": [{ "type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated" }]
+        }));
+        let done = with_status(
+            &json!({ "observedGeneration": 3, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 2 }),
+        );
+        let (result, asked) = follow_scripted(
+            &stuck(),
+            true,
+            vec![
+                ("watch=true", events(&[("MODIFIED", &progressing)])),
+                (
+                    "watch=true",
+                    events(&[
+                        (
+                            "BOOKMARK",
+                            &json!({ "kind": "Deployment", "apiVersion": "apps/v1", "metadata": { "resourceVersion": "9" } }),
+                        ),
+                        ("MODIFIED", &done),
+                    ]),
+                ),
+            ],
+        );
+        result.unwrap();
+        assert!(asked[0].contains("fieldSelector=metadata.name%3Dnotes"), "{asked:?}");
+        // Without an earlier stuck rollout, the same condition is this rollout's failure, at once.
+        let (result, asked) = follow_scripted(&stuck(), false, Vec::new());
+        assert!(matches!(result, Err(DriverError::Unhealthy(why)) if why.contains("exceeded its progress deadline")));
+        assert!(asked.is_empty());
+    }
+
+    #[test]
+    fn an_expired_or_ended_watch_is_followed_by_a_fresh_read() {
+        let waiting = json!({ "observedGeneration": 3, "updatedReplicas": 1, "replicas": 2, "availableReplicas": 1 });
+        let done = with_status(
+            &json!({ "observedGeneration": 3, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 2 }),
+        );
+        let gone = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "too old resource version", "reason": "Expired", "code": 410 });
+        let (result, asked) = follow_scripted(
+            &waiting,
+            false,
+            vec![
+                ("watch=true", events(&[("ERROR", &gone)])),
+                ("/deployments/notes", with_status(&waiting).to_string()),
+                ("watch=true", String::new()),
+                ("/deployments/notes", done.to_string()),
+            ],
+        );
+        result.unwrap();
+        assert_eq!(asked.len(), 4, "{asked:?}");
+    }
+
+    #[test]
+    fn a_deployment_deleted_during_its_rollout_fails_the_step() {
+        let waiting = json!({ "observedGeneration": 3, "updatedReplicas": 1, "replicas": 2, "availableReplicas": 1 });
+        let (result, _) =
+            follow_scripted(&waiting, false, vec![("watch=true", events(&[("DELETED", &with_status(&waiting))]))]);
+        assert!(
+            matches!(result, Err(DriverError::Refused(why)) if why == "deployment notes was deleted during the rollout")
+        );
+    }
+
     #[test]
     fn the_version_is_the_annotation_else_the_image_tag() {
         let mut d = deployment(&json!({}));
