@@ -132,10 +132,18 @@ pub const DEFAULT_MAX_ERROR_RATE: f64 = 0.01;
 /// the proxy measured of one version break, if any. The caller checks there were at least
 /// [`JUDGE_MIN_REQUESTS`].
 pub fn limits_broken(component: &Component, requests: u64, errors: u64, p99_ms: Option<f64>) -> Option<String> {
-    let max_error_rate = component.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE);
     #[allow(clippy::cast_precision_loss)]
     let error_rate = if requests == 0 { 0.0 } else { errors as f64 / requests as f64 };
-    if error_rate > max_error_rate {
+    rate_limits_broken(component, Some(error_rate), p99_ms)
+}
+
+/// Which of `component`'s limits an error rate (a fraction) and a p99 break, if any: the
+/// rule of [`limits_broken`], for figures measured elsewhere (Prometheus).
+pub fn rate_limits_broken(component: &Component, error_rate: Option<f64>, p99_ms: Option<f64>) -> Option<String> {
+    let max_error_rate = component.max_error_rate.unwrap_or(DEFAULT_MAX_ERROR_RATE);
+    if let Some(error_rate) = error_rate
+        && error_rate > max_error_rate
+    {
         return Some(format!(
             "error rate {:.1}% is over max_error_rate {:.1}%",
             error_rate * 100.0,

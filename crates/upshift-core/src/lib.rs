@@ -6,10 +6,12 @@ pub mod config;
 pub mod contract;
 pub mod driver;
 pub mod guide;
+pub mod http;
 pub mod journal;
 pub mod manifest;
 pub mod notify;
 pub mod plan;
+pub mod prometheus;
 pub mod runner;
 
 pub use manifest::{Manifest, ManifestError};

@@ -351,6 +351,26 @@ struct RawVerify {
     timeout: Option<HumanDuration>,
     watch: Option<HumanDuration>,
     watch_interval: Option<HumanDuration>,
+    prometheus: Option<Spanned<RawPrometheus>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrometheus {
+    url: Spanned<String>,
+    error_rate: Option<Spanned<String>>,
+    p99_ms: Option<Spanned<String>>,
+}
+
+/// `[verify] prometheus`: the queries a Kubernetes canary step is also judged on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prometheus {
+    /// The server (`http://prometheus:9090`); queries go to `<url>/api/v1/query`.
+    pub url: String,
+    /// PromQL with `{version}`: the new version's error rate, a fraction from 0 to 1.
+    pub error_rate: Option<String>,
+    /// PromQL with `{version}`: the new version's p99 latency in milliseconds.
+    pub p99_ms: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -639,6 +659,8 @@ pub struct Verify {
     pub watch: Duration,
     /// How often the watch checks (default 1s).
     pub watch_interval: Duration,
+    /// Where a Kubernetes canary's PromQL queries go, and the queries.
+    pub prometheus: Option<Prometheus>,
 }
 
 /// A release of the application.
@@ -914,7 +936,8 @@ impl Manifest {
 
     /// Checks manifest text read from `path`.
     pub fn parse(path: &Path, text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Manifest, ManifestError> {
-        let mut loader = Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new() };
+        let mut loader =
+            Loader { path, text, env: &env, secrets: Vec::new(), vars: BTreeMap::new(), prometheus: false };
         let raw: RawManifest = toml::from_str(text).map_err(|e| loader.error(e.span(), e.message().to_owned()))?;
         let base = path.parent().unwrap_or(Path::new(""));
         let migrator = match &raw.database {
@@ -929,6 +952,8 @@ impl Manifest {
         };
         let database_url = database_url_raw.as_ref().map(|url| loader.expand(url)).transpose()?;
         let backup = loader.backup(raw.backup, base)?;
+        let verify = loader.verify(raw.verify)?;
+        loader.prometheus = verify.prometheus.is_some();
         let mut components: Vec<Component> = Vec::new();
         for raw in raw.components {
             let component = loader.component(raw, &components)?;
@@ -938,7 +963,6 @@ impl Manifest {
             Some(via) => Some(loader.via(via, database_url.as_deref(), &components)?),
             None => None,
         };
-        let verify = loader.verify(raw.verify)?;
         let releases = loader.releases(raw.releases, &components)?;
         let agent = match raw.agent.and_then(|a| a.metrics) {
             Some(metrics) => {
@@ -1015,6 +1039,8 @@ struct Loader<'a> {
     secrets: Vec<String>,
     /// The variables read, by name.
     vars: BTreeMap<String, String>,
+    /// `[verify] prometheus` is set (a Kubernetes canary may then have limits).
+    prometheus: bool,
 }
 
 impl Loader<'_> {
@@ -1502,13 +1528,13 @@ impl Loader<'_> {
                 ),
             ));
         }
-        if raw.max_error_rate.is_some() || raw.max_p99_ms.is_some() {
+        if (raw.max_error_rate.is_some() || raw.max_p99_ms.is_some()) && !self.prometheus {
             return Err(self.error(
                 at_name,
                 format!(
                     "component `{name}`: `max_error_rate` and `max_p99_ms` judge the requests the agent's proxy sees, and \
                      a Kubernetes Service sends none through it; the kubernetes canary judges each step on its pods' \
-                     readiness and restarts"
+                     readiness and restarts, and on PromQL queries when [verify] prometheus is set"
                 ),
             ));
         }
@@ -1638,6 +1664,7 @@ impl Loader<'_> {
                 timeout: Duration::from_mins(1),
                 watch: Duration::ZERO,
                 watch_interval: Duration::from_secs(1),
+                prometheus: None,
             });
         };
         let mut smoke = Vec::new();
@@ -1653,6 +1680,32 @@ impl Loader<'_> {
             timeout: raw.timeout.map_or(Duration::from_mins(1), |d| d.0),
             watch: raw.watch.map_or(Duration::ZERO, |d| d.0),
             watch_interval: raw.watch_interval.map_or(Duration::from_secs(1), |d| d.0).max(Duration::from_millis(10)),
+            prometheus: raw.prometheus.map(|p| self.prometheus(p)).transpose()?,
+        })
+    }
+
+    fn prometheus(&mut self, raw: Spanned<RawPrometheus>) -> Result<Prometheus, ManifestError> {
+        let at = raw.span();
+        let raw = raw.into_inner();
+        let url = self.expand(&raw.url)?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(
+                self.error(Some(raw.url.span()), "[verify] prometheus.url must be an http:// or https:// URL".into())
+            );
+        }
+        if raw.error_rate.is_none() && raw.p99_ms.is_none() {
+            return Err(self.error(
+                Some(at),
+                "[verify] prometheus needs a query: `error_rate` (a fraction) and/or `p99_ms` (milliseconds)".into(),
+            ));
+        }
+        let query = |loader: &mut Self, q: Option<Spanned<String>>| {
+            q.map(|q| loader.template(&q, SMOKE_PLACEHOLDERS)).transpose()
+        };
+        Ok(Prometheus {
+            url: url.trim_end_matches('/').to_owned(),
+            error_rate: query(self, raw.error_rate)?,
+            p99_ms: query(self, raw.p99_ms)?,
         })
     }
 

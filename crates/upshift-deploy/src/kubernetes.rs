@@ -569,6 +569,9 @@ impl KubernetesDriver {
                 "  canary at {share}%: every canary pod stayed ready for {}s",
                 component.step_interval.as_secs()
             ));
+            if let Some(prometheus) = &self.manifest.verify.prometheus {
+                say(&format!("  canary at {share}%: {}", judge_prometheus(prometheus, component, version, share)?));
+            }
         }
         say(&format!("  canary at 100%: {} rolls to {version}", target.deployment));
         self.update(
@@ -878,6 +881,40 @@ fn label_track(deployment: &mut Deployment) {
         .labels
         .get_or_insert_with(Default::default)
         .insert(TRACK_LABEL.to_owned(), "canary".to_owned());
+}
+
+/// A canary step's verdict from `[verify] prometheus`: each query (with `{version}`) asked
+/// once, at the end of the step, and judged with the process driver's rule
+/// ([`upshift_core::driver::rate_limits_broken`]). A query with no data does not pass: too
+/// little traffic to judge, as with the proxy's figures.
+fn judge_prometheus(
+    prometheus: &upshift_core::manifest::Prometheus,
+    component: &Component,
+    version: &str,
+    share: u32,
+) -> Result<String, DriverError> {
+    let ask = |what: &str, query: Option<&String>| -> Result<Option<f64>, DriverError> {
+        let Some(query) = query else { return Ok(None) };
+        let query = crate::process::fill(query, version, None);
+        match upshift_core::prometheus::query(&prometheus.url, &query, Duration::from_secs(10)) {
+            Ok(Some(value)) => Ok(Some(value)),
+            Ok(None) => Err(DriverError::Unhealthy(format!(
+                "canary at {share}%: the {what} query returned no data, so the step cannot be judged: {query}"
+            ))),
+            Err(e) => Err(DriverError::Unavailable(format!("canary at {share}%: the {what} query: {e}"))),
+        }
+    };
+    let error_rate = ask("error_rate", prometheus.error_rate.as_ref())?;
+    let p99 = ask("p99_ms", prometheus.p99_ms.as_ref())?;
+    if let Some(why) = upshift_core::driver::rate_limits_broken(component, error_rate, p99) {
+        return Err(DriverError::Unhealthy(format!("canary at {share}%: {why} (Prometheus)")));
+    }
+    let figures: Vec<String> =
+        [error_rate.map(|r| format!("error rate {:.1}%", r * 100.0)), p99.map(|p| format!("p99 {p:.1} ms"))]
+            .into_iter()
+            .flatten()
+            .collect();
+    Ok(format!("Prometheus says {}", figures.join(", ")))
 }
 
 /// The canary's replicas at `share` percent of `total`: rounded up, at least one.

@@ -439,6 +439,114 @@ fn a_canary_follows_its_steps_and_one_that_never_gets_ready_is_undone() {
     assert_eq!(cluster.status().components[0].version.as_deref(), Some("2.0.0"));
 }
 
+/// A real Prometheus (Debian's `prometheus`, `ci/engines/prometheus.sh`) on a free port,
+/// scraping itself every 200 ms; stopped on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn start() -> Option<Prometheus> {
+        if Command::new("prometheus").arg("--version").output().is_err() {
+            assert!(std::env::var_os("CI").is_none(), "CI installs Prometheus (ci/engines/prometheus.sh)");
+            eprintln!("skipped: no `prometheus` binary (ci/engines/prometheus.sh installs Debian's)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global: {{scrape_interval: 200ms, evaluation_interval: 200ms}}\n\
+                 scrape_configs: [{{job_name: prometheus, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let prometheus = Prometheus { child, url: format!("http://127.0.0.1:{port}"), _dir: dir };
+        // Ready when its own scrape has a sample to query.
+        let deadline = Instant::now() + std::time::Duration::from_mins(1);
+        loop {
+            let out = Command::new("curl")
+                .args(["-sf", &format!("{}/api/v1/query", prometheus.url), "--data-urlencode"])
+                .arg("query=up{job=\"prometheus\"}")
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&out.stdout).contains("\"value\"") {
+                return Some(prometheus);
+            }
+            assert!(Instant::now() < deadline, "Prometheus never scraped itself");
+        }
+    }
+}
+
+/// A canary step judged on PromQL too: the queries (with `{version}`) asked of a real
+/// Prometheus at the end of each step, with the process driver's verdict rule. Real data
+/// (Prometheus's own `up` series) scaled to the figures each case needs.
+#[test]
+fn a_canary_is_judged_on_prometheus_queries_when_they_are_set() {
+    let Some(cluster) = Cluster::new() else { return };
+    let Some(prometheus) = Prometheus::start() else { return };
+    let original = cluster.ctx.read("upshift.toml");
+    let manifest = |error_rate: &str, p99: &str| {
+        let canary = original.replace(
+            "deployment = \"notes\"\n",
+            "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"1s\"\n\
+             max_error_rate = 0.05\nmax_p99_ms = 100\n",
+        );
+        let (head, releases) = canary.split_once("[[releases]]").unwrap();
+        let verify = format!(
+            "[verify]\nprometheus = {{ url = \"{}\", error_rate = '{error_rate}', p99_ms = '{p99}' }}\n\n",
+            prometheus.url
+        );
+        cluster.ctx.write("upshift.toml", &format!("{head}{verify}[[releases]]{releases}"));
+    };
+    let up = "sum(up{job=\"prometheus\"})";
+    manifest(&format!("{up} * 0"), &format!("{up} * 12"));
+    cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
+    cluster
+        .upshift(&["upgrade", "--to", "2.0.0"])
+        .success()
+        .stderr_has("canary at 50%: Prometheus says error rate 0.0%, p99 12.0 ms");
+    cluster.upshift(&["rollback"]).success();
+
+    // A p99 over max_p99_ms undoes the canary: the Deployment never left 1.0.0.
+    manifest(&format!("{up} * 0"), &format!("{up} * 250"));
+    cluster
+        .upshift(&["upgrade", "--to", "2.0.0"])
+        .code(3)
+        .stderr_has("canary at 50%: p99 250.0 ms is over max_p99_ms 100 ms (Prometheus)")
+        .stderr_has("1.0.0 is back");
+    assert_eq!(cluster.ready_images(), ["upshift-demo-notes:1.0.0", "upshift-demo-notes:1.0.0"]);
+    assert_eq!(ready_of(&cluster, "canary"), 0);
+
+    // No data for the new version: too little to judge, so the step does not pass.
+    manifest("sum(rate(http_requests_total{version=\"{version}\"}[1m]))", &format!("{up} * 12"));
+    cluster
+        .upshift(&["upgrade", "--to", "2.0.0"])
+        .code(3)
+        .stderr_has("the error_rate query returned no data")
+        .stderr_has("version=\"2.0.0\"");
+    assert_eq!(cluster.status().components[0].version.as_deref(), Some("1.0.0"));
+}
+
 #[test]
 fn a_missing_deployment_or_container_is_refused_in_preflight() {
     let Some(cluster) = Cluster::new() else { return };
@@ -649,6 +757,11 @@ fn kubernetes_settings_are_checked_with_their_line() {
     };
     ctx.write("upshift.toml", &manifest("strategy = \"canary\"\nmax_error_rate = 0.05"));
     ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:5").stderr_has("readiness and restarts");
+    let prometheus = "[verify]\nprometheus = { url = \"http://127.0.0.1:9090\", error_rate = 'vector(0)' }\n\n";
+    ctx.write("upshift.toml", &format!("{prometheus}{}", manifest("strategy = \"canary\"\nmax_error_rate = 0.05")));
+    ctx.run(&["plan", "--to", "1.0.0"]).success();
+    ctx.write("upshift.toml", &format!("[verify]\nprometheus = {{ url = \"http://x\" }}\n\n{}", manifest("")));
+    ctx.run(&["plan", "--to", "1.0.0"]).code(2).stderr_has("upshift.toml:2").stderr_has("needs a query");
     ctx.write("upshift.toml", &manifest("strategy = \"canary\"\nsteps = [50, 100]"));
     ctx.run(&["plan", "--to", "1.0.0"]).success().stdout_has("deploy api (kubernetes, canary)");
     ctx.write("upshift.toml", &manifest("strategy = \"blue-green\""));
