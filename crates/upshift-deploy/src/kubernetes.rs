@@ -434,16 +434,8 @@ impl KubernetesDriver {
             self.update(&target.named(&next_name), &ready, say)?;
         } else {
             // The slot's Deployment: a copy of the component's own, under its slot label.
-            let (api, mut copy) = self.deployment(target)?;
-            copy.metadata = kube::api::ObjectMeta {
-                name: Some(next_name.clone()),
-                namespace: copy.metadata.namespace.clone(),
-                labels: copy.metadata.labels.clone(),
-                ..Default::default()
-            };
-            copy.status = None;
-            let spec = copy.spec.get_or_insert_with(Default::default);
-            spec.selector.match_labels.get_or_insert_with(Default::default).insert(SLOT_LABEL.into(), next.into());
+            let (api, own) = self.deployment(target)?;
+            let mut copy = copy_of(&own, &next_name, (SLOT_LABEL, next));
             ready(&mut copy)?;
             let created =
                 self.runtime.block_on(api.create(&PostParams::default(), &copy)).map_err(|e| unavailable(&e))?;
@@ -538,19 +530,7 @@ impl KubernetesDriver {
             if self.find(target, &name)?.is_some() {
                 self.update(&target.named(&name), &|d| shape(d, canaries), say)?;
             } else {
-                let mut copy = stable.clone();
-                copy.metadata = kube::api::ObjectMeta {
-                    name: Some(name.clone()),
-                    namespace: stable.metadata.namespace.clone(),
-                    labels: stable.metadata.labels.clone(),
-                    ..Default::default()
-                };
-                copy.status = None;
-                let spec = copy.spec.get_or_insert_with(Default::default);
-                spec.selector
-                    .match_labels
-                    .get_or_insert_with(Default::default)
-                    .insert(TRACK_LABEL.into(), "canary".into());
+                let mut copy = copy_of(&stable, &name, (TRACK_LABEL, "canary"));
                 shape(&mut copy, canaries)?;
                 let created =
                     self.runtime.block_on(api.create(&PostParams::default(), &copy)).map_err(|e| unavailable(&e))?;
@@ -870,6 +850,24 @@ fn applicable(found: &DynamicObject) -> serde_json::Value {
         }
     }
     object
+}
+
+/// A new Deployment `name` made from `source`: its labels and spec, with `label` added to
+/// its selector (the caller labels the pod template), nothing the server set.
+fn copy_of(source: &Deployment, name: &str, (key, value): (&str, &str)) -> Deployment {
+    let mut copy = Deployment {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: source.metadata.namespace.clone(),
+            labels: source.metadata.labels.clone(),
+            ..Default::default()
+        },
+        spec: source.spec.clone(),
+        status: None,
+    };
+    let spec = copy.spec.get_or_insert_with(Default::default);
+    spec.selector.match_labels.get_or_insert_with(Default::default).insert(key.to_owned(), value.to_owned());
+    copy
 }
 
 /// Puts a Deployment's pods on the canary track.

@@ -144,6 +144,17 @@ migrate_to = "20260202000000"
         self.ctx.write("upshift.toml", &manifest);
     }
 
+    /// Puts the component on canary with steps 50 and 100 of `step_interval` each.
+    fn canary(&self, step_interval: &str) {
+        let manifest = self.ctx.read("upshift.toml").replace(
+            "deployment = \"notes\"",
+            &format!(
+                "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"{step_interval}\""
+            ),
+        );
+        self.ctx.write("upshift.toml", &manifest);
+    }
+
     fn kubectl_output(&self, args: &[&str]) -> std::process::Output {
         Command::new("kubectl").arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().unwrap()
     }
@@ -169,11 +180,14 @@ migrate_to = "20260202000000"
         self.kubectl(&["-n", &self.namespace, "get", "deployment", "notes", "-o", &format!("jsonpath={{{path}}}")])
     }
 
-    /// The images of the pods that are ready and not going away.
-    fn ready_images(&self) -> Vec<String> {
-        let pods = self.kubectl(&["-n", &self.namespace, "get", "pods", "-o", "json"]);
-        let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
-        let mut images: Vec<String> = pods["items"]
+    /// The pods (matching the label `selector`, if any) that are ready and not going away.
+    fn ready_pods(&self, selector: Option<&str>) -> Vec<serde_json::Value> {
+        let mut args = vec!["-n", &self.namespace, "get", "pods", "-o", "json"];
+        if let Some(selector) = selector {
+            args.extend(["-l", selector]);
+        }
+        let pods: serde_json::Value = serde_json::from_str(&self.kubectl(&args)).unwrap();
+        pods["items"]
             .as_array()
             .unwrap()
             .iter()
@@ -183,6 +197,15 @@ migrate_to = "20260202000000"
                     .as_array()
                     .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
             })
+            .cloned()
+            .collect()
+    }
+
+    /// The images of the pods that are ready and not going away.
+    fn ready_images(&self) -> Vec<String> {
+        let mut images: Vec<String> = self
+            .ready_pods(None)
+            .iter()
             .map(|p| p["spec"]["containers"][0]["image"].as_str().unwrap().to_owned())
             .collect();
         images.sort();
@@ -366,22 +389,10 @@ fn blue_green_switches_the_service_selector_and_a_failed_release_is_never_select
     assert_eq!(cluster.status().components[0].version.as_deref(), Some("1.0.0"));
 }
 
-/// The images of the ready pods of one Deployment (`notes` or `notes-canary`).
+/// The ready pods of one Deployment (`notes-canary`, or the others).
 fn ready_of(cluster: &Cluster, track: &str) -> usize {
     let selector = if track == "canary" { "upshift.dev/track=canary" } else { "!upshift.dev/track" };
-    let pods = cluster.kubectl(&["-n", &cluster.namespace, "get", "pods", "-l", selector, "-o", "json"]);
-    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
-    pods["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
-        .filter(|p| {
-            p["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-        })
-        .count()
+    cluster.ready_pods(Some(selector)).len()
 }
 
 /// Canary by replica share: at 50 % one of the two replicas runs the new version in
@@ -390,11 +401,7 @@ fn ready_of(cluster: &Cluster, track: &str) -> usize {
 #[test]
 fn a_canary_follows_its_steps_and_one_that_never_gets_ready_is_undone() {
     let Some(cluster) = Cluster::new() else { return };
-    let manifest = cluster.ctx.read("upshift.toml").replace(
-        "deployment = \"notes\"",
-        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"2s\"",
-    );
-    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.canary("2s");
     cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
 
     let started = Instant::now();
@@ -611,11 +618,7 @@ fn killed_mid_blue_green_at_every_journal_write_then_resume_or_abort_converges()
 #[test]
 fn killed_mid_canary_at_every_journal_write_then_resume_or_abort_converges() {
     let Some(cluster) = Cluster::new() else { return };
-    let manifest = cluster.ctx.read("upshift.toml").replace(
-        "deployment = \"notes\"",
-        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"1s\"",
-    );
-    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.canary("1s");
     let points = converges_at_every_write(&cluster);
     assert_eq!(ready_of(&cluster, "canary"), 0);
     eprintln!("canary: {points} crash points, each converged");
@@ -628,11 +631,7 @@ fn killed_mid_canary_at_every_journal_write_then_resume_or_abort_converges() {
 #[test]
 fn killed_while_a_canary_is_judged_then_resume_or_abort_converges() {
     let Some(cluster) = Cluster::new() else { return };
-    let manifest = cluster.ctx.read("upshift.toml").replace(
-        "deployment = \"notes\"",
-        "deployment = \"notes\"\nstrategy = \"canary\"\nsteps = [50, 100]\nstep_interval = \"15s\"",
-    );
-    cluster.ctx.write("upshift.toml", &manifest);
+    cluster.canary("15s");
     cluster.upshift(&["upgrade", "--to", "1.0.0"]).success();
     let replicas = || cluster.field(".spec.replicas");
     let kill_mid_canary = || {
