@@ -10,6 +10,7 @@
 //! chain and that the certificate names the host. Without `sslrootcert`, the chain is checked
 //! against the system's root certificates (`sslrootcert=system` says so explicitly).
 
+mod session;
 mod verify;
 
 use std::fmt;
@@ -19,6 +20,9 @@ use std::sync::Arc;
 
 use postgres::Client;
 use postgres::config::{SslMode as WireMode, SslNegotiation};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+pub use self::session::{BatchError, Session};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -94,22 +98,25 @@ pub struct Tls {
 }
 
 /// A connection's settings: the client's own plus TLS.
+///
+/// They are kept as tokio-postgres's settings, which both the blocking [`Client`] and a
+/// [`Session`] are made from.
 #[derive(Clone, Debug)]
 pub struct Config {
-    inner: postgres::Config,
+    inner: tokio_postgres::Config,
     tls: Tls,
 }
 
 impl Deref for Config {
-    type Target = postgres::Config;
+    type Target = tokio_postgres::Config;
 
-    fn deref(&self) -> &postgres::Config {
+    fn deref(&self) -> &tokio_postgres::Config {
         &self.inner
     }
 }
 
 impl DerefMut for Config {
-    fn deref_mut(&mut self) -> &mut postgres::Config {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Config {
         &mut self.inner
     }
 }
@@ -200,7 +207,7 @@ impl Config {
             return Err(format!("sslnegotiation=direct needs sslmode require or stronger, not {}", mode.as_str()));
         }
         let rest = if kept.is_empty() { base.to_owned() } else { format!("{base}?{}", kept.join("&")) };
-        let inner: postgres::Config = rest.parse().map_err(|e: postgres::Error| e.to_string())?;
+        let inner: tokio_postgres::Config = rest.parse().map_err(|e: postgres::Error| e.to_string())?;
         Ok(Config { inner, tls })
     }
 
@@ -211,6 +218,21 @@ impl Config {
 
     /// Connects as the settings say.
     pub fn connect(&self) -> Result<Client, ConnectError> {
+        self.connect_with(|config, tls| {
+            let config = postgres::Config::from(config.clone());
+            match tls {
+                None => config.connect(postgres::NoTls),
+                Some(tls) => config.connect(tls),
+            }
+        })
+    }
+
+    /// Tries the connections the mode asks for, in libpq's order: `connect` gets the
+    /// client's settings with the wire mode set, and the TLS connector (none: plain).
+    fn connect_with<C>(
+        &self,
+        connect: impl Fn(&tokio_postgres::Config, Option<MakeRustlsConnect>) -> Result<C, postgres::Error>,
+    ) -> Result<C, ConnectError> {
         let mode = self.tls.mode;
         let fail = |message: String, hint: Option<&str>| ConnectError {
             mode,
@@ -222,19 +244,19 @@ impl Config {
         match mode {
             SslMode::Disable => {
                 config.ssl_mode(WireMode::Disable);
-                config.connect(postgres::NoTls).map_err(|e| self.explain(e))
+                connect(&config, None).map_err(|e| self.explain(e))
             }
             SslMode::Allow => {
                 config.ssl_mode(WireMode::Disable);
-                if let Ok(client) = config.connect(postgres::NoTls) {
+                if let Ok(client) = connect(&config, None) {
                     return Ok(client);
                 }
                 config.ssl_mode(WireMode::Require);
-                config.connect(self.connector(false).map_err(|m| fail(m, None))?).map_err(|e| self.explain(e))
+                connect(&config, Some(self.connector(false).map_err(|m| fail(m, None))?)).map_err(|e| self.explain(e))
             }
             SslMode::Prefer => {
                 config.ssl_mode(WireMode::Prefer);
-                config.connect(self.connector(false).map_err(|m| fail(m, None))?).map_err(|e| self.explain(e))
+                connect(&config, Some(self.connector(false).map_err(|m| fail(m, None))?)).map_err(|e| self.explain(e))
             }
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
                 config.ssl_mode(WireMode::Require);
@@ -243,14 +265,14 @@ impl Config {
                 }
                 let check = mode != SslMode::Require || matches!(self.tls.root_cert, Some(Roots::File(_)));
                 let connector = self.connector(check).map_err(|m| fail(m, Some(CERT_HINT)))?;
-                config.connect(connector).map_err(|e| self.explain(e))
+                connect(&config, Some(connector)).map_err(|e| self.explain(e))
             }
         }
     }
 
     /// The TLS connector: checking the server's certificate (`check`) against the roots,
     /// and its name too in `verify-full`; presenting the client certificate when given.
-    fn connector(&self, check: bool) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    fn connector(&self, check: bool) -> Result<MakeRustlsConnect, String> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
@@ -275,7 +297,7 @@ impl Config {
             }
             (None, None) => builder.with_no_client_auth(),
         };
-        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+        Ok(MakeRustlsConnect::new(config))
     }
 
     /// The trusted roots: the `sslrootcert` file, else the system's.

@@ -210,6 +210,37 @@ fn postgres_failure_leaves_no_trace() {
     failure_leaves_no_trace(&ctx, &db, &url);
 }
 
+/// A transactional revision goes to PostgreSQL as one message (BEGIN, statements, row,
+/// COMMIT). What that must not change: a savepoint still works (an explicit transaction,
+/// not an implicit block); a last statement ending in a line comment without `;` still
+/// ends; a failure names its own line, also a syntax error, which stops the whole message
+/// before it runs; the bookkeeping row survives quotes and backslashes in the name.
+#[test]
+fn postgres_revision_sent_as_one_batch() {
+    let ctx = Context::new();
+    let (db, url) = Db::postgres();
+    ctx.write(
+        "migrations/1_it's a \\ name.sql",
+        "-- upshift:up\nSET standard_conforming_strings = off;\nCREATE TABLE a (x int);\nSAVEPOINT s;\nINSERT INTO a VALUES (1);\nRELEASE SAVEPOINT s;\nCREATE TABLE b (x int) -- no semicolon\n-- upshift:down\nDROP TABLE b;\nDROP TABLE a;\n",
+    );
+    ctx.migrate(&url, &["up"]).success();
+    assert_eq!(db.count("SELECT count(*) FROM a"), 1);
+    assert!(db.has_table("b"));
+    assert_eq!(db.count("SELECT count(*) FROM upshift_migrations WHERE name = E'it\\'s a \\\\ name'"), 1);
+    ctx.write(
+        "migrations/2_syntax.sql",
+        "-- upshift:up\nCREATE TABLE c (x int);\n\nCREATE TABLE d (x int;\nCREATE TABLE e (x int);\n",
+    );
+    ctx.migrate(&url, &["up"]).code(1).stderr_has("2_syntax.sql:4").stderr_has("syntax error");
+    ctx.write(
+        "migrations/2_syntax.sql",
+        "-- upshift:up\nCREATE TABLE c (x int);\nCREATE TABLE d (x int);\nCREATE TABLE c (x int);\nCREATE TABLE e (x int);\n",
+    );
+    ctx.migrate(&url, &["up"]).code(1).stderr_has("2_syntax.sql:4").stderr_has("already exists");
+    assert!(!db.has_table("c") && !db.has_table("d"), "a failed revision left a trace");
+    assert_eq!(status(&ctx, &url).applied, ["1"]);
+}
+
 #[test]
 fn postgres_lexer_cases_run_for_real() {
     let ctx = Context::new();

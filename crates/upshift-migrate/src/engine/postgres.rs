@@ -3,15 +3,16 @@
 //! The lock is a session-level advisory lock on a fixed key, taken with `lock_timeout` so
 //! the wait is bounded; when it times out, `pg_locks` joined with `pg_stat_activity` names
 //! the holder (pid, `application_name`, since when). Each revision runs in its own
-//! transaction with its bookkeeping row; `no-transaction` revisions run statement by
-//! statement in autocommit mode, as `CREATE INDEX CONCURRENTLY` requires.
+//! transaction with its bookkeeping row, sent as one simple query (`BEGIN`, the statements,
+//! the row, `COMMIT`): one round trip per revision. `no-transaction` revisions run
+//! statement by statement in autocommit mode, as `CREATE INDEX CONCURRENTLY` requires.
 
+use std::cmp::Ordering;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use postgres::error::SqlState;
-use postgres::{Client, GenericClient};
-use upshift_postgres::Config;
+use postgres::error::{ErrorPosition, SqlState};
+use upshift_postgres::{BatchError, Config, Session};
 
 use super::{AppliedRevision, Direction, Engine, Step, TABLE, millis, table_ddl};
 use crate::error::Error;
@@ -22,7 +23,7 @@ const LOCK_KEY: i64 = 0x7570_7368_6d69_6772;
 
 /// A PostgreSQL database.
 pub struct PostgresEngine {
-    client: Client,
+    client: Session,
 }
 
 impl PostgresEngine {
@@ -31,13 +32,13 @@ impl PostgresEngine {
     pub fn connect(config: &Config, redacted_url: &str) -> Result<PostgresEngine, Error> {
         let mut config = config.clone();
         if config.get_application_name().is_none() {
-            config.application_name(&format!("upshift migrate (pid {})", std::process::id()));
+            config.application_name(format!("upshift migrate (pid {})", std::process::id()));
         }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        let client =
-            config.connect().map_err(|e| Error::Connect { url: redacted_url.to_owned(), source: Box::new(e) })?;
+        let client = Session::connect(&config)
+            .map_err(|e| Error::Connect { url: redacted_url.to_owned(), source: Box::new(e) })?;
         Ok(PostgresEngine { client })
     }
 
@@ -67,7 +68,7 @@ impl PostgresEngine {
     }
 
     /// The connection, for an external tool's bookkeeping (`alembic_version`).
-    pub(crate) fn client(&mut self) -> &mut Client {
+    pub(crate) fn client(&mut self) -> &mut Session {
         &mut self.client
     }
 
@@ -115,7 +116,7 @@ pub fn message(error: &postgres::Error) -> String {
     }
 }
 
-fn bookkeeping(client: &mut impl GenericClient, step: &Step<'_>, duration: Duration) -> Result<(), postgres::Error> {
+fn bookkeeping(client: &mut Session, step: &Step<'_>, duration: Duration) -> Result<(), postgres::Error> {
     let revision = step.revision;
     match step.direction {
         Direction::Up => client.execute(
@@ -130,12 +131,77 @@ fn bookkeeping(client: &mut impl GenericClient, step: &Step<'_>, duration: Durat
     .map(drop)
 }
 
-/// Runs the step's statements on `client`; returns the index of the failing one.
-fn run_statements(client: &mut impl GenericClient, step: &Step<'_>) -> Result<(), Error> {
+/// Runs the step's statements one by one, each committing on its own.
+fn run_statements(client: &mut Session, step: &Step<'_>) -> Result<(), Error> {
     for (index, statement) in step.statements.iter().enumerate() {
         client.batch_execute(&statement.sql).map_err(|e| step.failed(index, message(&e)))?;
     }
     Ok(())
+}
+
+/// `text` as a string literal that means the same whatever `standard_conforming_strings`
+/// says (an `E''` string: a revision may have changed the setting).
+fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// One simple query that runs a step in one transaction with its bookkeeping row:
+/// `BEGIN`, the statements, the row, `COMMIT`. Returns it with the byte range of each
+/// part (`BEGIN` is part 0, the statements 1..=n, the row n + 1, `COMMIT` n + 2), to map an
+/// error position back to the statement.
+///
+/// The explicit `BEGIN` keeps the transaction what it is when the statements are sent one
+/// by one: a multi-statement query without it runs as an implicit transaction block, in
+/// which `SAVEPOINT` is refused. The row's `duration_ms` is measured by the server: from
+/// the arrival of the query (`statement_timestamp()`) to the end of the last statement.
+fn transaction_batch(step: &Step<'_>) -> (String, Vec<std::ops::Range<usize>>) {
+    let mut batch = String::new();
+    let mut parts = Vec::with_capacity(step.statements.len() + 3);
+    let mut push = |batch: &mut String, part: &str| {
+        let start = batch.len();
+        batch.push_str(part);
+        parts.push(start..batch.len());
+        // A statement may end without `;`, after a line comment: close it on a new line.
+        batch.push_str(if part.ends_with(';') { "\n" } else { "\n;\n" });
+    };
+    push(&mut batch, "BEGIN;");
+    for statement in &step.statements {
+        push(&mut batch, &statement.sql);
+    }
+    let revision = step.revision;
+    let row = match step.direction {
+        Direction::Up => format!(
+            "INSERT INTO {TABLE} (revision, name, checksum, phase, applied_at, duration_ms) \
+             VALUES ({}, {}, {}, {}, clock_timestamp(), \
+             (extract(epoch FROM clock_timestamp() - statement_timestamp()) * 1000)::bigint);",
+            literal(&revision.id),
+            literal(&revision.name),
+            literal(&revision.checksum),
+            literal(revision.phase.as_str()),
+        ),
+        Direction::Down => format!("DELETE FROM {TABLE} WHERE revision = {};", literal(&revision.id)),
+    };
+    push(&mut batch, &row);
+    push(&mut batch, "COMMIT;");
+    (batch, parts)
+}
+
+/// Which part of a transaction batch failed: the one the error's position points into
+/// (a syntax error stops the batch before anything runs), else the one after those the
+/// server completed.
+fn failed_part(batch: &str, parts: &[std::ops::Range<usize>], failure: &BatchError) -> usize {
+    let position = failure.error.as_db_error().and_then(|db| match db.position() {
+        // 1-based, in characters.
+        Some(ErrorPosition::Original(position)) => usize::try_from(*position).ok(),
+        _ => None,
+    });
+    let offset = position.and_then(|p| batch.char_indices().nth(p.checked_sub(1)?)).map(|(offset, _)| offset);
+    // The last part starting at or before the offset: an error at the `;` closing a part
+    // belongs to that part.
+    match offset.and_then(|offset| parts.iter().rposition(|part| part.start <= offset)) {
+        Some(part) => part,
+        None => failure.completed,
+    }
 }
 
 impl Engine for PostgresEngine {
@@ -206,12 +272,25 @@ impl Engine for PostgresEngine {
             bookkeeping(&mut self.client, step, duration).map_err(record_error)?;
             return Ok(duration);
         }
-        let mut transaction = self.client.transaction().map_err(|e| Error::database("begin a transaction", e))?;
-        // On any error the transaction is dropped, which rolls it back.
-        run_statements(&mut transaction, step)?;
-        let duration = started.elapsed();
-        bookkeeping(&mut transaction, step, duration).map_err(record_error)?;
-        transaction.commit().map_err(|e| step.failed(step.statements.len().saturating_sub(1), message(&e)))?;
-        Ok(duration)
+        let (batch, parts) = transaction_batch(step);
+        let Err(failure) = self.client.simple_batch(&batch) else {
+            return Ok(started.elapsed());
+        };
+        let statements = step.statements.len();
+        let part = failed_part(&batch, &parts, &failure);
+        // The server skipped the rest of the batch. Unless COMMIT itself failed (which
+        // ends the transaction), the transaction is open and failed: roll it back. Should
+        // that fail too, the connection is gone, and the server rolls back without it.
+        if part <= statements + 1 {
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+        // Part 0, BEGIN, fails only with the connection or with a parse error the server
+        // gave no position for: blame the first statement, as the parse stopped everything.
+        let index = part.saturating_sub(1);
+        Err(match index.cmp(&statements) {
+            Ordering::Less => step.failed(index, message(&failure.error)),
+            Ordering::Equal => record_error(failure.error),
+            Ordering::Greater => step.failed(statements.saturating_sub(1), message(&failure.error)),
+        })
     }
 }
