@@ -37,7 +37,6 @@ use crate::gate::{Busy, Gate};
 use crate::histogram::{Counts, Histogram};
 use crate::protocol::{Latencies, RouteStatus, Upstream, UpstreamStatus, VersionStatus, Window};
 
-type ProxyBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 /// One kept-alive HTTP/1.1 connection to an upstream, as the proxy sends on it.
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
@@ -359,17 +358,65 @@ impl Drop for Proxy {
 /// Produces the metrics text on each scrape.
 pub(crate) type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// What the proxy answers with: its own message, or the upstream's body streaming through
+/// (an enum rather than a box: no allocation per response).
+enum ProxyBody {
+    Full(Full<Bytes>),
+    Tracked(Tracked),
+}
+
+impl ProxyBody {
+    fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Full::new(bytes.into()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Tracked(tracked) => Pin::new(tracked).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(full) => full.is_end_stream(),
+            ProxyBody::Tracked(tracked) => tracked.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ProxyBody::Full(full) => full.size_hint(),
+            ProxyBody::Tracked(tracked) => tracked.size_hint(),
+        }
+    }
+}
+
 fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 /// Hop-by-hop headers, which are not forwarded (an upgrade keeps `connection` and `upgrade`).
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
+static HOP_BY_HOP: [HeaderName; 7] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// A response body that holds its upstream's in-flight count until it is done or dropped,
 /// so a drain waits for bodies still streaming; once it has ended, its upstream connection
@@ -538,19 +585,23 @@ fn relay(
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         splice(client_upgrade, upstream_upgrade, sender, backend);
         let (parts, _) = response.into_parts();
-        return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        return Response::from_parts(parts, ProxyBody::full(Bytes::new()));
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(
         parts,
-        Tracked { inner: body, backend, sender: Some(sender), ended: false, _busy: busy }.boxed(),
+        ProxyBody::Tracked(Tracked { inner: body, backend, sender: Some(sender), ended: false, _busy: busy }),
     )
 }
 
 /// Removes hop-by-hop headers, and those the `Connection` header names. `upgrade` keeps the
 /// two headers that ask for an upgrade.
 fn strip_hop_by_hop(headers: &mut hyper::HeaderMap, upgrade: bool) {
+    // Most messages have none: one pass over their few names, no lookups.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -562,9 +613,9 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        if !(upgrade && matches!(*name, "connection" | "upgrade")) {
-            headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        if !(upgrade && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE)) {
+            headers.remove(name);
         }
     }
 }
@@ -603,14 +654,14 @@ async fn handle(
         headers.insert(hyper::header::HOST, host);
     }
     strip_hop_by_hop(&mut headers, upgrade);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", peer.addr.ip())).ok(),
         None => peer.ip.clone(),
     };
     if let Some(value) = forwarded_for {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let out = Outgoing { method: &parts.method, path: &path, headers: &headers, body: &body };
     let idempotent =
@@ -704,8 +755,7 @@ impl Proxy {
                                 ));
                             }
                             let text = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
-                            let mut response =
-                                Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+                            let mut response = Response::new(ProxyBody::full(text));
                             response.headers_mut().insert(
                                 hyper::header::CONTENT_TYPE,
                                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
