@@ -6,6 +6,7 @@
 
 pub mod client;
 mod gate;
+mod histogram;
 pub mod log_writer;
 mod metrics;
 pub mod protocol;
@@ -15,7 +16,7 @@ mod supervisor;
 
 pub use client::{Client, ClientError};
 pub use protocol::{
-    InstanceStatus, Request, Response, RouteStatus, Spec, Upstream, UpstreamStatus, VersionStatus, Window,
+    InstanceStatus, Latencies, Request, Response, RouteStatus, Spec, Upstream, UpstreamStatus, VersionStatus, Window,
 };
 pub use server::{AgentError, run};
 

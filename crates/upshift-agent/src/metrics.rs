@@ -75,6 +75,20 @@ pub(crate) fn render(routes: &BTreeMap<String, RouteStatus>, instances: &[Instan
         "p99 latency of the upstream's last answered requests since the route last changed.",
         &each(&|u| u.window.p99_ms.map(|ms| ms / 1000.0)),
     );
+    let _ = writeln!(
+        out,
+        "# HELP upshift_proxy_latency_seconds Time to the upstream's answer (its headers) since it joined the route.\n\
+         # TYPE upshift_proxy_latency_seconds histogram"
+    );
+    for (labels, u) in &upstreams {
+        let Some(latencies) = &u.latencies else { continue };
+        for (le, count) in latencies.le_seconds.iter().zip(&latencies.counts) {
+            let _ = writeln!(out, "upshift_proxy_latency_seconds_bucket{{{labels},le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(out, "upshift_proxy_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}", u.requests);
+        let _ = writeln!(out, "upshift_proxy_latency_seconds_sum{{{labels}}} {}", latencies.sum_seconds);
+        let _ = writeln!(out, "upshift_proxy_latency_seconds_count{{{labels}}} {}", u.requests);
+    }
     let processes: Vec<(String, &InstanceStatus)> = instances
         .iter()
         .map(|i| {
@@ -107,7 +121,7 @@ pub(crate) fn render(routes: &BTreeMap<String, RouteStatus>, instances: &[Instan
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Spec, Upstream, UpstreamStatus, Window};
+    use crate::protocol::{Latencies, Spec, Upstream, UpstreamStatus, Window};
 
     #[test]
     fn renders_the_exposition_format() {
@@ -119,6 +133,7 @@ mod tests {
                 errors: 1,
                 in_flight: 0,
                 window: Window { seconds: 3.0, requests: 12, errors: 1, p99_ms: Some(4.5) },
+                latencies: Some(Latencies { le_seconds: vec![0.005, 0.01], counts: vec![11, 12], sum_seconds: 0.04 }),
             }],
             versions: Vec::new(),
         };
@@ -144,6 +159,15 @@ mod tests {
         assert!(text.contains(&format!("upshift_proxy_errors_total{{{labels}}} 1\n")), "{text}");
         assert!(text.contains(&format!("upshift_proxy_p99_seconds{{{labels}}} 0.0045\n")), "{text}");
         assert!(text.contains("# TYPE upshift_proxy_requests_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE upshift_proxy_latency_seconds histogram\n"), "{text}");
+        for sample in [
+            format!("upshift_proxy_latency_seconds_bucket{{{labels},le=\"0.005\"}} 11\n"),
+            format!("upshift_proxy_latency_seconds_bucket{{{labels},le=\"+Inf\"}} 12\n"),
+            format!("upshift_proxy_latency_seconds_sum{{{labels}}} 0.04\n"),
+            format!("upshift_proxy_latency_seconds_count{{{labels}}} 12\n"),
+        ] {
+            assert!(text.contains(&sample), "{sample} in {text}");
+        }
         assert!(
             text.contains("upshift_instance_restarts_total{component=\"api\",slot=\"blue\",version=\"2.0.0\"} 2\n")
         );

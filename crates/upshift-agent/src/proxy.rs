@@ -1,13 +1,17 @@
 //! The reverse proxy: holds each component's stable `serve` address and forwards every
 //! request to the component's current upstream set, which a switch replaces atomically.
 //!
-//! Runs on its own tokio runtime inside the agent. Upstream connections are pooled and
-//! kept alive. A switch publishes the new set in one step (readers take an `Arc` of the
-//! set); requests already sent to an old upstream complete, and the switch waits (up to the
-//! component's `drain`) until the old upstreams have no request in flight. Upstreams carry
-//! weights (a canary gets a share of new requests) and the version they run, and the proxy
-//! measures requests, errors and p99 latency per upstream and per version, over a window
-//! that each change of the route opens anew.
+//! Runs inside the agent on one thread per core (each a single-threaded tokio runtime, as
+//! nginx runs a worker process per core): a client connection is accepted on a small
+//! control runtime and handed to the worker with the fewest connections, which then does
+//! all of its work, its upstream connections included, so a request never hops between
+//! threads. Each worker keeps its own pool of kept-alive upstream connections per upstream.
+//! A switch publishes the new set in one step (readers take an `Arc` of the set); requests
+//! already sent to an old upstream complete, and the switch waits (up to the component's
+//! `drain`) until the old upstreams have no request in flight. Upstreams carry weights (a
+//! canary gets a share of new requests) and the version they run, and the proxy measures
+//! requests, errors and latency per upstream and per version (lock-free counters, see
+//! [`crate::histogram`]), read over a window that each change of the route opens anew.
 //!
 //! A request that cannot reach its upstream is retried once on another one when that is
 //! safe: an idempotent method, or nothing was sent. Request bodies are buffered (up to
@@ -15,7 +19,7 @@
 //! (WebSocket) is passed through as a byte stream once the upstream answers 101. Clients
 //! speak HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge); upstreams get HTTP/1.1.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -27,15 +31,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::gate::{Busy, Gate};
-use crate::protocol::{RouteStatus, Upstream, UpstreamStatus, VersionStatus, Window};
+use crate::histogram::{Counts, Histogram};
+use crate::protocol::{Latencies, RouteStatus, Upstream, UpstreamStatus, VersionStatus, Window};
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
-type ProxyBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+/// One kept-alive HTTP/1.1 connection to an upstream, as the proxy sends on it.
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// Requests larger than this are refused (request bodies are buffered).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -45,95 +48,169 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request body.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Latencies kept per upstream for its p99.
-const LATENCY_WINDOW: usize = 4096;
+/// The p99 of a window is read over at least this many of its latest requests per upstream
+/// when it holds more (in steps of [`TICK`], up to [`MARKS`] of them back).
+const LATENCY_WINDOW: u64 = 4096;
+/// How often the proxy marks each upstream's counts (for the latest-requests p99) and
+/// closes idle upstream connections.
+const TICK: Duration = Duration::from_secs(1);
+/// Marks kept per upstream.
+const MARKS: usize = 64;
+/// An idle upstream connection is closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(10);
+/// Idle upstream connections kept per upstream and worker; more are closed after use.
+const POOL_MAX_IDLE: usize = 256;
+/// The most worker threads, whatever the cores.
+const MOST_WORKERS: usize = 8;
+/// The Prometheus bucket bounds exported, in nanoseconds (each one of the histogram's).
+const EXPORTED_BOUNDS_NS: [u64; 15] = [
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    100_000_000_000,
+];
+
+/// An idle upstream connection.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
 
 /// An upstream and what the proxy measured of it.
 struct Backend {
     addr: String,
-    /// `addr` for the upstream URI, parsed once.
-    authority: Result<hyper::http::uri::Authority, String>,
+    /// `addr` as a `Host` for requests that came without one (HTTP/1.0).
+    host: Option<HeaderValue>,
     version: String,
     weight: AtomicU32,
     in_flight: AtomicUsize,
-    requests: AtomicU64,
-    errors: AtomicU64,
-    window: Mutex<Measured>,
+    /// Requests, errors and latencies since it joined the route; written without a lock.
+    histogram: Histogram,
+    /// Where the window opened; only readers and route changes take this lock.
+    window: Mutex<Opened>,
+    /// Idle connections, one pool per worker (each worker takes its own).
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
-/// Requests, errors and the last [`LATENCY_WINDOW`] latencies (a ring) since `since`.
-struct Measured {
+/// A window: when it opened, the counts then, and the counts at each [`TICK`] since (the
+/// latest [`MARKS`]), to read the p99 of the latest requests.
+struct Opened {
     since: Instant,
-    requests: u64,
-    errors: u64,
-    latencies: Vec<Duration>,
-    next: usize,
+    baseline: Counts,
+    marks: VecDeque<Counts>,
 }
 
-impl Measured {
-    fn new() -> Measured {
-        Measured { since: Instant::now(), requests: 0, errors: 0, latencies: Vec::new(), next: 0 }
+impl Opened {
+    fn new(baseline: Counts) -> Opened {
+        Opened { since: Instant::now(), baseline, marks: VecDeque::new() }
     }
 
-    fn record(&mut self, latency: Duration, error: bool) {
-        self.requests += 1;
-        if error {
-            self.errors += 1;
-        }
-        if self.latencies.len() < LATENCY_WINDOW {
-            self.latencies.push(latency);
-        } else {
-            self.latencies[self.next] = latency;
-            self.next = (self.next + 1) % LATENCY_WINDOW;
-        }
+    /// The counts since the newest mark with at least [`LATENCY_WINDOW`] requests after
+    /// it, else since the window opened.
+    fn latest(&self, now: &Counts) -> Counts {
+        let requests = now.requests();
+        self.marks
+            .iter()
+            .rev()
+            .find(|mark| requests.saturating_sub(mark.requests()) >= LATENCY_WINDOW)
+            .map_or_else(|| now.since(&self.baseline), |mark| now.since(mark))
     }
-}
 
-/// The p99 of `latencies`, in milliseconds.
-fn p99_ms(mut latencies: Vec<Duration>) -> Option<f64> {
-    if latencies.is_empty() {
-        return None;
+    fn mark(&mut self, now: Counts) {
+        let requests = now.requests();
+        // The oldest mark is no longer needed once the next one has enough after it.
+        while self.marks.len() >= MARKS
+            || (self.marks.len() >= 2 && requests.saturating_sub(self.marks[1].requests()) >= LATENCY_WINDOW)
+        {
+            self.marks.pop_front();
+        }
+        self.marks.push_back(now);
     }
-    latencies.sort_unstable();
-    let index = (latencies.len() * 99).div_ceil(100).saturating_sub(1);
-    Some(latencies[index].as_secs_f64() * 1000.0)
 }
 
 /// The window figures of several upstreams together.
 fn window_of<'a>(backends: impl Iterator<Item = &'a Backend>) -> Window {
     let mut window = Window::default();
-    let mut latencies = Vec::new();
+    let mut latest = Counts::default();
     for backend in backends {
-        let measured = backend.window.lock().expect("window lock");
-        window.seconds = window.seconds.max(measured.since.elapsed().as_secs_f64());
-        window.requests += measured.requests;
-        window.errors += measured.errors;
-        latencies.extend_from_slice(&measured.latencies);
+        let now = backend.histogram.counts();
+        let opened = backend.window.lock().expect("window lock");
+        window.seconds = window.seconds.max(opened.since.elapsed().as_secs_f64());
+        let in_window = now.since(&opened.baseline);
+        window.requests += in_window.requests();
+        window.errors += in_window.errors;
+        latest.add(&opened.latest(&now));
     }
-    window.p99_ms = p99_ms(latencies);
+    window.p99_ms = latest.quantile_ms(0.99);
     window
 }
 
 impl Backend {
-    fn new(upstream: &Upstream) -> Backend {
+    fn new(upstream: &Upstream, workers: usize) -> Backend {
+        let histogram = Histogram::new();
+        let baseline = histogram.counts();
         Backend {
             addr: upstream.addr.clone(),
-            authority: upstream.addr.parse().map_err(|e: hyper::http::uri::InvalidUri| e.to_string()),
+            host: HeaderValue::from_str(&upstream.addr).ok(),
             version: upstream.version.clone(),
             weight: AtomicU32::new(upstream.weight),
             in_flight: AtomicUsize::new(0),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            window: Mutex::new(Measured::new()),
+            histogram,
+            window: Mutex::new(Opened::new(baseline)),
+            idle: (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
     fn record(&self, latency: Duration, error: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if error {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+        self.histogram.record(latency, error);
+    }
+
+    /// This worker's pool.
+    fn pool(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[crate::histogram::worker() % self.idle.len()]
+    }
+
+    /// The most recently used idle connection of this worker, if any.
+    fn checkout(&self) -> Option<Sender> {
+        let mut pool = self.pool().lock().expect("pool lock");
+        while let Some(idle) = pool.pop() {
+            if !idle.sender.is_closed() {
+                return Some(idle.sender);
+            }
         }
-        self.window.lock().expect("window lock").record(latency, error);
+        None
+    }
+
+    /// Keeps a connection whose exchange is done for the next request.
+    fn checkin(&self, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut pool = self.pool().lock().expect("pool lock");
+        if pool.len() < POOL_MAX_IDLE {
+            pool.push(Idle { sender, since: Instant::now() });
+        }
+    }
+
+    /// Marks the counts for the window's latest-requests p99, and closes connections idle
+    /// for longer than [`POOL_IDLE`].
+    fn tick(&self) {
+        let now = self.histogram.counts();
+        self.window.lock().expect("window lock").mark(now);
+        for pool in &*self.idle {
+            pool.lock().expect("pool lock").retain(|idle| idle.since.elapsed() < POOL_IDLE && !idle.sender.is_closed());
+        }
     }
 
     fn weight(&self) -> u32 {
@@ -145,12 +222,20 @@ impl Backend {
     }
 
     fn status(&self) -> UpstreamStatus {
+        let total = self.histogram.counts();
+        #[allow(clippy::cast_precision_loss)]
+        let latencies = Latencies {
+            le_seconds: EXPORTED_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9).collect(),
+            counts: total.cumulative(&EXPORTED_BOUNDS_NS),
+            sum_seconds: total.sum_ns as f64 / 1e9,
+        };
         UpstreamStatus {
             upstream: self.upstream(),
-            requests: self.requests.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
+            requests: total.requests(),
+            errors: total.errors,
             in_flight: self.in_flight.load(Ordering::SeqCst) as u64,
             window: window_of(std::iter::once(self)),
+            latencies: Some(latencies),
         }
     }
 }
@@ -217,37 +302,131 @@ impl Route {
     }
 }
 
+/// A thread of the proxy that serves client connections on its own single-threaded runtime.
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Client connections it serves now.
+    connections: Arc<AtomicUsize>,
+    /// Ends the thread (and its runtime) when the proxy is dropped.
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl Worker {
+    fn start(index: usize) -> std::io::Result<Worker> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = Arc::clone(&stop);
+        std::thread::Builder::new().name(format!("upshift-proxy-{index}")).spawn(move || {
+            crate::histogram::set_worker(index);
+            runtime.block_on(stopped.notified());
+        })?;
+        Ok(Worker { handle, connections: Arc::new(AtomicUsize::new(0)), stop })
+    }
+}
+
+/// Counts a client connection of a worker while it is open.
+struct Served(Arc<AtomicUsize>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The proxy of one agent.
 pub(crate) struct Proxy {
+    /// Accepts connections, serves the metrics, marks the counts.
     runtime: tokio::runtime::Runtime,
+    /// Serve the client connections.
+    workers: Arc<[Worker]>,
     /// The cap on client connections, shared by every listener.
     gate: Arc<Gate>,
-    routes: Mutex<HashMap<String, Arc<Route>>>,
-    client: HttpClient,
+    routes: Arc<Mutex<HashMap<String, Arc<Route>>>>,
     /// Where the Prometheus metrics are served, once asked for.
     metrics: Mutex<Option<String>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for worker in &*self.workers {
+            worker.stop.notify_one();
+        }
+    }
 }
 
 /// Produces the metrics text on each scrape.
 pub(crate) type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// What the proxy answers with: its own message, or the upstream's body streaming through
+/// (an enum rather than a box: no allocation per response).
+enum ProxyBody {
+    Full(Full<Bytes>),
+    Tracked(Tracked),
+}
+
+impl ProxyBody {
+    fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Full::new(bytes.into()))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Full(full) => Pin::new(full).poll_frame(cx).map_err(|never| match never {}),
+            ProxyBody::Tracked(tracked) => Pin::new(tracked).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(full) => full.is_end_stream(),
+            ProxyBody::Tracked(tracked) => tracked.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ProxyBody::Full(full) => full.size_hint(),
+            ProxyBody::Tracked(tracked) => tracked.size_hint(),
+        }
+    }
+}
+
 fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
 /// Hop-by-hop headers, which are not forwarded (an upgrade keeps `connection` and `upgrade`).
-const HOP_BY_HOP: &[&str] =
-    &["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"];
+static HOP_BY_HOP: [HeaderName; 7] = [
+    hyper::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    hyper::header::TE,
+    hyper::header::TRAILER,
+    hyper::header::TRANSFER_ENCODING,
+    hyper::header::UPGRADE,
+];
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// A response body that holds its upstream's in-flight count until it is done or dropped,
-/// so a drain waits for bodies still streaming.
+/// so a drain waits for bodies still streaming; once it has ended, its upstream connection
+/// goes back to the pool.
 struct Tracked {
     inner: Incoming,
     backend: Arc<Backend>,
+    sender: Option<Sender>,
+    /// The body reached its end.
+    ended: bool,
     /// The client connection stays busy (not evicted by the gate) until the body is sent.
     _busy: Busy,
 }
@@ -257,7 +436,11 @@ impl Body for Tracked {
     type Error = hyper::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -271,6 +454,12 @@ impl Body for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
+        // A body not read to its end leaves its connection unusable: it closes.
+        if let Some(sender) = self.sender.take()
+            && (self.ended || self.inner.is_end_stream())
+        {
+            self.backend.checkin(sender);
+        }
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -289,28 +478,69 @@ struct Outgoing<'a> {
     body: &'a Bytes,
 }
 
-async fn forward(
-    client: &HttpClient,
-    backend: &Arc<Backend>,
-    out: &Outgoing<'_>,
-) -> Result<Response<Incoming>, Failed> {
-    let failed = |message: String| Failed { not_sent: false, message };
-    let mut uri = hyper::http::uri::Parts::default();
-    uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-    uri.authority = Some(backend.authority.clone().map_err(|e| failed(format!("bad upstream address: {e}")))?);
-    uri.path_and_query = Some(out.path.clone());
+/// Opens a new connection to `backend`, driven on this worker.
+async fn connect(backend: &Backend) -> Result<Sender, Failed> {
+    let not_sent = |message: String| Failed { not_sent: true, message };
+    let stream = tokio::net::TcpStream::connect(&backend.addr)
+        .await
+        .map_err(|e| not_sent(format!("could not connect to {}: {e}", backend.addr)))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| not_sent(format!("could not open a connection to {}: {e}", backend.addr)))?;
+    tokio::spawn(async move {
+        // Its errors reach the request that was using it.
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// Sends `request` on a pooled connection of `backend`, or a new one; a pooled connection
+/// that closed before the request went out is given up for the next.
+async fn exchange(
+    backend: &Backend,
+    mut request: Request<Full<Bytes>>,
+) -> Result<(Response<Incoming>, Sender), Failed> {
+    loop {
+        let (mut sender, pooled) = match backend.checkout() {
+            Some(sender) => (sender, true),
+            None => (connect(backend).await?, false),
+        };
+        if sender.ready().await.is_err() {
+            if pooled {
+                continue;
+            }
+            return Err(Failed { not_sent: true, message: format!("the connection to {} closed", backend.addr) });
+        }
+        match sender.try_send_request(request).await {
+            Ok(response) => return Ok((response, sender)),
+            Err(mut failed) => match failed.take_message() {
+                Some(unsent) if pooled => request = unsent,
+                unsent => {
+                    return Err(Failed { not_sent: unsent.is_some(), message: failed.into_error().to_string() });
+                }
+            },
+        }
+    }
+}
+
+async fn forward(backend: &Arc<Backend>, out: &Outgoing<'_>) -> Result<(Response<Incoming>, Sender), Failed> {
     let mut request = Request::new(Full::new(out.body.clone()));
     *request.method_mut() = out.method.clone();
-    *request.uri_mut() = hyper::Uri::from_parts(uri).map_err(|e| failed(format!("bad upstream uri: {e}")))?;
+    *request.uri_mut() = hyper::Uri::from(out.path.clone());
     *request.headers_mut() = out.headers.clone();
+    if !request.headers().contains_key(hyper::header::HOST)
+        && let Some(host) = &backend.host
+    {
+        request.headers_mut().insert(hyper::header::HOST, host.clone());
+    }
     backend.in_flight.fetch_add(1, Ordering::SeqCst);
     let started = Instant::now();
-    let result = match tokio::time::timeout(UPSTREAM_TIMEOUT, client.request(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) => Err(Failed { not_sent: e.is_connect(), message: e.to_string() }),
-        Err(_) => Err(failed("the upstream timed out".to_owned())),
+    let result = match tokio::time::timeout(UPSTREAM_TIMEOUT, exchange(backend, request)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failed { not_sent: false, message: "the upstream timed out".to_owned() }),
     };
-    let error = result.as_ref().map_or(true, |r| r.status().is_server_error());
+    let error = result.as_ref().map_or(true, |(r, _)| r.status().is_server_error());
     backend.record(started.elapsed(), error);
     if result.is_err() {
         backend.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -318,10 +548,24 @@ async fn forward(
     result
 }
 
+/// The client of a connection: its address, and its IP as an `X-Forwarded-For`.
+struct Peer {
+    addr: SocketAddr,
+    ip: Option<HeaderValue>,
+}
+
 /// Passes an upgraded connection (WebSocket) through, byte for byte, once both sides agreed.
-fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, backend: Arc<Backend>) {
+fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    sender: Sender,
+    backend: Arc<Backend>,
+) {
     tokio::spawn(async move {
-        if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+        let upgraded = tokio::join!(client, upstream);
+        // The upstream connection is handed over once upgraded; kept until then.
+        drop(sender);
+        if let (Ok(client), Ok(upstream)) = upgraded {
             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
         }
         backend.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -330,7 +574,7 @@ fn splice(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade
 
 /// Hands the upstream's response to the client: an upgrade is spliced, a body streams.
 fn relay(
-    mut response: Response<Incoming>,
+    (mut response, sender): (Response<Incoming>, Sender),
     backend: Arc<Backend>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     busy: Busy,
@@ -339,18 +583,25 @@ fn relay(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        splice(client_upgrade, upstream_upgrade, backend);
+        splice(client_upgrade, upstream_upgrade, sender, backend);
         let (parts, _) = response.into_parts();
-        return Response::from_parts(parts, Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+        return Response::from_parts(parts, ProxyBody::full(Bytes::new()));
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, Tracked { inner: body, backend, _busy: busy }.boxed())
+    Response::from_parts(
+        parts,
+        ProxyBody::Tracked(Tracked { inner: body, backend, sender: Some(sender), ended: false, _busy: busy }),
+    )
 }
 
 /// Removes hop-by-hop headers, and those the `Connection` header names. `upgrade` keeps the
 /// two headers that ask for an upgrade.
 fn strip_hop_by_hop(headers: &mut hyper::HeaderMap, upgrade: bool) {
+    // Most messages have none: one pass over their few names, no lookups.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()
@@ -362,18 +613,17 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        if !(upgrade && matches!(*name, "connection" | "upgrade")) {
-            headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        if !(upgrade && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE)) {
+            headers.remove(name);
         }
     }
 }
 
 async fn handle(
     request: Request<Incoming>,
-    peer: SocketAddr,
+    peer: Arc<Peer>,
     route: Arc<Route>,
-    client: HttpClient,
     connection: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<Response<ProxyBody>, std::convert::Infallible> {
     let (mut parts, body) = request.into_parts();
@@ -404,14 +654,14 @@ async fn handle(
         headers.insert(hyper::header::HOST, host);
     }
     strip_hop_by_hop(&mut headers, upgrade);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", peer.addr.ip())).ok(),
+        None => peer.ip.clone(),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), value);
+    if let Some(value) = forwarded_for {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     let out = Outgoing { method: &parts.method, path: &path, headers: &headers, body: &body };
     let idempotent =
@@ -422,12 +672,12 @@ async fn handle(
         response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("5"));
         return Ok(response);
     };
-    let (backend, result) = match forward(&client, &first, &out).await {
+    let (backend, result) = match forward(&first, &out).await {
         // Safe to send once more, elsewhere when possible: an idempotent request, or any
         // request that never reached its upstream (a connect error).
         Err(Failed { not_sent, message }) if idempotent || not_sent => {
             let second = route.pick(Some(&first.addr)).unwrap_or(first);
-            let result = forward(&client, &second, &out).await.map_err(|again| Failed {
+            let result = forward(&second, &out).await.map_err(|again| Failed {
                 not_sent: again.not_sent,
                 message: format!("{message}; then {}", again.message),
             });
@@ -444,15 +694,29 @@ async fn handle(
 impl Proxy {
     pub(crate) fn new() -> std::io::Result<Proxy> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .enable_all()
             .thread_name("upshift-proxy")
             .build()?;
-        let client = {
-            let _guard = runtime.enter();
-            Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(10)).build_http()
-        };
-        Ok(Proxy { runtime, gate: Gate::new(), routes: Mutex::new(HashMap::new()), client, metrics: Mutex::new(None) })
+        let count = std::thread::available_parallelism().map_or(1, std::num::NonZero::get).min(MOST_WORKERS);
+        let workers: Arc<[Worker]> = (0..count).map(Worker::start).collect::<std::io::Result<_>>()?;
+        let routes: Arc<Mutex<HashMap<String, Arc<Route>>>> = Arc::default();
+        let ticking = Arc::downgrade(&routes);
+        runtime.spawn(async move {
+            let mut ticks = tokio::time::interval(TICK);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let Some(routes) = ticking.upgrade() else { return };
+                let routes: Vec<Arc<Route>> = routes.lock().expect("routes lock").values().map(Arc::clone).collect();
+                for route in routes {
+                    for backend in route.current().iter() {
+                        backend.tick();
+                    }
+                }
+            }
+        });
+        Ok(Proxy { runtime, workers, gate: Gate::new(), routes, metrics: Mutex::new(None) })
     }
 
     /// Serves `GET /metrics` on `listen` with what `render` says; a second call with the same
@@ -491,8 +755,7 @@ impl Proxy {
                                 ));
                             }
                             let text = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
-                            let mut response =
-                                Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+                            let mut response = Response::new(ProxyBody::full(text));
                             response.headers_mut().insert(
                                 hyper::header::CONTENT_TYPE,
                                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -522,7 +785,7 @@ impl Proxy {
             next: AtomicU64::new(0),
         });
         let accepting = Arc::clone(&route);
-        let client = self.client.clone();
+        let workers = Arc::clone(&self.workers);
         let gate = Arc::clone(&self.gate);
         let listen = listen.to_owned();
         self.runtime.spawn(async move {
@@ -547,12 +810,19 @@ impl Proxy {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
+                // The worker with the fewest connections serves this one, to its end.
+                let Ok(stream) = stream.into_std() else { continue };
+                let worker = workers.iter().min_by_key(|w| w.connections.load(Ordering::Relaxed)).expect("a worker");
+                worker.connections.fetch_add(1, Ordering::Relaxed);
+                let counted = Served(Arc::clone(&worker.connections));
                 let route = Arc::clone(&accepting);
-                let client = client.clone();
-                tokio::spawn(async move {
+                worker.handle.spawn(async move {
+                    let _counted = counted;
+                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
                     let busy = Arc::clone(&ticket.busy);
+                    let peer = Arc::new(Peer { addr: peer, ip: HeaderValue::from_str(&peer.ip().to_string()).ok() });
                     let service = hyper::service::service_fn(move |request| {
-                        handle(request, peer, Arc::clone(&route), client.clone(), Arc::clone(&busy))
+                        handle(request, Arc::clone(&peer), Arc::clone(&route), Arc::clone(&busy))
                     });
                     // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c).
                     let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -604,10 +874,10 @@ impl Proxy {
                 // Kept: its totals carry on, its weight may change, its window opens anew.
                 Some(kept) => {
                     kept.weight.store(upstream.weight, Ordering::Relaxed);
-                    *kept.window.lock().expect("window lock") = Measured::new();
+                    *kept.window.lock().expect("window lock") = Opened::new(kept.histogram.counts());
                     Arc::clone(kept)
                 }
-                None => Arc::new(Backend::new(upstream)),
+                None => Arc::new(Backend::new(upstream, self.workers.len())),
             })
             .collect();
         let leaving: Vec<Arc<Backend>> =
@@ -794,5 +1064,98 @@ mod tests {
             (status.upstreams.len(), status.upstreams[0].requests, status.upstreams[0].window.requests),
             (1, 10, 0)
         );
+    }
+
+    /// Reads one request head from `reader`; None at the end of the stream.
+    fn read_head(reader: &mut BufReader<TcpStream>) -> Option<Vec<String>> {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line.trim().is_empty() {
+                return Some(head);
+            }
+            head.push(line.trim().to_ascii_lowercase());
+        }
+    }
+
+    /// Sends `request` on `client` and reads the answer's status line and body (which has
+    /// a `Content-Length`).
+    fn ask(client: &mut BufReader<TcpStream>, request: &str) -> (String, String) {
+        client.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut status = String::new();
+        client.read_line(&mut status).unwrap();
+        let head = read_head(client).unwrap();
+        let length: usize = head.iter().find_map(|h| h.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+        let mut body = vec![0; length];
+        client.read_exact(&mut body).unwrap();
+        (status.trim().to_owned(), String::from_utf8(body).unwrap())
+    }
+
+    #[test]
+    fn upstream_connections_are_kept_alive_and_a_closed_one_is_replaced() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = listener.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            // The first connection answers two requests, then the upstream closes it.
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            for answer in ["one", "two"] {
+                read_head(&mut reader).unwrap();
+                write!(reader.get_mut(), "HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{answer}").unwrap();
+            }
+            drop(reader);
+            drop(stream);
+            // A POST after that goes on a new connection, not a failure.
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let head = read_head(&mut reader).unwrap();
+            assert!(head[0].starts_with("post /three"), "{head:?}");
+            let mut body = [0; 2];
+            reader.read_exact(&mut body).unwrap();
+            reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree").unwrap();
+            read_head(&mut reader);
+        });
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        proxy.route("api", &listen, &[to(&backend, "1.0.0", 1)], Duration::ZERO).unwrap();
+        let mut client = BufReader::new(TcpStream::connect(&listen).unwrap());
+        client.get_ref().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(ask(&mut client, "GET /one HTTP/1.1\r\nHost: x\r\n\r\n").1, "one");
+        assert_eq!(ask(&mut client, "GET /two HTTP/1.1\r\nHost: x\r\n\r\n").1, "two");
+        std::thread::sleep(Duration::from_millis(100));
+        let three = ask(&mut client, "POST /three HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi");
+        assert_eq!(three, ("HTTP/1.1 200 OK".to_owned(), "three".to_owned()));
+        let status = &proxy.status()["api"];
+        assert_eq!((status.upstreams[0].requests, status.upstreams[0].errors), (3, 0));
+    }
+
+    #[test]
+    fn the_p99_is_read_over_the_latest_requests_of_the_window() {
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        proxy.route("api", &listen, &[to(&free_port(), "1.0.0", 1)], Duration::ZERO).unwrap();
+        let route = Arc::clone(&proxy.routes.lock().unwrap()["api"]);
+        let backend = Arc::clone(&route.current()[0]);
+        for _ in 0..5000 {
+            backend.record(Duration::from_millis(10), false);
+        }
+        assert!((proxy.status()["api"].versions[0].window.p99_ms.unwrap() - 10.0).abs() < 0.5);
+        backend.tick();
+        for _ in 0..5000 {
+            backend.record(Duration::from_millis(1), false);
+        }
+        // 5000 requests since the mark: the slow ones before it are out of the p99.
+        let window = &proxy.status()["api"].versions[0].window;
+        assert_eq!(window.requests, 10_000);
+        assert!((window.p99_ms.unwrap() - 1.0).abs() < 0.1, "{window:?}");
+        // A new route opens a new window: its baseline is the counts then.
+        proxy.route("api", &listen, &[to(&backend.addr, "1.0.0", 1)], Duration::ZERO).unwrap();
+        let upstream = &proxy.status()["api"].upstreams[0];
+        assert_eq!((upstream.requests, upstream.window.requests, upstream.window.p99_ms), (10_000, 0, None));
+        let latencies = upstream.latencies.as_ref().unwrap();
+        assert_eq!(latencies.counts[1], 5000, "{latencies:?}");
     }
 }

@@ -391,6 +391,7 @@ mod tests {
                         errors: 0,
                         in_flight: 0,
                         window: Window::default(),
+                        latencies: None,
                     })
                     .collect(),
                 versions: Vec::new(),
