@@ -137,13 +137,88 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-fn compress_into<W: Write>(source: &mut dyn Read, output: W, codec: &Codec) -> io::Result<W> {
+type Hashing = HashingWriter<BufWriter<File>>;
+
+/// zstd (and, with recipients, age) on the way to the file.
+enum Encoder {
+    Plain(zstd::Encoder<'static, Hashing>),
+    Sealed(zstd::Encoder<'static, age::stream::StreamWriter<Hashing>>),
+}
+
+/// An artifact being written: bytes go in as they come and are compressed (and encrypted)
+/// on the way to the file; [`Writer::finish`] fsyncs it and returns its entry.
+pub(crate) struct Writer {
+    encoder: Encoder,
+    path: std::path::PathBuf,
+    relative: String,
+}
+
+fn zstd_encoder<W: Write>(output: W, codec: &Codec) -> io::Result<zstd::Encoder<'static, W>> {
     let mut encoder = zstd::Encoder::new(output, codec.level)?;
     if codec.threads > 1 {
         encoder.multithread(codec.threads)?;
     }
-    io::copy(&mut Metered { inner: source, progress: codec.progress.as_deref() }, &mut encoder)?;
-    encoder.finish()
+    Ok(encoder)
+}
+
+impl Writer {
+    /// Creates `backup_dir/relative` (plus `.age` when encrypted), mode 0600.
+    pub(crate) fn create(backup_dir: &Path, relative: &str, codec: &Codec) -> Result<Writer, Error> {
+        let relative = if codec.recipients.is_empty() { relative.to_owned() } else { format!("{relative}{AGE}") };
+        let path = backup_dir.join(&relative);
+        if let Some(parent) = path.parent() {
+            private_dir(parent)?;
+        }
+        let file = private_file(&path)?;
+        let hashing = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
+        let encoder = if codec.recipients.is_empty() {
+            zstd_encoder(hashing, codec).map(Encoder::Plain)
+        } else {
+            let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
+            age::Encryptor::with_recipients(recipients)
+                .map_err(io::Error::other)
+                .and_then(|encryptor| encryptor.wrap_output(hashing))
+                .and_then(|sealed| zstd_encoder(sealed, codec))
+                .map(Encoder::Sealed)
+        };
+        let encoder = encoder.map_err(Error::io("write", &path))?;
+        Ok(Writer { encoder, path, relative })
+    }
+
+    /// Ends the streams, fsyncs the file and returns its entry.
+    pub(crate) fn finish(self) -> Result<FileEntry, Error> {
+        let path = self.path;
+        let hashing = match self.encoder {
+            Encoder::Plain(encoder) => encoder.finish(),
+            Encoder::Sealed(encoder) => encoder.finish().and_then(age::stream::StreamWriter::finish),
+        };
+        let mut hashing = hashing.map_err(Error::io("write", &path))?;
+        hashing.flush().map_err(Error::io("write", &path))?;
+        let file = hashing.inner.into_inner().map_err(|e| Error::io("write", &path)(e.into_error()))?;
+        file.sync_all().map_err(Error::io("fsync", &path))?;
+        Ok(FileEntry { path: self.relative, size: hashing.size, sha256: hex(&hashing.hasher.finalize()) })
+    }
+
+    /// Where the file is, for error messages.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.encoder {
+            Encoder::Plain(encoder) => encoder.write(buf),
+            Encoder::Sealed(encoder) => encoder.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.encoder {
+            Encoder::Plain(encoder) => encoder.flush(),
+            Encoder::Sealed(encoder) => encoder.flush(),
+        }
+    }
 }
 
 /// Compresses (and, with recipients, encrypts) everything `source` yields into
@@ -155,29 +230,10 @@ pub(crate) fn write_compressed(
     relative: &str,
     codec: &Codec,
 ) -> Result<FileEntry, Error> {
-    let relative = if codec.recipients.is_empty() { relative.to_owned() } else { format!("{relative}{AGE}") };
-    let path = backup_dir.join(&relative);
-    if let Some(parent) = path.parent() {
-        private_dir(parent)?;
-    }
-    let file = private_file(&path)?;
-    let hashing = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), size: 0 };
-    let write_error = Error::io("write", &path);
-    let result = (|| -> io::Result<HashingWriter<BufWriter<File>>> {
-        let mut hashing = if codec.recipients.is_empty() {
-            compress_into(source, hashing, codec)?
-        } else {
-            let recipients = codec.recipients.iter().map(|r| r as &dyn age::Recipient);
-            let encryptor = age::Encryptor::with_recipients(recipients).map_err(io::Error::other)?;
-            compress_into(source, encryptor.wrap_output(hashing)?, codec)?.finish()?
-        };
-        hashing.flush()?;
-        Ok(hashing)
-    })();
-    let hashing = result.map_err(write_error)?;
-    let file = hashing.inner.into_inner().map_err(|e| Error::io("write", &path)(e.into_error()))?;
-    file.sync_all().map_err(Error::io("fsync", &path))?;
-    Ok(FileEntry { path: relative, size: hashing.size, sha256: hex(&hashing.hasher.finalize()) })
+    let mut writer = Writer::create(backup_dir, relative, codec)?;
+    io::copy(&mut Metered { inner: source, progress: codec.progress.as_deref() }, &mut writer)
+        .map_err(Error::io("write", writer.path()))?;
+    writer.finish()
 }
 
 /// Reads a file and checks its size and sha256 against `entry`.

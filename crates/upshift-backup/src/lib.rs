@@ -3,6 +3,7 @@
 
 pub mod artifact;
 mod error;
+mod follow;
 pub mod manifest;
 mod paths;
 mod postgres;
@@ -195,8 +196,8 @@ pub fn verify(
                 }
             }
             EngineKind::Postgres => {
-                let unpacked =
-                    postgres::unpack(&dir, manifest.database_files(), store.dir(), identities).map_err(corrupt)?;
+                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir(), identities, None)
+                    .map_err(corrupt)?;
                 postgres::read_whole(&unpacked, info.server_major.unwrap_or(0))
                     .map_err(|e| corrupt(format!("pg_restore cannot read the whole dump: {e}")))?;
                 if deep {
@@ -298,8 +299,14 @@ pub fn restore(store: &Store, id: &str, options: &RestoreOptions<'_>) -> Result<
             }
             (EngineKind::Postgres, DatabaseUrl::Postgres { config, .. }) => {
                 let checked = postgres::check_target(config, info, options.force)?;
-                let unpacked = postgres::unpack(&dir, manifest.database_files(), store.dir(), options.identities)
-                    .map_err(corrupt)?;
+                let unpacked = postgres::unpack(
+                    &dir,
+                    manifest.database_files(),
+                    store.dir(),
+                    options.identities,
+                    Some(postgres::STREAM_OVER),
+                )
+                .map_err(corrupt)?;
                 postgres::restore(&unpacked, &checked, &Codec::default())?;
             }
             (engine, _) => {

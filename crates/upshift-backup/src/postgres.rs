@@ -1,13 +1,17 @@
 //! PostgreSQL: `pg_dump --format=directory --jobs=N --compress=0` from an exported snapshot,
-//! every file then compressed with multi-threaded zstd; restored by `pg_restore
-//! --exit-on-error --jobs=N` into a scratch database that is renamed over the target only
-//! when the restore succeeded, so a failed or killed restore leaves the target as it was.
+//! each file compressed with multi-threaded zstd while `pg_dump` writes it (see [`follow`]);
+//! restored into a scratch database that is renamed over the target only when the restore
+//! succeeded, so a failed or killed restore leaves the target as it was. A restore runs
+//! `pg_restore --exit-on-error --jobs=N` section by section, and streams each big table's
+//! data from the backup through N sessions of its own: one table's COPY is most of a
+//! restore's time, and `pg_restore` gives it one session.
 //!
 //! Every child process's exit status is checked directly (no shell pipes). The password
 //! reaches the tools through `PGPASSWORD` in their environment, never their arguments.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -17,6 +21,7 @@ use upshift_postgres::Config;
 
 use crate::artifact::{self, Codec, FileEntry, Identities};
 use crate::error::Error;
+use crate::follow;
 use crate::manifest::{DatabaseInfo, EngineKind, Extension};
 
 /// Where the dump's files go inside a backup.
@@ -173,8 +178,8 @@ fn run(command: Command, tool: &str) -> Result<Output, Error> {
     finish(spawn(command, tool)?, tool)
 }
 
-fn jobs(codec: &Codec) -> String {
-    codec.threads.max(1).to_string()
+fn jobs(codec: &Codec) -> usize {
+    codec.threads.max(1) as usize
 }
 
 /// Rows per table, as the given transaction sees them.
@@ -218,7 +223,12 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
     let snapshot: String =
         snapshot_tx.query_one("SELECT pg_export_snapshot()", &[]).map_err(pg_error("export a snapshot"))?.get(0);
 
+    // pg_dump writes into `.raw` while the follower compresses each file as it grows and
+    // removes it once pg_dump has closed it: compression overlaps the dump, and the
+    // uncompressed dump never piles up on disk.
     let raw = dir.join(".raw");
+    artifact::private_dir(&raw)?;
+    let watch = follow::Watch::new(&raw).map_err(Error::io("watch", &raw))?;
     let mut pg_dump = tools.command("pg_dump", config, &database);
     pg_dump
         .args(["--format=directory", "--compress=0", "--no-password"])
@@ -227,39 +237,33 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
         .arg("--file")
         .arg(&raw)
         .stdout(Stdio::null());
-    codec.phase("dumping with pg_dump", None);
+    codec.phase("dumping with pg_dump and compressing", None);
     let dumping = spawn(pg_dump, "pg_dump")?;
-    // While pg_dump reads the snapshot, count its rows in the same snapshot. If counting
-    // fails, pg_dump is still waited for (and its folder removed with the partial backup).
-    let counted = row_counts(&mut snapshot_tx).and_then(|counts| {
-        let extensions = snapshot_tx
-            .query("SELECT extname, extversion FROM pg_extension ORDER BY 1", &[])
-            .map_err(pg_error("list extensions"))?
-            .iter()
-            .map(|row| Extension { name: row.get(0), version: row.get(1) })
-            .collect::<Vec<_>>();
-        Ok((counts, extensions))
+    let exited = std::sync::atomic::AtomicBool::new(false);
+    let (dumped, counted, followed) = std::thread::scope(|scope| {
+        let follower = scope.spawn(|| follow::compress(&raw, dir, DB_DIR, codec, &watch, &exited));
+        // While pg_dump reads the snapshot, count its rows in the same snapshot. If counting
+        // fails, pg_dump is still waited for (and its folder removed with the partial backup).
+        let counted = row_counts(&mut snapshot_tx).and_then(|counts| {
+            let extensions = snapshot_tx
+                .query("SELECT extname, extversion FROM pg_extension ORDER BY 1", &[])
+                .map_err(pg_error("list extensions"))?
+                .iter()
+                .map(|row| Extension { name: row.get(0), version: row.get(1) })
+                .collect::<Vec<_>>();
+            Ok((counts, extensions))
+        });
+        let dumped = finish(dumping, "pg_dump");
+        exited.store(true, std::sync::atomic::Ordering::Release);
+        let compressed = follower.join().unwrap_or_else(|_| {
+            Err(Error::Tool { program: "upshift".into(), message: "the compressing thread panicked".into() })
+        });
+        (dumped, counted, compressed)
     });
-    let dumped = finish(dumping, "pg_dump");
     let (row_counts, extensions) = counted?;
     dumped?;
+    let mut files = followed?;
     snapshot_tx.commit().map_err(pg_error("close the snapshot"))?;
-
-    let mut names: Vec<String> = fs::read_dir(&raw)
-        .map_err(Error::io("read", &raw))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    let total = names.iter().filter_map(|n| fs::metadata(raw.join(n)).ok()).map(|m| m.len()).sum();
-    codec.phase("compressing", Some(total));
-    let mut files = Vec::with_capacity(names.len() + 1);
-    for name in names {
-        let path = raw.join(&name);
-        let mut file = File::open(&path).map_err(Error::io("read", &path))?;
-        files.push(artifact::write_compressed(&mut file, dir, &format!("{DB_DIR}/{name}.zst"), codec)?);
-        fs::remove_file(&path).map_err(Error::io("remove", &path))?;
-    }
     fs::remove_dir(&raw).map_err(Error::io("remove", &raw))?;
 
     // Roles, when the user may read them (no password hashes: they are secrets).
@@ -286,35 +290,68 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
     Ok((files, info))
 }
 
-/// The dump decompressed into a temp folder, in `pg_dump`'s directory format.
-pub(crate) struct Unpacked {
+/// Table data files at least this big (compressed) are not unpacked for a restore: they are
+/// streamed from the backup into the database by several sessions at once.
+pub(crate) const STREAM_OVER: u64 = 16 << 20;
+
+/// The dump in `pg_dump`'s directory format in a temp folder: `toc.dat` and the data files,
+/// less the ones left in the backup to be streamed.
+pub(crate) struct Unpacked<'a> {
     folder: tempfile::TempDir,
+    backup_dir: PathBuf,
+    identities: Option<&'a Identities>,
+    /// Data files left in the backup: their name in the dump, and their entry.
+    streamed: Vec<(String, FileEntry)>,
 }
 
-/// Decompresses the dump's files into a temp folder inside `near` (the backup store).
+/// Decompresses the dump's files into a temp folder inside `near` (the backup store), except
+/// numbered data files of `stream_over` bytes or more, when given.
 pub(crate) fn unpack<'a>(
     backup_dir: &Path,
     files: impl Iterator<Item = &'a FileEntry>,
     near: &Path,
-    identities: Option<&Identities>,
-) -> Result<Unpacked, String> {
+    identities: Option<&'a Identities>,
+    stream_over: Option<u64>,
+) -> Result<Unpacked<'a>, String> {
     let folder = tempfile::Builder::new()
         .prefix(".unpacked-")
         .tempdir_in(near)
         .map_err(|e| format!("could not make a temp folder in {}: {e}", near.display()))?;
+    let mut unpacked = Unpacked { folder, backup_dir: backup_dir.to_owned(), identities, streamed: Vec::new() };
     for entry in files {
         // db/<name>.zst or db/<name>.zst.age -> <name>, as pg_restore expects.
         let name = entry.path.strip_prefix(&format!("{DB_DIR}/")).unwrap_or(&entry.path);
         let name = name.strip_suffix(".age").unwrap_or(name);
         let name = name.strip_suffix(".zst").unwrap_or(name);
-        artifact::decompress_to_file(backup_dir, entry, identities, &folder.path().join(name))?;
+        let numbered = name.strip_suffix(".dat").is_some_and(|id| id.bytes().all(|b| b.is_ascii_digit()));
+        if numbered && stream_over.is_some_and(|over| entry.size >= over) {
+            unpacked.streamed.push((name.to_owned(), entry.clone()));
+        } else {
+            unpacked.decompress(entry, name)?;
+        }
     }
-    Ok(Unpacked { folder })
+    Ok(unpacked)
+}
+
+impl Unpacked<'_> {
+    /// Decodes an entry into the folder as `name`. A temp file: not fsynced.
+    fn decompress(&self, entry: &FileEntry, name: &str) -> Result<(), String> {
+        let dest = self.folder.path().join(name);
+        let file = File::create(&dest).map_err(|e| format!("could not create {}: {e}", dest.display()))?;
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
+        artifact::decompress(&self.backup_dir, entry, self.identities, &mut writer)?;
+        writer.flush().map_err(|e| format!("could not write {}: {e}", dest.display()))
+    }
+
+    fn corrupt(&self, message: String) -> Error {
+        let id = self.backup_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Error::Corrupt { id, message }
+    }
 }
 
 /// Reads the whole dump with `pg_restore -f /dev/null`, which fails on a truncated or
 /// damaged archive (unlike `pg_restore --list`, which only reads the table of contents).
-pub(crate) fn read_whole(unpacked: &Unpacked, dump_major: u32) -> Result<(), Error> {
+pub(crate) fn read_whole(unpacked: &Unpacked<'_>, dump_major: u32) -> Result<(), Error> {
     let tools = Tools::find(dump_major)?;
     let mut command = Command::new(tools.bindir.join("pg_restore"));
     command.args(["--file=/dev/null"]).arg(unpacked.folder.path()).stdin(Stdio::null()).stdout(Stdio::null());
@@ -356,10 +393,10 @@ fn derived_name(base: &str, suffix: &str) -> String {
 fn restore_into(
     maintenance: &mut Client,
     config: &Config,
-    unpacked: &Unpacked,
+    unpacked: &Unpacked<'_>,
     name: &str,
     tools: &Tools,
-    jobs: &str,
+    jobs: usize,
 ) -> Result<(), Error> {
     // Two statements, two queries: CREATE DATABASE cannot run in the implicit transaction
     // of a multi-statement query.
@@ -369,6 +406,26 @@ fn restore_into(
     maintenance
         .batch_execute(&format!("CREATE DATABASE {} TEMPLATE template0", quote(name)))
         .map_err(pg_error(format!("create the scratch database {name}")))?;
+    let result = if unpacked.streamed.is_empty() {
+        run(pg_restore(tools, config, unpacked, name, jobs, &[]), "pg_restore").map(drop)
+    } else {
+        restore_in_sections(config, unpacked, name, tools, jobs)
+    };
+    if result.is_err() {
+        let _ = maintenance.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(name)));
+    }
+    result
+}
+
+/// `pg_restore --exit-on-error --jobs=N` of the unpacked dump into database `name`.
+fn pg_restore(
+    tools: &Tools,
+    config: &Config,
+    unpacked: &Unpacked<'_>,
+    name: &str,
+    jobs: usize,
+    args: &[&str],
+) -> Command {
     let mut pg_restore = tools.command("pg_restore", config, name);
     // Safe for a database nobody uses yet: it is swapped in by a rename whose commit is
     // synchronous, and WAL is flushed in order, so everything restored before it is on disk
@@ -379,13 +436,184 @@ fn restore_into(
         .args(["--exit-on-error", "--no-password"])
         .arg(format!("--jobs={jobs}"))
         .arg(format!("--dbname={name}"))
+        .args(args)
         .arg(unpacked.folder.path())
         .stdout(Stdio::null());
-    let result = run(pg_restore, "pg_restore");
-    if result.is_err() {
-        let _ = maintenance.batch_execute(&format!("DROP DATABASE IF EXISTS {}", quote(name)));
+    pg_restore
+}
+
+/// The restore in `pg_dump`'s three sections: the schema; then the data, the big tables
+/// streamed from the backup by `jobs` sessions each while `pg_restore` loads the others; then
+/// indexes and constraints. What `pg_restore` alone cannot do is load one table through
+/// several sessions, and one big table is most of a restore's time.
+fn restore_in_sections(
+    config: &Config,
+    unpacked: &Unpacked<'_>,
+    name: &str,
+    tools: &Tools,
+    jobs: usize,
+) -> Result<(), Error> {
+    let folder = unpacked.folder.path();
+    let mut list = Command::new(tools.bindir.join("pg_restore"));
+    list.arg("--list").arg(folder).stdin(Stdio::null()).stdout(Stdio::piped());
+    let list = String::from_utf8_lossy(&run(list, "pg_restore")?.stdout).into_owned();
+
+    // Each streamed file is a table's data with a COPY statement, or it is unpacked after all.
+    let mut streamed = Vec::new();
+    let mut skipped = HashSet::new();
+    for (file, entry) in &unpacked.streamed {
+        let id = file.strip_suffix(".dat").unwrap_or(file);
+        let line = list.lines().find(|l| l.split(';').next() == Some(id) && l.contains(" TABLE DATA "));
+        match line.map(|line| copy_statement(tools, folder, file, line)).transpose()?.flatten() {
+            Some(statement) => {
+                streamed.push((entry, statement));
+                skipped.insert(id);
+            }
+            None => unpacked.decompress(entry, file).map_err(|m| unpacked.corrupt(m))?,
+        }
     }
-    result.map(drop)
+    let rest: String = list
+        .lines()
+        .map(|line| {
+            if skipped.contains(line.split(';').next().unwrap_or("")) {
+                format!(";{line}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    let rest_path = folder.join("upshift-data.list");
+    fs::write(&rest_path, rest).map_err(Error::io("write", &rest_path))?;
+    let rest_arg = format!("--use-list={}", rest_path.display());
+
+    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=pre-data"]), "pg_restore")?;
+    let others = spawn(pg_restore(tools, config, unpacked, name, jobs, &["--section=data", &rest_arg]), "pg_restore")?;
+    let loaded = streamed.iter().try_for_each(|(entry, statement)| {
+        let source = artifact::open_decoded(&unpacked.backup_dir, entry, unpacked.identities)
+            .map_err(|m| unpacked.corrupt(m))?;
+        copy_in(config, name, statement, source, jobs).map_err(|e| match e {
+            Loading::Source(e) => unpacked.corrupt(format!("{} does not decode: {e}", entry.path)),
+            Loading::Database(e) => e,
+        })
+    });
+    let others = finish(others, "pg_restore");
+    loaded?;
+    others?;
+    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=post-data"]), "pg_restore").map(drop)
+}
+
+/// The `COPY ... FROM stdin;` that `pg_restore` would send for TOC entry `line`, read from a
+/// script of that entry alone made against an empty data file.
+fn copy_statement(tools: &Tools, folder: &Path, file: &str, line: &str) -> Result<Option<String>, Error> {
+    let empty = folder.join(file);
+    File::create(&empty).map_err(Error::io("create", &empty))?;
+    let one = folder.join("upshift-one.list");
+    fs::write(&one, format!("{line}\n")).map_err(Error::io("write", &one))?;
+    let mut script = Command::new(tools.bindir.join("pg_restore"));
+    script.args(["--file=-"]).arg(format!("--use-list={}", one.display())).arg(folder);
+    script.stdin(Stdio::null()).stdout(Stdio::piped());
+    let output = run(script, "pg_restore")?;
+    fs::remove_file(&empty).map_err(Error::io("remove", &empty))?;
+    let script = String::from_utf8_lossy(&output.stdout);
+    Ok(script.lines().find(|l| l.starts_with("COPY ") && l.ends_with(" FROM stdin;")).map(str::to_owned))
+}
+
+/// Why streaming a table's data failed.
+enum Loading {
+    Source(std::io::Error),
+    Database(Error),
+}
+
+/// What `pg_dump` writes after a table's rows: the end-of-data line and two blank lines.
+const END_OF_DATA: &[u8] = b"\\.\n\n\n";
+/// Bytes of rows handed to a session at a time.
+const CHUNK: usize = 1 << 20;
+
+/// Loads one table's COPY data (`pg_dump`'s text format: one row per line, newlines inside
+/// values escaped) from `source` through `sessions` connections at once, each running
+/// `statement` and fed whole lines. `pg_dump`'s end-of-data line is dropped.
+fn copy_in(
+    config: &Config,
+    database: &str,
+    statement: &str,
+    mut source: Box<dyn Read>,
+    sessions: usize,
+) -> Result<(), Loading> {
+    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(2 * sessions);
+    let receive = std::sync::Mutex::new(receive);
+    std::thread::scope(|scope| {
+        let loaders: Vec<_> = (0..sessions.max(1))
+            .map(|_| {
+                scope.spawn(|| -> Result<(), Error> {
+                    let mut config = config.clone();
+                    config.application_name("upshift load");
+                    let mut client = connect(&config, Some(database))?;
+                    client
+                        .batch_execute("SET synchronous_commit = off")
+                        .map_err(pg_error("set up a loading session"))?;
+                    let mut writer = client.copy_in(statement).map_err(pg_error(format!("start {statement}")))?;
+                    loop {
+                        let chunk = receive.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
+                        let Ok(chunk) = chunk else { break };
+                        writer.write_all(&chunk).map_err(|e| Error::database(format!("load rows ({statement})"), e))?;
+                    }
+                    writer.finish().map_err(pg_error(format!("load rows ({statement})")))?;
+                    Ok(())
+                })
+            })
+            .collect();
+        let read = split_lines(&mut source, |chunk| send.send(chunk).is_ok());
+        drop(send);
+        let loaded = loaders
+            .into_iter()
+            .map(|loader| {
+                loader.join().unwrap_or_else(|_| {
+                    Err(Error::Tool { program: "upshift".into(), message: "a loading session panicked".into() })
+                })
+            })
+            .collect::<Result<Vec<()>, Error>>();
+        loaded.map_err(Loading::Database)?;
+        read.map_err(Loading::Source)
+    })
+}
+
+/// Reads `source` to its end in chunks of whole lines, holding the last one back to drop
+/// `pg_dump`'s end-of-data marker, and hands each to `deliver` until it returns false.
+fn split_lines(source: &mut dyn Read, mut deliver: impl FnMut(Vec<u8>) -> bool) -> std::io::Result<()> {
+    let mut pending: Vec<u8> = Vec::new();
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let mut chunk = std::mem::take(&mut carry);
+        chunk.reserve(CHUNK);
+        let filled = (&mut *source).take(CHUNK as u64).read_to_end(&mut chunk)?;
+        if filled == 0 {
+            pending.extend_from_slice(&chunk);
+            if pending.ends_with(END_OF_DATA)
+                && (pending.len() == END_OF_DATA.len() || pending[pending.len() - END_OF_DATA.len() - 1] == b'\n')
+            {
+                pending.truncate(pending.len() - END_OF_DATA.len());
+            }
+            if !pending.is_empty() {
+                deliver(pending);
+            }
+            return Ok(());
+        }
+        match chunk.iter().rposition(|&b| b == b'\n') {
+            Some(end) => {
+                carry = chunk.split_off(end + 1);
+                // A short tail joins the held chunk, which then holds the marker whole.
+                if chunk.len() <= END_OF_DATA.len() {
+                    pending.extend_from_slice(&chunk);
+                    continue;
+                }
+                let previous = std::mem::replace(&mut pending, chunk);
+                if !previous.is_empty() && !deliver(previous) {
+                    return Ok(());
+                }
+            }
+            None => carry = chunk,
+        }
+    }
 }
 
 /// A restore target that passed its checks.
@@ -423,11 +651,11 @@ fn maintenance(config: &Config) -> Result<Client, Error> {
 
 /// Restores the unpacked dump over the target database: into a scratch database first, then
 /// swapped in by two renames. Until the first rename the target is untouched.
-pub(crate) fn restore(unpacked: &Unpacked, target: &Target<'_>, codec: &Codec) -> Result<(), Error> {
+pub(crate) fn restore(unpacked: &Unpacked<'_>, target: &Target<'_>, codec: &Codec) -> Result<(), Error> {
     let name = &target.name;
     let mut maintenance = maintenance(target.config)?;
     let scratch = derived_name(name, "__upshift_restore");
-    restore_into(&mut maintenance, target.config, unpacked, &scratch, &target.tools, &jobs(codec))?;
+    restore_into(&mut maintenance, target.config, unpacked, &scratch, &target.tools, jobs(codec))?;
 
     let swap = |maintenance: &mut Client| -> Result<(), postgres::Error> {
         if target.exists {
@@ -453,7 +681,7 @@ pub(crate) fn restore(unpacked: &Unpacked, target: &Target<'_>, codec: &Codec) -
 /// Restores into a scratch database on the server of `config`, compares row counts with
 /// the ones recorded at backup time, and drops it. Returns the differences.
 pub(crate) fn deep_verify(
-    unpacked: &Unpacked,
+    unpacked: &Unpacked<'_>,
     info: &DatabaseInfo,
     config: &Config,
     id: &str,
@@ -467,8 +695,56 @@ pub(crate) fn deep_verify(
     }
     let tools = Tools::find(major)?;
     let scratch = derived_name(&format!("upshift_verify_{}", id.replace('-', "_")), "");
-    restore_into(&mut maintenance, config, unpacked, &scratch, &tools, &jobs(codec))?;
+    restore_into(&mut maintenance, config, unpacked, &scratch, &tools, jobs(codec))?;
     let counted = connect(config, Some(&scratch)).and_then(|mut client| row_counts(&mut client));
     let _ = maintenance.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote(&scratch)));
     Ok(crate::compare_counts(&info.row_counts, &counted?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(input: &[u8]) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        split_lines(&mut &input[..], |chunk| {
+            chunks.push(chunk);
+            true
+        })
+        .unwrap();
+        chunks
+    }
+
+    #[test]
+    fn rows_are_split_at_line_ends_and_the_end_of_data_line_is_dropped() {
+        let mut rows = Vec::new();
+        let mut i = 0u64;
+        while rows.len() < 3 * CHUNK {
+            rows.extend(format!("{i}\t{}\tsome\\nescaped text\n", i * 7919).as_bytes());
+            i += 1;
+        }
+        // A one-column table's empty string is an empty line: it is a row, and it stays.
+        rows.extend(b"\n");
+        let mut dump = rows.clone();
+        dump.extend(END_OF_DATA);
+        let chunks = split(&dump);
+        assert!(chunks.len() >= 3, "{} chunks", chunks.len());
+        assert!(chunks.iter().all(|c| c.ends_with(b"\n")));
+        assert!(chunks.concat() == rows);
+    }
+
+    #[test]
+    fn an_end_of_data_line_cut_by_a_chunk_boundary_is_dropped() {
+        let mut rows = vec![b'x'; CHUNK - 3];
+        rows[CHUNK - 4] = b'\n';
+        rows.push(b'\n');
+        rows.truncate(CHUNK - 3);
+        let mut dump = rows.clone();
+        dump.extend(END_OF_DATA);
+        assert_eq!(&dump[CHUNK - 3..CHUNK], b"\\.\n");
+        assert!(split(&dump).concat() == rows);
+        // Without the marker (no table rows at all, or another writer) nothing is dropped.
+        assert_eq!(split(b"a\n\\.x\n").concat(), b"a\n\\.x\n");
+        assert!(split(END_OF_DATA).is_empty());
+    }
 }

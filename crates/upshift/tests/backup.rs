@@ -413,6 +413,63 @@ fn postgres_encrypted_backup_round_trip() {
     assert_eq!(pg_fingerprint(&copy), before);
 }
 
+/// A table big enough to be streamed from the backup (over 16 MB compressed) is loaded by
+/// several sessions at once and comes back row for row, its index, foreign key and sequence
+/// with it.
+#[test]
+fn postgres_big_table_is_loaded_by_several_sessions() {
+    let ctx = Context::new();
+    let url = upshift_testing::fresh_database();
+    let name = upshift_testing::database_name(&url).to_owned();
+    pg_setup(&url, 3000);
+    upshift_testing::postgres()
+        .connect(&name)
+        .batch_execute(
+            "INSERT INTO notes (body) SELECT md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text)
+             FROM generate_series(1, 500000) g",
+        )
+        .unwrap();
+    let before = pg_fingerprint(&name);
+    let created = create(&ctx, &["--database-url", &url]);
+
+    let copy = format!("{name}_big");
+    let mut child = ctx
+        .command()
+        .args(["backup", "restore", &created.id, "--target-url", &upshift_testing::postgres().url(&copy)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = format!("{copy}__upshift_restore");
+    let mut most = 0;
+    while child.try_wait().unwrap().is_none() {
+        let loading: i64 = upshift_testing::postgres()
+            .connect("postgres")
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'upshift load'",
+                &[&scratch],
+            )
+            .unwrap()
+            .get(0);
+        most = most.max(loading);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(most >= 2, "at most {most} loading session(s) were seen");
+    assert_eq!(pg_fingerprint(&copy), before);
+    let mut restored = upshift_testing::postgres().connect(&copy);
+    let kept: i64 = restored
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'tags'::regclass AND contype = 'f' AND convalidated",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(kept, 1, "the foreign key was not restored");
+    assert!(restored.query_opt("SELECT 1 FROM pg_indexes WHERE indexname = 'tags_name'", &[]).unwrap().is_some());
+}
+
 /// kill -9 of the whole restore (`upshift` and its `pg_restore`) while `pg_restore` runs: the
 /// target is as it was, and the next restore succeeds.
 #[test]
