@@ -290,9 +290,10 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
     Ok((files, info))
 }
 
-/// Table data files at least this big (compressed) are not unpacked for a restore: they are
-/// streamed from the backup into the database by several sessions at once.
-pub(crate) const STREAM_OVER: u64 = 16 << 20;
+/// Table data files of at least this many bytes (before compression) are not unpacked for a
+/// restore: they are streamed from the backup into the database by several sessions at once.
+/// Below it, a table loads in a fraction of a second and a session more saves little.
+pub(crate) const STREAM_OVER: u64 = 32 << 20;
 
 /// The dump in `pg_dump`'s directory format in a temp folder: `toc.dat` and the data files,
 /// less the ones left in the backup to be streamed.
@@ -305,7 +306,7 @@ pub(crate) struct Unpacked<'a> {
 }
 
 /// Decompresses the dump's files into a temp folder inside `near` (the backup store), except
-/// numbered data files of `stream_over` bytes or more, when given.
+/// numbered data files of `stream_over` bytes or more (before compression), when given.
 pub(crate) fn unpack<'a>(
     backup_dir: &Path,
     files: impl Iterator<Item = &'a FileEntry>,
@@ -324,7 +325,9 @@ pub(crate) fn unpack<'a>(
         let name = name.strip_suffix(".age").unwrap_or(name);
         let name = name.strip_suffix(".zst").unwrap_or(name);
         let numbered = name.strip_suffix(".dat").is_some_and(|id| id.bytes().all(|b| b.is_ascii_digit()));
-        if numbered && stream_over.is_some_and(|over| entry.size >= over) {
+        // Backups from before sizes were recorded: zstd makes table data about 4 times smaller.
+        let raw_size = entry.raw_size.unwrap_or(entry.size.saturating_mul(4));
+        if numbered && stream_over.is_some_and(|over| raw_size >= over) {
             unpacked.streamed.push((name.to_owned(), entry.clone()));
         } else {
             unpacked.decompress(entry, name)?;
@@ -457,7 +460,6 @@ fn restore_in_sections(
     let mut list = Command::new(tools.bindir.join("pg_restore"));
     list.arg("--list").arg(folder).stdin(Stdio::null()).stdout(Stdio::piped());
     let list = String::from_utf8_lossy(&run(list, "pg_restore")?.stdout).into_owned();
-
     // Each streamed file is a table's data with a COPY statement, or it is unpacked after all.
     let mut streamed = Vec::new();
     let mut skipped = HashSet::new();
@@ -503,7 +505,8 @@ fn restore_in_sections(
 }
 
 /// The `COPY ... FROM stdin;` that `pg_restore` would send for TOC entry `line`, read from a
-/// script of that entry alone made against an empty data file.
+/// script of that entry alone made against an empty data file; none if the dump's encoding
+/// is not UTF-8.
 fn copy_statement(tools: &Tools, folder: &Path, file: &str, line: &str) -> Result<Option<String>, Error> {
     let empty = folder.join(file);
     File::create(&empty).map_err(Error::io("create", &empty))?;
@@ -515,6 +518,11 @@ fn copy_statement(tools: &Tools, folder: &Path, file: &str, line: &str) -> Resul
     let output = run(script, "pg_restore")?;
     fs::remove_file(&empty).map_err(Error::io("remove", &empty))?;
     let script = String::from_utf8_lossy(&output.stdout);
+    // The loading sessions speak UTF-8 (the driver's client encoding), so the rows must be
+    // UTF-8 already; a dump in another encoding is left to `pg_restore`.
+    if !script.lines().any(|l| l == "SET client_encoding = 'UTF8';") {
+        return Ok(None);
+    }
     Ok(script.lines().find(|l| l.starts_with("COPY ") && l.ends_with(" FROM stdin;")).map(str::to_owned))
 }
 
@@ -526,6 +534,12 @@ enum Loading {
 
 /// What `pg_dump` writes after a table's rows: the end-of-data line and two blank lines.
 const END_OF_DATA: &[u8] = b"\\.\n\n\n";
+/// How `pg_restore` sets up its sessions (no timeouts, no row security, an empty search
+/// path), and no waiting for commits, as for its own sessions here.
+const LOADING_SESSION: &str = "SET synchronous_commit = off; SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; SET standard_conforming_strings = on; \
+     SELECT pg_catalog.set_config('search_path', '', false); SET check_function_bodies = false; \
+     SET xmloption = content; SET client_min_messages = warning; SET row_security = off";
 /// Bytes of rows handed to a session at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -540,17 +554,18 @@ fn copy_in(
     sessions: usize,
 ) -> Result<(), Loading> {
     let (send, receive) = std::sync::mpsc::sync_channel::<Vec<u8>>(2 * sessions);
-    let receive = std::sync::Mutex::new(receive);
+    // Shared by the sessions alone: once every one has ended, failed or not, the sender
+    // finds nobody listening and the reading stops.
+    let receive = std::sync::Arc::new(std::sync::Mutex::new(receive));
     std::thread::scope(|scope| {
         let loaders: Vec<_> = (0..sessions.max(1))
             .map(|_| {
-                scope.spawn(|| -> Result<(), Error> {
+                let receive = std::sync::Arc::clone(&receive);
+                scope.spawn(move || -> Result<(), Error> {
                     let mut config = config.clone();
                     config.application_name("upshift load");
                     let mut client = connect(&config, Some(database))?;
-                    client
-                        .batch_execute("SET synchronous_commit = off")
-                        .map_err(pg_error("set up a loading session"))?;
+                    client.batch_execute(LOADING_SESSION).map_err(pg_error("set up a loading session"))?;
                     let mut writer = client.copy_in(statement).map_err(pg_error(format!("start {statement}")))?;
                     loop {
                         let chunk = receive.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
@@ -562,6 +577,7 @@ fn copy_in(
                 })
             })
             .collect();
+        drop(receive);
         let read = split_lines(&mut source, |chunk| send.send(chunk).is_ok());
         drop(send);
         let loaded = loaders

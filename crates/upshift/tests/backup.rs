@@ -413,7 +413,7 @@ fn postgres_encrypted_backup_round_trip() {
     assert_eq!(pg_fingerprint(&copy), before);
 }
 
-/// A table big enough to be streamed from the backup (over 16 MB compressed) is loaded by
+/// A table big enough to be streamed from the backup (over 32 MB before compression) is loaded by
 /// several sessions at once and comes back row for row, its index, foreign key and sequence
 /// with it.
 #[test]
@@ -468,6 +468,47 @@ fn postgres_big_table_is_loaded_by_several_sessions() {
         .get(0);
     assert_eq!(kept, 1, "the foreign key was not restored");
     assert!(restored.query_opt("SELECT 1 FROM pg_indexes WHERE indexname = 'tags_name'", &[]).unwrap().is_some());
+}
+
+/// A big table of a database in another encoding than UTF-8 is left to `pg_restore` (the
+/// loading sessions speak UTF-8), and its accented rows come back as they were.
+#[test]
+fn postgres_big_table_in_latin1_comes_back_intact() {
+    let ctx = Context::new();
+    let name = format!("latin1_{}", std::process::id());
+    let cluster = upshift_testing::postgres();
+    cluster
+        .connect("postgres")
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+        ))
+        .unwrap();
+    let fingerprint = |database: &str| -> String {
+        cluster
+            .connect(database)
+            .query_one(
+                "SELECT count(*)::text || ' ' || md5(convert_to(string_agg(body, ',' ORDER BY id), 'UTF8')) FROM notes",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    cluster
+        .connect(&name)
+        .batch_execute(
+            "CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL);
+             INSERT INTO notes SELECT g, 'café ' || md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text)
+             FROM generate_series(1, 500000) g;",
+        )
+        .unwrap();
+    let before = fingerprint(&name);
+    let created = create(&ctx, &["--database-url", &cluster.url(&name)]);
+    let copy = format!("{name}_copy");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &cluster.url(&copy)]).success();
+    assert_eq!(fingerprint(&copy), before);
+    let accented: i64 =
+        cluster.connect(&copy).query_one("SELECT count(*) FROM notes WHERE body LIKE 'café %'", &[]).unwrap().get(0);
+    assert_eq!(accented, 500_000);
 }
 
 /// kill -9 of the whole restore (`upshift` and its `pg_restore`) while `pg_restore` runs: the
