@@ -515,10 +515,33 @@ fn postgres_big_table_in_latin1_comes_back_intact() {
 /// target is as it was, and the next restore succeeds.
 #[test]
 fn postgres_restore_killed_halfway_leaves_the_target() {
+    restore_killed_while("upshift pg_restore%", None);
+}
+
+/// The same, killed while a big table streams into the scratch database through upshift's
+/// own loading sessions.
+#[test]
+fn postgres_restore_killed_while_loading_a_big_table_leaves_the_target() {
+    restore_killed_while(
+        "upshift load",
+        Some(
+            "INSERT INTO notes (body) SELECT md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text) FROM generate_series(1, 500000) g",
+        ),
+    );
+}
+
+/// Kills a `restore --force` as soon as a session whose application name is like `sessions`
+/// works on the scratch database, then checks the target and restores again.
+fn restore_killed_while(sessions: &str, more_rows: Option<&str>) {
     let ctx = Context::new();
     let url = upshift_testing::fresh_database();
     let name = upshift_testing::database_name(&url).to_owned();
-    pg_setup(&url, 600_000);
+    pg_setup(&url, if more_rows.is_some() { 3000 } else { 600_000 });
+    if let Some(sql) = more_rows {
+        upshift_testing::postgres().connect(&name).batch_execute(sql).unwrap();
+    }
+    let rows: i64 =
+        upshift_testing::postgres().connect(&name).query_one("SELECT count(*) FROM notes", &[]).unwrap().get(0);
     let created = create(&ctx, &["--database-url", &url]);
     upshift_testing::postgres()
         .connect(&name)
@@ -541,8 +564,8 @@ fn postgres_restore_killed_halfway_leaves_the_target() {
         let restoring = upshift_testing::postgres()
             .connect("postgres")
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'upshift pg_restore%'",
-                &[&scratch],
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE $2",
+                &[&scratch, &sessions],
             )
             .unwrap()
             .get::<_, i64>(0)
@@ -561,7 +584,7 @@ fn postgres_restore_killed_halfway_leaves_the_target() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert!(killed, "pg_restore never started");
+    assert!(killed, "no {sessions} session was seen");
     let status = child.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "the restore was not killed: {status}");
     assert_eq!(pg_fingerprint(&name), changed, "a killed restore changed the target");
@@ -573,7 +596,7 @@ fn postgres_restore_killed_halfway_leaves_the_target() {
             .query_one("SELECT count(*) FROM notes", &[])
             .unwrap()
             .get::<_, i64>(0),
-        600_000
+        rows
     );
 }
 
