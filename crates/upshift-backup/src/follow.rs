@@ -24,6 +24,9 @@ use crate::error::Error;
 const IDLE_WAIT_MS: i64 = 20;
 /// Bytes read from one file before the others get their turn.
 const TURN: usize = 16 << 20;
+/// Files followed at once (each holds two descriptors and a zstd context). `pg_dump` writes
+/// `--jobs` at a time; the rest wait, closed, in the folder.
+const FOLLOWED_AT_ONCE: usize = 32;
 
 /// An inotify watch on a folder for files closed after writing.
 pub(crate) struct Watch {
@@ -102,6 +105,9 @@ pub(crate) fn compress(
         // and every file is whole.
         let last = exited.load(Ordering::Acquire);
         for entry in fs::read_dir(raw).map_err(Error::io("read", raw))? {
+            if following.len() >= FOLLOWED_AT_ONCE {
+                break;
+            }
             let name = entry.map_err(Error::io("read", raw))?.file_name();
             if seen.insert(name.clone()) {
                 let path = raw.join(&name);
@@ -135,6 +141,7 @@ pub(crate) fn compress(
             }
             if at_end && whole {
                 let file = following.swap_remove(index);
+                closed.remove(&file.name);
                 entries.push(file.writer.finish()?);
                 let path = raw.join(&file.name);
                 fs::remove_file(&path).map_err(Error::io("remove", &path))?;
@@ -142,7 +149,9 @@ pub(crate) fn compress(
                 index += 1;
             }
         }
-        if last && following.is_empty() {
+        // Done once the writer has exited and a listing made after that found nothing new
+        // (with the cap, one listing may not have reached every file).
+        if last && following.is_empty() && fs::read_dir(raw).map_err(Error::io("read", raw))?.next().is_none() {
             break;
         }
         if !progressed {

@@ -214,6 +214,10 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
     let tools = Tools::find(major)?;
 
     // One snapshot for the row counts and the dump, so deep verify compares like with like.
+    // Its transaction then waits, idle, for the whole dump: no server timeout may end it.
+    client
+        .batch_execute("SET idle_in_transaction_session_timeout = 0")
+        .map_err(pg_error("set up the snapshot session"))?;
     let mut snapshot_tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -231,7 +235,9 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
     let watch = follow::Watch::new(&raw).map_err(Error::io("watch", &raw))?;
     let mut pg_dump = tools.command("pg_dump", config, &database);
     pg_dump
-        .args(["--format=directory", "--compress=0", "--no-password"])
+        // No fsync by pg_dump: its files are removed once compressed, and upshift fsyncs
+        // what it writes.
+        .args(["--format=directory", "--compress=0", "--no-sync", "--no-password"])
         .arg(format!("--jobs={}", jobs(codec)))
         .arg(format!("--snapshot={snapshot}"))
         .arg("--file")
@@ -239,9 +245,19 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
         .stdout(Stdio::null());
     codec.phase("dumping with pg_dump and compressing", None);
     let dumping = spawn(pg_dump, "pg_dump")?;
+    let pid = rustix::process::Pid::from_child(&dumping);
     let exited = std::sync::atomic::AtomicBool::new(false);
     let (dumped, counted, followed) = std::thread::scope(|scope| {
-        let follower = scope.spawn(|| follow::compress(&raw, dir, DB_DIR, codec, &watch, &exited));
+        let follower = scope.spawn(|| {
+            let compressed = follow::compress(&raw, dir, DB_DIR, codec, &watch, &exited);
+            // A dump nobody compresses any more would only fill the disk: stop pg_dump (it
+            // stops its workers on SIGTERM). Not once it has been waited for: its pid may
+            // then be another process's.
+            if compressed.is_err() && !exited.load(std::sync::atomic::Ordering::Acquire) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            compressed
+        });
         // While pg_dump reads the snapshot, count its rows in the same snapshot. If counting
         // fails, pg_dump is still waited for (and its folder removed with the partial backup).
         let counted = row_counts(&mut snapshot_tx).and_then(|counts| {
@@ -260,9 +276,10 @@ pub(crate) fn dump(config: &Config, dir: &Path, codec: &Codec) -> Result<(Vec<Fi
         });
         (dumped, counted, compressed)
     });
+    // The follower's failure first: it is the cause when pg_dump was stopped for it.
+    let mut files = followed?;
     let (row_counts, extensions) = counted?;
     dumped?;
-    let mut files = followed?;
     snapshot_tx.commit().map_err(pg_error("close the snapshot"))?;
     fs::remove_dir(&raw).map_err(Error::io("remove", &raw))?;
 
@@ -474,26 +491,34 @@ fn restore_in_sections(
             None => unpacked.decompress(entry, file).map_err(|m| unpacked.corrupt(m))?,
         }
     }
-    let rest: String = list
-        .lines()
-        .map(|line| {
-            if skipped.contains(line.split(';').next().unwrap_or("")) {
-                format!(";{line}\n")
-            } else {
-                format!("{line}\n")
-            }
-        })
-        .collect();
-    let rest_path = folder.join("upshift-data.list");
-    fs::write(&rest_path, rest).map_err(Error::io("write", &rest_path))?;
-    let rest_arg = format!("--use-list={}", rest_path.display());
+    // Every section runs from one list, without the streamed tables and without the
+    // privileges: `pg_restore` grants and revokes last, after the data (an owner may have
+    // revoked its own INSERT), and a section run would grant with its section.
+    let (mut sections, mut privileges) = (String::new(), String::new());
+    for line in list.lines() {
+        if skipped.contains(line.split(';').next().unwrap_or("")) {
+            sections.push(';');
+        } else if is_privilege(line) {
+            sections.push(';');
+            privileges.push_str(line);
+            privileges.push('\n');
+        }
+        sections.push_str(line);
+        sections.push('\n');
+    }
+    let use_list = |file: &str, text: &str| -> Result<String, Error> {
+        let path = folder.join(file);
+        fs::write(&path, text).map_err(Error::io("write", &path))?;
+        Ok(format!("--use-list={}", path.display()))
+    };
+    let sections = use_list("upshift-sections.list", &sections)?;
 
-    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=pre-data"]), "pg_restore")?;
-    let others = spawn(pg_restore(tools, config, unpacked, name, jobs, &["--section=data", &rest_arg]), "pg_restore")?;
+    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=pre-data", &sections]), "pg_restore")?;
+    let others = spawn(pg_restore(tools, config, unpacked, name, jobs, &["--section=data", &sections]), "pg_restore")?;
     let loaded = streamed.iter().try_for_each(|(entry, statement)| {
         let source = artifact::open_decoded(&unpacked.backup_dir, entry, unpacked.identities)
             .map_err(|m| unpacked.corrupt(m))?;
-        copy_in(config, name, statement, source, jobs).map_err(|e| match e {
+        copy_in(config, name, statement, source, jobs.min(LOADING_SESSIONS)).map_err(|e| match e {
             Loading::Source(e) => unpacked.corrupt(format!("{} does not decode: {e}", entry.path)),
             Loading::Database(e) => e,
         })
@@ -501,7 +526,21 @@ fn restore_in_sections(
     let others = finish(others, "pg_restore");
     loaded?;
     others?;
-    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=post-data"]), "pg_restore").map(drop)
+    run(pg_restore(tools, config, unpacked, name, jobs, &["--section=post-data", &sections]), "pg_restore")?;
+    if !privileges.is_empty() {
+        let privileges = use_list("upshift-privileges.list", &privileges)?;
+        run(pg_restore(tools, config, unpacked, name, 1, &[&privileges]), "pg_restore")?;
+    }
+    Ok(())
+}
+
+/// Whether a line of `pg_restore --list` (`ID; catalog-oid oid DESC schema name owner`) is
+/// a privilege entry (`ACL`, `ACL LANGUAGE`, `DEFAULT ACL`). The kind comes before any name,
+/// so a table called ACL is not one.
+fn is_privilege(line: &str) -> bool {
+    let Some((_, rest)) = line.split_once("; ") else { return false };
+    let kind = rest.splitn(3, ' ').nth(2).unwrap_or("");
+    kind.starts_with("ACL ") || kind.starts_with("DEFAULT ACL ")
 }
 
 /// The `COPY ... FROM stdin;` that `pg_restore` would send for TOC entry `line`, read from a
@@ -540,6 +579,9 @@ const LOADING_SESSION: &str = "SET synchronous_commit = off; SET statement_timeo
      SET idle_in_transaction_session_timeout = 0; SET standard_conforming_strings = on; \
      SELECT pg_catalog.set_config('search_path', '', false); SET check_function_bodies = false; \
      SET xmloption = content; SET client_min_messages = warning; SET row_security = off";
+/// The most sessions loading one table: beyond a few, they mostly wait on each other for
+/// the table's extension lock, and each is one more connection beside `pg_restore`'s.
+const LOADING_SESSIONS: usize = 4;
 /// Bytes of rows handed to a session at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -566,6 +608,13 @@ fn copy_in(
                     config.application_name("upshift load");
                     let mut client = connect(&config, Some(database))?;
                     client.batch_execute(LOADING_SESSION).map_err(pg_error("set up a loading session"))?;
+                    // PostgreSQL 17's limit on a transaction's length (a session loads its share
+                    // of a table in one), which `pg_restore` 17 lifts too.
+                    if server_major(&mut client)? >= 17 {
+                        client
+                            .batch_execute("SET transaction_timeout = 0")
+                            .map_err(pg_error("set up a loading session"))?;
+                    }
                     let mut writer = client.copy_in(statement).map_err(pg_error(format!("start {statement}")))?;
                     loop {
                         let chunk = receive.lock().unwrap_or_else(std::sync::PoisonError::into_inner).recv();
@@ -747,6 +796,16 @@ mod tests {
         assert!(chunks.len() >= 3, "{} chunks", chunks.len());
         assert!(chunks.iter().all(|c| c.ends_with(b"\n")));
         assert!(chunks.concat() == rows);
+    }
+
+    #[test]
+    fn privilege_entries_are_known_by_their_kind() {
+        assert!(is_privilege("4420; 0 0 ACL public TABLE accounts alice"));
+        assert!(is_privilege("4421; 0 0 ACL LANGUAGE - LANGUAGE plpgsql postgres"));
+        assert!(is_privilege("4422; 826 16384 DEFAULT ACL public DEFAULT PRIVILEGES FOR TABLES alice"));
+        assert!(!is_privilege("216; 1259 16390 TABLE public ACL alice"));
+        assert!(!is_privilege("3360; 0 16403 TABLE DATA public events postgres"));
+        assert!(!is_privilege(";     Format: DIRECTORY"));
     }
 
     #[test]

@@ -470,6 +470,46 @@ fn postgres_big_table_is_loaded_by_several_sessions() {
     assert!(restored.query_opt("SELECT 1 FROM pg_indexes WHERE indexname = 'tags_name'", &[]).unwrap().is_some());
 }
 
+/// An owner who revoked its own INSERT on a big table (a read-only table) restores it as
+/// itself: the privileges are applied last, after the data, as `pg_restore` does.
+#[test]
+fn postgres_privileges_are_restored_after_the_data() {
+    let ctx = Context::new();
+    let cluster = upshift_testing::postgres();
+    let role = format!("owner_{}", std::process::id());
+    let name = format!("acl_{}", std::process::id());
+    let mut maintenance = cluster.connect("postgres");
+    maintenance.batch_execute(&format!("CREATE ROLE {role} LOGIN CREATEDB")).unwrap();
+    maintenance.batch_execute(&format!("CREATE DATABASE {name} OWNER {role}")).unwrap();
+    cluster
+        .connect(&name)
+        .batch_execute(&format!(
+            "SET ROLE {role};
+             CREATE TABLE notes (id int PRIMARY KEY, body text NOT NULL);
+             INSERT INTO notes SELECT g, md5(g::text) || md5((g * 7)::text) || md5((g * 13)::text)
+             FROM generate_series(1, 500000) g;
+             REVOKE INSERT ON notes FROM {role};"
+        ))
+        .unwrap();
+    let as_owner = |database: &str| cluster.url(database).replace("postgres@", &format!("{role}@"));
+    let created = create(&ctx, &["--database-url", &as_owner(&name)]);
+    let copy = format!("{name}_copy");
+    ctx.run(&["backup", "restore", &created.id, "--target-url", &as_owner(&copy)]).success();
+    let mut restored = cluster.connect(&copy);
+    let rows: i64 = restored.query_one("SELECT count(*) FROM notes", &[]).unwrap().get(0);
+    assert_eq!(rows, 500_000);
+    let (select, insert): (bool, bool) = {
+        let row = restored
+            .query_one(
+                "SELECT has_table_privilege($1, 'notes', 'SELECT'), has_table_privilege($1, 'notes', 'INSERT')",
+                &[&role],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(select && !insert, "the privileges were not restored: SELECT {select}, INSERT {insert}");
+}
+
 /// A big table of a database in another encoding than UTF-8 is left to `pg_restore` (the
 /// loading sessions speak UTF-8), and its accented rows come back as they were.
 #[test]
