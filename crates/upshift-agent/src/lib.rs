@@ -7,6 +7,7 @@
 pub mod client;
 mod gate;
 mod histogram;
+mod http1;
 pub mod log_writer;
 mod metrics;
 pub mod protocol;

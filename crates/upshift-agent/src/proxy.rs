@@ -41,13 +41,15 @@ use crate::protocol::{Latencies, RouteStatus, Upstream, UpstreamStatus, VersionS
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// Requests larger than this are refused (request bodies are buffered).
-const MAX_BODY: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024;
 /// How long an upstream may take to answer (its headers).
-const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
-/// How long a client may take to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const UPSTREAM_TIMEOUT: Duration = Duration::from_mins(2);
+/// How long a client may take to send its request headers, once it started.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What an HTTP/2 client opens its connection with (h2c with prior knowledge).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// The p99 of a window is read over at least this many of its latest requests per upstream
 /// when it holds more (in steps of [`TICK`], up to [`MARKS`] of them back).
 const LATENCY_WINDOW: u64 = 4096;
@@ -81,26 +83,88 @@ const EXPORTED_BOUNDS_NS: [u64; 15] = [
     100_000_000_000,
 ];
 
-/// An idle upstream connection.
-struct Idle {
-    sender: Sender,
-    since: Instant,
+/// An upstream connection that can tell whether it closed while idle.
+pub(crate) trait Reusable {
+    fn is_closed(&self) -> bool;
+}
+
+impl Reusable for Sender {
+    fn is_closed(&self) -> bool {
+        Sender::is_closed(self)
+    }
+}
+
+impl Reusable for crate::http1::Conn {
+    fn is_closed(&self) -> bool {
+        crate::http1::Conn::is_closed(self)
+    }
+}
+
+/// Idle kept-alive connections to one upstream, one pool per worker (each worker takes its
+/// own, so they never wait on each other).
+pub(crate) struct Pool<C> {
+    idle: Box<[Idle<C>]>,
+}
+
+/// One worker's idle connections, each with when it was last used.
+type Idle<C> = Mutex<Vec<(C, Instant)>>;
+
+impl<C: Reusable> Pool<C> {
+    fn new(workers: usize) -> Pool<C> {
+        Pool { idle: (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect() }
+    }
+
+    /// This worker's pool.
+    fn mine(&self) -> &Idle<C> {
+        &self.idle[crate::histogram::worker() % self.idle.len()]
+    }
+
+    /// The most recently used idle connection of this worker, if any.
+    pub(crate) fn checkout(&self) -> Option<C> {
+        let mut pool = self.mine().lock().expect("pool lock");
+        while let Some((conn, _)) = pool.pop() {
+            if !conn.is_closed() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection whose exchange is done for the next request.
+    pub(crate) fn checkin(&self, conn: C) {
+        if conn.is_closed() {
+            return;
+        }
+        let mut pool = self.mine().lock().expect("pool lock");
+        if pool.len() < POOL_MAX_IDLE {
+            pool.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes connections idle for longer than [`POOL_IDLE`], or closed by the upstream.
+    fn expire(&self) {
+        for pool in &*self.idle {
+            pool.lock().expect("pool lock").retain(|(conn, since)| since.elapsed() < POOL_IDLE && !conn.is_closed());
+        }
+    }
 }
 
 /// An upstream and what the proxy measured of it.
-struct Backend {
-    addr: String,
+pub(crate) struct Backend {
+    pub(crate) addr: String,
     /// `addr` as a `Host` for requests that came without one (HTTP/1.0).
     host: Option<HeaderValue>,
     version: String,
     weight: AtomicU32,
-    in_flight: AtomicUsize,
+    pub(crate) in_flight: AtomicUsize,
     /// Requests, errors and latencies since it joined the route; written without a lock.
     histogram: Histogram,
     /// Where the window opened; only readers and route changes take this lock.
     window: Mutex<Opened>,
-    /// Idle connections, one pool per worker (each worker takes its own).
-    idle: Box<[Mutex<Vec<Idle>>]>,
+    /// Idle connections for HTTP/1.1 clients' requests.
+    pub(crate) conns: Pool<crate::http1::Conn>,
+    /// Idle connections for HTTP/2 clients' requests (through hyper).
+    senders: Pool<Sender>,
 }
 
 /// A window: when it opened, the counts then, and the counts at each [`TICK`] since (the
@@ -168,39 +232,13 @@ impl Backend {
             in_flight: AtomicUsize::new(0),
             histogram,
             window: Mutex::new(Opened::new(baseline)),
-            idle: (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
+            conns: Pool::new(workers),
+            senders: Pool::new(workers),
         }
     }
 
-    fn record(&self, latency: Duration, error: bool) {
+    pub(crate) fn record(&self, latency: Duration, error: bool) {
         self.histogram.record(latency, error);
-    }
-
-    /// This worker's pool.
-    fn pool(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[crate::histogram::worker() % self.idle.len()]
-    }
-
-    /// The most recently used idle connection of this worker, if any.
-    fn checkout(&self) -> Option<Sender> {
-        let mut pool = self.pool().lock().expect("pool lock");
-        while let Some(idle) = pool.pop() {
-            if !idle.sender.is_closed() {
-                return Some(idle.sender);
-            }
-        }
-        None
-    }
-
-    /// Keeps a connection whose exchange is done for the next request.
-    fn checkin(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut pool = self.pool().lock().expect("pool lock");
-        if pool.len() < POOL_MAX_IDLE {
-            pool.push(Idle { sender, since: Instant::now() });
-        }
     }
 
     /// Marks the counts for the window's latest-requests p99, and closes connections idle
@@ -208,9 +246,8 @@ impl Backend {
     fn tick(&self) {
         let now = self.histogram.counts();
         self.window.lock().expect("window lock").mark(now);
-        for pool in &*self.idle {
-            pool.lock().expect("pool lock").retain(|idle| idle.since.elapsed() < POOL_IDLE && !idle.sender.is_closed());
-        }
+        self.conns.expire();
+        self.senders.expire();
     }
 
     fn weight(&self) -> u32 {
@@ -240,7 +277,7 @@ impl Backend {
     }
 }
 
-struct Route {
+pub(crate) struct Route {
     listen: String,
     backends: RwLock<Arc<Vec<Arc<Backend>>>>,
     next: AtomicU64,
@@ -261,7 +298,7 @@ impl Route {
 
     /// Weighted round robin over the current set, skipping `avoid`: of every `total`
     /// consecutive requests, each upstream gets its weight.
-    fn pick(&self, avoid: Option<&str>) -> Option<Arc<Backend>> {
+    pub(crate) fn pick(&self, avoid: Option<&str>) -> Option<Arc<Backend>> {
         let set = self.current();
         let candidates = || set.iter().filter(|b| b.weight() > 0 && Some(b.addr.as_str()) != avoid);
         let total: u64 = candidates().map(|b| u64::from(b.weight())).sum();
@@ -458,16 +495,16 @@ impl Drop for Tracked {
         if let Some(sender) = self.sender.take()
             && (self.ended || self.inner.is_end_stream())
         {
-            self.backend.checkin(sender);
+            self.backend.senders.checkin(sender);
         }
         self.backend.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// What a failed exchange tells the retry: whether nothing reached the upstream.
-struct Failed {
-    not_sent: bool,
-    message: String,
+pub(crate) struct Failed {
+    pub(crate) not_sent: bool,
+    pub(crate) message: String,
 }
 
 /// One request as the proxy forwards it (hop-by-hop headers already taken out).
@@ -502,7 +539,7 @@ async fn exchange(
     mut request: Request<Full<Bytes>>,
 ) -> Result<(Response<Incoming>, Sender), Failed> {
     loop {
-        let (mut sender, pooled) = match backend.checkout() {
+        let (mut sender, pooled) = match backend.senders.checkout() {
             Some(sender) => (sender, true),
             None => (connect(backend).await?, false),
         };
@@ -819,12 +856,25 @@ impl Proxy {
                 worker.handle.spawn(async move {
                     let _counted = counted;
                     let Ok(stream) = tokio::net::TcpStream::from_std(stream) else { return };
+                    // HTTP/1.x goes the proxy's own way; a client that opens with HTTP/2's
+                    // preface (h2c), or a part of it, goes to hyper.
+                    let mut first = [0u8; H2_PREFACE.len()];
+                    let peeked = tokio::select! {
+                        biased;
+                        peeked = tokio::time::timeout(HEADER_TIMEOUT, stream.peek(&mut first)) => peeked,
+                        () = ticket.close.notified() => return,
+                    };
+                    let Ok(Ok(peeked @ 1..)) = peeked else { return };
+                    let ip = peer.ip().to_string();
+                    if !H2_PREFACE.starts_with(&first[..peeked]) {
+                        crate::http1::serve(stream, ip.as_bytes(), &route, &ticket).await;
+                        return;
+                    }
                     let busy = Arc::clone(&ticket.busy);
-                    let peer = Arc::new(Peer { addr: peer, ip: HeaderValue::from_str(&peer.ip().to_string()).ok() });
+                    let peer = Arc::new(Peer { addr: peer, ip: HeaderValue::from_str(&ip).ok() });
                     let service = hyper::service::service_fn(move |request| {
                         handle(request, Arc::clone(&peer), Arc::clone(&route), Arc::clone(&busy))
                     });
-                    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c).
                     let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     server
                         .http1()
@@ -1130,6 +1180,156 @@ mod tests {
         assert_eq!(three, ("HTTP/1.1 200 OK".to_owned(), "three".to_owned()));
         let status = &proxy.status()["api"];
         assert_eq!((status.upstreams[0].requests, status.upstreams[0].errors), (3, 0));
+    }
+
+    /// A proxy routing to `backend`, and a client connection to it.
+    fn through(backend: &str) -> (Proxy, BufReader<TcpStream>) {
+        let proxy = Proxy::new().unwrap();
+        let listen = free_port();
+        proxy.route("api", &listen, &[to(backend, "1.0.0", 1)], Duration::ZERO).unwrap();
+        let client = BufReader::new(TcpStream::connect(&listen).unwrap());
+        client.get_ref().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        (proxy, client)
+    }
+
+    /// An upstream that serves each connection it accepts with `serve`, on its own thread.
+    fn upstream_serving(serve: impl Fn(BufReader<TcpStream>) + Send + Sync + 'static) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let serve = Arc::new(serve);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let serve = Arc::clone(&serve);
+                std::thread::spawn(move || serve(BufReader::new(stream.unwrap())));
+            }
+        });
+        addr
+    }
+
+    /// Everything the client reads until the proxy closes the connection.
+    fn to_the_end(client: &mut BufReader<TcpStream>) -> String {
+        let mut all = String::new();
+        client.read_to_string(&mut all).unwrap();
+        all
+    }
+
+    #[test]
+    fn a_chunked_request_goes_on_with_its_length_and_a_chunked_answer_comes_back_as_it_is() {
+        let backend = upstream_serving(|mut reader| {
+            while let Some(head) = read_head(&mut reader) {
+                assert!(head.contains(&"content-length: 11".to_owned()), "{head:?}");
+                assert!(
+                    !head.iter().any(|h| h.starts_with("transfer-encoding") || h.starts_with("expect")),
+                    "{head:?}"
+                );
+                let mut body = [0; 11];
+                reader.read_exact(&mut body).unwrap();
+                assert_eq!(&body, b"hello world");
+                let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n";
+                reader.get_mut().write_all(answer.as_bytes()).unwrap();
+            }
+        });
+        let (_proxy, mut client) = through(&backend);
+        let head = "POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n";
+        client.get_mut().write_all(head.as_bytes()).unwrap();
+        // The proxy asks for the body itself, since it reads it whole.
+        let mut line = String::new();
+        client.read_line(&mut line).unwrap();
+        assert_eq!(line, "HTTP/1.1 100 Continue\r\n");
+        read_head(&mut client).unwrap();
+        client.get_mut().write_all(b"5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n").unwrap();
+        let mut status = String::new();
+        client.read_line(&mut status).unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK\r\n");
+        assert_eq!(read_head(&mut client).unwrap(), ["transfer-encoding: chunked"]);
+        let mut body = vec![0; "3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n".len()];
+        client.read_exact(&mut body).unwrap();
+        assert_eq!(String::from_utf8(body).unwrap(), "3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n");
+        // The connection carries on.
+        client.get_mut().write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world").unwrap();
+        let mut status = String::new();
+        client.read_line(&mut status).unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK\r\n");
+    }
+
+    #[test]
+    fn an_http10_client_gets_a_chunked_answer_decoded_then_the_connection_closes() {
+        let backend = upstream_serving(|mut reader| {
+            let head = read_head(&mut reader).unwrap();
+            assert!(
+                head[0].ends_with("http/1.1") && head.iter().any(|h| h.starts_with("host: 127.0.0.1:")),
+                "{head:?}"
+            );
+            let answer = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n";
+            reader.get_mut().write_all(answer.as_bytes()).unwrap();
+            read_head(&mut reader);
+        });
+        let (_proxy, mut client) = through(&backend);
+        client.get_mut().write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+        assert_eq!(to_the_end(&mut client), "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello!");
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_and_a_head_answer_has_no_body() {
+        let backend = upstream_serving(|mut reader| {
+            while let Some(head) = read_head(&mut reader) {
+                let path = head[0].split(' ').nth(1).unwrap().to_owned();
+                let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", path.len());
+                reader.get_mut().write_all(answer.as_bytes()).unwrap();
+                if !head[0].starts_with("head") {
+                    reader.get_mut().write_all(path.as_bytes()).unwrap();
+                }
+            }
+        });
+        let (proxy, mut client) = through(&backend);
+        client
+            .get_mut()
+            .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nHEAD /no-body HTTP/1.1\r\nHost: x\r\n\r\nGET /third HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        assert_eq!(
+            to_the_end(&mut client),
+            "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/first\
+             HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\n/third"
+        );
+        assert_eq!(proxy.status()["api"].upstreams[0].requests, 3);
+    }
+
+    #[test]
+    fn an_answer_up_to_the_upstreams_close_ends_the_client_connection() {
+        let backend = upstream_serving(|mut reader| {
+            read_head(&mut reader).unwrap();
+            reader.get_mut().write_all(b"HTTP/1.0 200 OK\r\nX-Old: yes\r\n\r\nuntil the end").unwrap();
+        });
+        let (_proxy, mut client) = through(&backend);
+        client.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        assert_eq!(to_the_end(&mut client), "HTTP/1.1 200 OK\r\nX-Old: yes\r\nConnection: close\r\n\r\nuntil the end");
+    }
+
+    #[test]
+    fn an_upstream_that_dies_mid_answer_closes_the_client_connection() {
+        let backend = upstream_serving(|mut reader| {
+            read_head(&mut reader).unwrap();
+            reader.get_mut().write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial").unwrap();
+        });
+        let (_proxy, mut client) = through(&backend);
+        client.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // The client sees a short body and the end of the connection, never a hang.
+        assert_eq!(to_the_end(&mut client), "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial");
+    }
+
+    #[test]
+    fn a_request_framed_two_ways_is_refused_and_no_upstream_sees_it() {
+        let backend = upstream_serving(|_| panic!("the upstream was asked"));
+        let (proxy, mut client) = through(&backend);
+        client
+            .get_mut()
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let answer = to_the_end(&mut client);
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        assert!(answer.contains("Connection: close\r\n") && answer.contains("given two ways"), "{answer}");
+        assert_eq!(proxy.status()["api"].upstreams[0].requests, 0);
     }
 
     #[test]
