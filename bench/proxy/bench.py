@@ -8,6 +8,10 @@ every repetition, so a drift of the machine hits both), after a warm-up of each.
 backend alone is measured in the same rounds: the floor. Prints the median, min and max of
 requests/s and p99 per path, and the ratio to nginx of the medians and per round.
 
+Each run also reads the CPU time (user + system, from /proc) the proxy itself spent: the
+agent's process for upshift, nginx's master and workers for nginx. Divided by the requests
+served, it is the proxy's cost per request, which the shared cores cannot blur.
+
 `--perf DIR` then runs one more upshift round under `perf record` (the agent's process
 only) and writes the profile's top to DIR.
 """
@@ -41,6 +45,38 @@ def agent_pid(state_dir):
         if b"agent" in argv and any(state_dir.encode() in a for a in argv):
             return int(pid)
     sys.exit(f"no agent found for {state_dir}")
+
+
+def cpu_seconds(pids):
+    """User + system CPU time of `pids` so far, in seconds."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid):
+    """`pid` and its child processes."""
+    found = [pid]
+    for other in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{other}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(other))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def measured(url, seconds, connections, pids):
+    """wrk on `url`, with the CPU time `pids` spent per request (µs) while it ran."""
+    before = cpu_seconds(pids) if pids else None
+    result = cutover.wrk(url, seconds, connections)
+    if pids and result["requests"]:
+        result["cpu_us"] = (cpu_seconds(pids) - before) * 1e6 / result["requests"]
+    return result
 
 
 def profile(out_dir, pid, url, seconds, connections):
@@ -95,29 +131,36 @@ def main():
                  "nginx proxy_pass": f"http://127.0.0.1:{nginx_port}"}
         for url in paths.values():
             cutover.wrk(url + "/slow?ms=0", 2, args.connections)  # warm up
+        # Whose CPU time each path's figure counts (the backend's own is not a proxy's).
+        pids = {"backend alone": None, "upshift proxy": [agent_pid(deployment.dir)],
+                "nginx proxy_pass": children(nginx.pid)}
         runs = {name: [] for name in paths}
         names = list(paths)
         for rep in range(args.repetitions):
             order = names if rep % 2 == 0 else names[::-1]
             for name in order:
-                r = cutover.wrk(paths[name] + "/slow?ms=0", args.seconds, args.connections)
+                r = measured(paths[name] + "/slow?ms=0", args.seconds, args.connections, pids[name])
                 runs[name].append(r)
+                cpu = f", proxy CPU {r['cpu_us']:.2f} µs/request" if "cpu_us" in r else ""
                 print(f"round {rep + 1}: {name}: {r['rps']:.0f} req/s, p99 {cutover.ms(r.get('p99'))}, "
-                      f"failed {r['failed']}", file=sys.stderr)
+                      f"failed {r['failed']}{cpu}", file=sys.stderr)
         if args.perf:
             profile(args.perf, agent_pid(deployment.dir), deployment.url + "/slow?ms=0", args.seconds,
                     args.connections)
 
         print(f"\n## Proxy throughput (GET /slow?ms=0, wrk -t2 -c{args.connections} -d{args.seconds}s, "
               f"{args.repetitions} interleaved rounds)\n")
-        print("| path | req/s median | min | max | p99 median | min | max | failed | vs nginx (median) |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| path | req/s median | min | max | p99 median | min | max | failed | vs nginx (median) "
+              "| proxy CPU µs/request median (min-max) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         base = statistics.median(r["rps"] for r in runs["nginx proxy_pass"])
         for name, rs in runs.items():
             rps = summary([r["rps"] for r in rs])
             p99 = summary([r.get("p99", float("nan")) for r in rs])
+            cpu = summary([r["cpu_us"] for r in rs]) if all("cpu_us" in r for r in rs) else None
+            cpu = f"{cpu[0]:.2f} ({cpu[1]:.2f}-{cpu[2]:.2f})" if cpu else "-"
             print(f"| {name} | {rps[0]:.0f} | {rps[1]:.0f} | {rps[2]:.0f} | {p99[0]:.2f} ms | {p99[1]:.2f} ms | "
-                  f"{p99[2]:.2f} ms | {sum(r['failed'] for r in rs)} | {rps[0] / base:.2f}x |")
+                  f"{p99[2]:.2f} ms | {sum(r['failed'] for r in rs)} | {rps[0] / base:.2f}x | {cpu} |")
         ratios = [u["rps"] / n["rps"] for u, n in zip(runs["upshift proxy"], runs["nginx proxy_pass"])]
         print(f"\nupshift / nginx per round: {', '.join(f'{r:.2f}' for r in ratios)}")
     finally:

@@ -111,8 +111,12 @@ impl<'a> Tokens<'a> {
         tokens
     }
 
+    /// Whether it names `name` to be dropped. It never takes away the framing or the
+    /// `Host`: a `Connection: content-length` would make the proxy and the next hop read
+    /// the body's end in two places.
     fn names(&self, name: &str) -> bool {
-        self.named.iter().any(|n| eq(n, name))
+        let kept = ["host", "content-length"].iter().any(|k| name.eq_ignore_ascii_case(k));
+        !kept && self.named.iter().any(|n| eq(n, name))
     }
 }
 
@@ -224,10 +228,10 @@ fn parse_request(buf: &[u8], peer: &[u8]) -> Result<Option<Request>, Refusal> {
             if authority.is_some() {
                 continue;
             }
-        } else if tokens.names(name) {
-            continue;
         } else if name.eq_ignore_ascii_case("content-length") {
             lengths.push(length(header.value).ok_or(refuse(400, "the Content-Length is not a number"))?);
+            continue;
+        } else if tokens.names(name) {
             continue;
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             forwarded_for.push(header.value);
@@ -260,8 +264,9 @@ fn parse_request(buf: &[u8], peer: &[u8]) -> Result<Option<Request>, Refusal> {
     }
     lines.extend_from_slice(peer);
     lines.extend_from_slice(b"\r\nX-Forwarded-Proto: http\r\n");
+    // An upgrade counts only when `Connection` names it (RFC 9110, 7.8), on HTTP/1.1.
     // `Upgrade: h2c` asks a server to switch to HTTP/2 cleartext: hop-by-hop, never passed on.
-    let upgrade = upgrade.filter(|v| !eq(v.trim_ascii(), "h2c"));
+    let upgrade = upgrade.filter(|v| tokens.upgrade && !http10 && !eq(v.trim_ascii(), "h2c"));
     if let Some(protocol) = upgrade {
         lines.extend_from_slice(b"Connection: upgrade\r\nUpgrade: ");
         lines.extend_from_slice(protocol);
@@ -291,6 +296,8 @@ fn origin(target: &str) -> Result<(&str, Option<&str>), Refusal> {
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
+    // Credentials in the target (`http://user:secret@host/`) are not the host.
+    let authority = authority.rsplit('@').next().unwrap_or(authority);
     if authority.is_empty() {
         return Err(refuse(400, "the request target has no host"));
     }
@@ -425,7 +432,8 @@ fn parse_response(buf: &[u8], request: &Request) -> Result<Parsed, &'static str>
         let name = header.name;
         let upgrade_header =
             status == 101 && (name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("upgrade"));
-        let framing_header = name.eq_ignore_ascii_case("content-length") && !codings.is_empty();
+        // No length with a coding, nor on a 204 (RFC 9110, 8.6).
+        let framing_header = name.eq_ignore_ascii_case("content-length") && (!codings.is_empty() || status == 204);
         if framing_header || (!upgrade_header && (hop_by_hop(name) || tokens.names(name))) {
             continue;
         }
@@ -456,6 +464,8 @@ fn parse_response(buf: &[u8], request: &Request) -> Result<Parsed, &'static str>
 enum State {
     #[default]
     Size,
+    /// Blanks after the size, before `;` or the line's end.
+    SizeBlank,
     Extension,
     SizeLf,
     Data,
@@ -501,15 +511,15 @@ impl Chunked {
                     }
                     Some(_) => return Err("a chunk is too large"),
                     None if self.digits == 0 => return Err("a chunk size is missing"),
-                    None if byte == b';' || byte == b' ' || byte == b'\t' => State::Extension,
-                    None => expect(b'\r', State::SizeLf)?,
+                    None => after_size(byte)?,
                 },
+                State::SizeBlank => after_size(byte)?,
                 State::Extension => {
                     self.line += 1;
                     match byte {
                         _ if self.line > MAX_CHUNK_LINE => return Err("a chunk extension is too long"),
                         b'\r' => State::SizeLf,
-                        b'\n' => return Err("a chunk is malformed"),
+                        _ if control(byte) => return Err("a chunk extension is malformed"),
                         _ => State::Extension,
                     }
                 }
@@ -537,7 +547,7 @@ impl Chunked {
                     match byte {
                         _ if self.line > MAX_CHUNK_LINE => return Err("the chunked trailers are too long"),
                         b'\r' => State::TrailerLf,
-                        b'\n' => return Err("a chunk trailer is malformed"),
+                        _ if control(byte) => return Err("a chunk trailer is malformed"),
                         _ => State::TrailerLine,
                     }
                 }
@@ -548,6 +558,21 @@ impl Chunked {
         }
         Ok(i)
     }
+}
+
+/// What may follow a chunk's size: blanks, then `;` and extensions, or the line's end.
+fn after_size(byte: u8) -> Result<State, &'static str> {
+    match byte {
+        b' ' | b'\t' => Ok(State::SizeBlank),
+        b';' => Ok(State::Extension),
+        b'\r' => Ok(State::SizeLf),
+        _ => Err("a chunk size is malformed"),
+    }
+}
+
+/// A control character other than a tab: never in a chunk extension or a trailer.
+fn control(byte: u8) -> bool {
+    (byte < 0x20 && byte != b'\t') || byte == 0x7f
 }
 
 /// A kept-alive connection to an upstream, with what was read from it and not used yet.
@@ -619,6 +644,19 @@ impl Drop for InFlight {
     }
 }
 
+/// Writes all of `wire`; the error says whether a part of it went out.
+async fn send(stream: &mut TcpStream, wire: &[u8]) -> Result<(), (bool, io::Error)> {
+    let mut written = 0;
+    while written < wire.len() {
+        match stream.write(&wire[written..]).await {
+            Ok(0) => return Err((written > 0, io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(e) => return Err((written > 0, e)),
+        }
+    }
+    Ok(())
+}
+
 /// Sends `wire` on a pooled connection of `backend`, or a new one, and reads the answer's
 /// head. A pooled connection that turns out closed is given up for the next when nothing
 /// reached the upstream, or when the request is safe to send again.
@@ -628,9 +666,15 @@ async fn exchange(backend: &Backend, wire: &[u8], request: &Request) -> Result<(
             Some(conn) => (conn, true),
             None => (Conn::open(&backend.addr).await?, false),
         };
-        let (not_sent, outcome) = match conn.stream.write_all(wire).await {
+        let (not_sent, outcome) = match send(&mut conn.stream, wire).await {
             Ok(()) => (false, conn.answer(request).await),
-            Err(e) => (true, Err((false, format!("could not send to {}: {e}", backend.addr)))),
+            // An upstream may answer before it read the whole request (a 413, a 401) and
+            // close: that answer is the one to relay, and the connection is done.
+            Err((true, e)) => {
+                let answer = conn.answer(request).await.map(|answer| Answer { reusable: false, ..answer });
+                (false, answer.map_err(|(got, m)| (got, format!("could not send to {}: {e}; {m}", backend.addr))))
+            }
+            Err((false, e)) => (true, Err((false, format!("could not send to {}: {e}", backend.addr)))),
         };
         match outcome {
             Ok(answer) => return Ok((conn, answer)),
@@ -660,17 +704,22 @@ async fn forward(backend: &Arc<Backend>, request: &Request, body: &[u8]) -> Resu
     result.map(|(conn, answer)| Exchange { conn, answer, in_flight })
 }
 
-/// The proxy's own answer: a JSON error message.
-fn own_answer(status: u16, message: &str, keep_alive: bool, head_method: bool, extra: &str) -> Vec<u8> {
+/// The proxy's own answer to `request` (`None`: to a request refused, and the connection
+/// then closes): a JSON error message.
+fn own_answer(status: u16, message: &str, request: Option<&Request>, extra: &str) -> Vec<u8> {
     let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
     let reason = hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
-    let connection = if keep_alive { "" } else { "Connection: close\r\n" };
+    let connection = match request {
+        Some(request) if request.keep_alive && request.http10 => "Connection: keep-alive\r\n",
+        Some(request) if request.keep_alive => "",
+        _ => "Connection: close\r\n",
+    };
     let mut answer = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{connection}{extra}\r\n",
         body.len()
     )
     .into_bytes();
-    if !head_method {
+    if !request.is_some_and(|r| r.head_method) {
         answer.extend_from_slice(body.as_bytes());
     }
     answer
@@ -821,29 +870,53 @@ pub(crate) async fn serve(mut client: TcpStream, peer: &[u8], route: &Route, tic
             Ok(Some(read)) => read,
             Ok(None) => return,
             Err(refusal) => {
-                let answer = own_answer(refusal.status, refusal.message, false, false, "");
+                let answer = own_answer(refusal.status, refusal.message, None, "");
                 let _ = client.write_all(&answer).await;
                 return;
             }
         };
         let busy = Busy::new(&ticket.busy);
-        let keep = answer(&mut client, &mut buf, route, &request, &body).await;
+        let next = answer(&mut client, &mut buf, route, &request, &body).await;
         drop(busy);
-        if !keep {
-            return;
+        match next {
+            Next::Request => {}
+            Next::Close => return,
+            Next::Splice(mut upstream, in_flight) => {
+                // Bytes flow both ways until either side closes. The connection counts as
+                // idle for the gate: at the cap it may be told to give way.
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream.stream) => {}
+                    () = ticket.close.notified() => {}
+                }
+                drop(in_flight);
+                return;
+            }
         }
     }
 }
 
-/// Forwards one request and relays its answer; returns whether the client connection can
-/// carry another.
-async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, request: &Request, body: &[u8]) -> bool {
-    let own =
-        |status, message: &str, extra| own_answer(status, message, request.keep_alive, request.head_method, extra);
+/// What a client connection does after an exchange.
+enum Next {
+    /// Reads the next request.
+    Request,
+    Close,
+    /// Becomes one byte stream with the upstream connection (an upgrade both agreed to).
+    Splice(Conn, InFlight),
+}
+
+impl Next {
+    fn after(written: bool, keep: bool) -> Next {
+        if written && keep { Next::Request } else { Next::Close }
+    }
+}
+
+/// Forwards one request and relays its answer.
+async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, request: &Request, body: &[u8]) -> Next {
+    let own = |status, message: &str, extra| own_answer(status, message, Some(request), extra);
     let Some(first) = route.pick(None) else {
         // Stopped for an upgrade's downtime (or not started yet): clients are told to retry.
         let answer = own(503, "no upstream is live", "Retry-After: 5\r\n");
-        return client.write_all(&answer).await.is_ok() && request.keep_alive;
+        return Next::after(client.write_all(&answer).await.is_ok(), request.keep_alive);
     };
     let result = match forward(&first, request, body).await {
         // Safe to send once more, elsewhere when possible: an idempotent request, or any
@@ -861,26 +934,24 @@ async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, reques
         Ok(exchange) => exchange,
         Err(failed) => {
             let answer = own(502, &failed.message, "");
-            return client.write_all(&answer).await.is_ok() && request.keep_alive;
+            return Next::after(client.write_all(&answer).await.is_ok(), request.keep_alive);
         }
     };
     if answer.framing == Framing::Upgrade {
-        // Both sides agreed: what each already sent past the heads goes first, then bytes
-        // flow both ways until either closes.
+        // Both sides agreed: what each already sent past the heads goes first.
         let mut out = answer.head;
         out.append(&mut conn.buf);
-        if client.write_all(&out).await.is_ok() && conn.stream.write_all(buf).await.is_ok() {
-            buf.clear();
-            let _ = tokio::io::copy_bidirectional(client, &mut conn.stream).await;
+        if client.write_all(&out).await.is_err() || conn.stream.write_all(buf).await.is_err() {
+            return Next::Close;
         }
-        drop(in_flight);
-        return false;
+        buf.clear();
+        return Next::Splice(conn, in_flight);
     }
     let whole = relay_body(client, &mut conn, &answer.framing, answer.head).await;
     if whole && answer.reusable && conn.buf.is_empty() {
         in_flight.0.conns.checkin(conn);
     }
-    whole && answer.keep_client
+    Next::after(whole, answer.keep_client)
 }
 
 #[cfg(test)]
@@ -969,9 +1040,21 @@ mod tests {
         assert!(lines(&ws).ends_with("Connection: upgrade\r\nUpgrade: websocket\r\n"), "{}", lines(&ws));
         let h2c = request("GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n").unwrap().unwrap();
         assert!(!h2c.upgrade && !lines(&h2c).to_ascii_lowercase().contains("upgrade"));
-        // `Connection` cannot take the Host away.
+        // An upgrade needs `Connection: upgrade`, and HTTP/1.1.
+        let bare = request("GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap();
+        assert!(!bare.upgrade && !lines(&bare).to_ascii_lowercase().contains("upgrade"), "{}", lines(&bare));
+        let old = request("GET /ws HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap().unwrap();
+        assert!(!old.upgrade);
+        // `Connection` cannot take the Host or the length away.
         let host = request("GET / HTTP/1.1\r\nHost: x\r\nConnection: host\r\n\r\n").unwrap().unwrap();
         assert!(lines(&host).contains("Host: x\r\n"));
+        let length = request("POST / HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: 30\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(length.body, RequestBody::Length(30));
+        // Credentials in an absolute target are not the host.
+        let credentials = request("GET http://user:secret@svc/ HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        assert!(lines(&credentials).contains("Host: svc\r\n") && !lines(&credentials).contains("secret"));
     }
 
     fn response(text: &str, to: &str) -> Answer {
@@ -1008,6 +1091,10 @@ mod tests {
         let head = response("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", "HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!((head.framing, head.reusable), (Framing::Empty, true));
         assert_eq!(response("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", GET).framing, Framing::Empty);
+        let no_content = response("HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n", GET);
+        assert_eq!(String::from_utf8(no_content.head).unwrap(), "HTTP/1.1 204 No Content\r\n\r\n");
+        let named = response("HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\n", GET);
+        assert_eq!(String::from_utf8(named.head).unwrap(), "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
         let closing = response("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", GET);
         assert!(!closing.reusable && closing.keep_client);
         let request = request(GET).unwrap().unwrap();
@@ -1016,6 +1103,16 @@ mod tests {
         assert!(
             parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", &request).is_err()
         );
+    }
+
+    #[test]
+    fn the_proxys_own_answers_keep_an_http10_connection_only_when_asked() {
+        let text = |request: Option<&Request>| String::from_utf8(own_answer(502, "down", request, "")).unwrap();
+        let old = request("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap().unwrap();
+        assert!(text(Some(&old)).contains("\r\nConnection: keep-alive\r\n"));
+        let head = request("HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap().unwrap();
+        assert!(text(Some(&head)).ends_with("Content-Length: 17\r\n\r\n"), "{}", text(Some(&head)));
+        assert!(text(None).contains("\r\nConnection: close\r\n") && text(None).ends_with("{\"error\": \"down\"}"));
     }
 
     /// Feeds `input` to a reader in pieces of `step` bytes; what it read and decoded.
@@ -1040,7 +1137,18 @@ mod tests {
         }
         assert_eq!(chunks(b"0\r\n\r\n", 1).unwrap(), (5, Vec::new(), true));
         assert!(!chunks(b"5\r\nhel", 100).unwrap().2);
-        for bad in [&b"5\nhello\r\n0\r\n\r\n"[..], b"x\r\n", b"5\r\nhelloXX", b"1234567890abcdef0\r\n", b"\r\n"] {
+        assert_eq!(chunks(b"3 \t;a=\"b c\"\r\nabc\r\n0 \r\n\r\n", 4).unwrap().1, b"abc");
+        let bad: [&[u8]; 8] = [
+            b"5\nhello\r\n0\r\n\r\n",
+            b"x\r\n",
+            b"5\r\nhelloXX",
+            b"1234567890abcdef0\r\n",
+            b"\r\n",
+            b"5 5\r\nhello\r\n",
+            b"5;\x00\r\nhello\r\n",
+            b"0\r\nX: \x01\r\n\r\n",
+        ];
+        for bad in bad {
             assert!(chunks(bad, 100).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));

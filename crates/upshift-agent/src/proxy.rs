@@ -18,6 +18,8 @@
 //! 16 MiB) so they can be sent again; response bodies stream through, and an upgrade
 //! (WebSocket) is passed through as a byte stream once the upstream answers 101. Clients
 //! speak HTTP/1.1 or HTTP/2 without TLS (h2c, prior knowledge); upstreams get HTTP/1.1.
+//! HTTP/1.x clients are served by [`crate::http1`]; this module serves HTTP/2 clients
+//! through hyper, and holds what both share: routes, upstreams, pools and measures.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -1316,6 +1318,27 @@ mod tests {
         client.get_mut().write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         // The client sees a short body and the end of the connection, never a hang.
         assert_eq!(to_the_end(&mut client), "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial");
+    }
+
+    #[test]
+    fn an_upstream_that_answers_before_reading_the_body_is_heard_and_not_asked_twice() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&asked);
+        let backend = upstream_serving(move |mut reader| {
+            read_head(&mut reader).unwrap();
+            counted.fetch_add(1, Ordering::SeqCst);
+            // Refused on its head alone; the body is never read and the connection closes.
+            reader.get_mut().write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\n\r\nbig").unwrap();
+        });
+        let (_proxy, mut client) = through(&backend);
+        let body = vec![b'x'; 8 * 1024 * 1024];
+        let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        client.get_mut().write_all(head.as_bytes()).unwrap();
+        client.get_mut().write_all(&body).unwrap();
+        let mut status = String::new();
+        client.read_line(&mut status).unwrap();
+        assert_eq!(status, "HTTP/1.1 413 Payload Too Large\r\n");
+        assert_eq!(asked.load(Ordering::SeqCst), 1, "a POST partly sent is never sent again");
     }
 
     #[test]
