@@ -13,6 +13,7 @@ default; `--fsync on` or `--fsync off` for one), switched with ALTER SYSTEM and 
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -76,12 +77,21 @@ def write_alembic(folder: Path, count: int) -> Path:
     return ini
 
 
-def timed(command: list[str], env: dict) -> float:
+# CPU time (user + system) each apply's tool process spent itself, by tool, in seconds:
+# what the tool costs, apart from the database's work and the WAL flushes it waits on.
+CPU: dict = {}
+
+
+def timed(command: list[str], env: dict, tool: str | None = None) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    if tool:
+        CPU.setdefault(tool, []).append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return elapsed
 
 
@@ -185,7 +195,7 @@ class Bench:
     def apply(self, tool: str, engine: str, keep: bool = False):
         db = self.database(engine)
         command, env = self.command(tool, engine, db, "up")
-        seconds = timed(command, env)
+        seconds = timed(command, env, tool)
         if db["tables"]() != self.count:
             sys.exit(f"{tool} did not create every table on {engine}")
         if keep:
@@ -193,11 +203,12 @@ class Bench:
         db["drop"]()
         return seconds, None
 
-    def rounds(self, engine: str) -> tuple[dict, dict]:
+    def rounds(self, engine: str) -> tuple[dict, dict, dict]:
         """Interleaved apply rounds; returns the times by tool and the status times (the
         median of 7 interleaved runs of each tool's status on the last round's history)."""
         # Unrecorded, so that no tool pays the one-time costs (new WAL segments, cold caches).
         self.apply("floor", engine)
+        CPU.clear()
         times = {tool: [] for tool in TOOLS}
         kept = {}
         for r in range(self.args.runs):
@@ -217,7 +228,7 @@ class Bench:
                 status[tool].append(timed(command, env))
         for db in kept.values():
             db["drop"]()
-        return times, status
+        return times, status, dict(CPU)
 
 
 def spread(values: list[float], unit: str) -> str:
@@ -226,15 +237,16 @@ def spread(values: list[float], unit: str) -> str:
     return f"{med} ({low}-{high})"
 
 
-def print_apply(title: str, times: dict, runs: int) -> None:
-    print(f"\n{title}: apply, seconds, median (min-max) of {runs} interleaved rounds\n")
-    print("| tool     | seconds              | vs dbmate (per round)    |")
-    print("|----------|----------------------|--------------------------|")
+def print_apply(title: str, times: dict, runs: int, cpu: dict) -> None:
+    print(f"\n{title}: apply, seconds, median (min-max) of {runs} interleaved rounds; the tool's own CPU "
+          "(its process's user + system time)\n")
+    print("| tool     | seconds              | vs dbmate (per round)    | tool's own CPU, s    |")
+    print("|----------|----------------------|--------------------------|----------------------|")
     for tool in TOOLS:
         ratios = [d / t for d, t in zip(times["dbmate"], times[tool])]
         ratio = "" if tool == "dbmate" else (
             f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
-        print(f"| {tool:8} | {spread(times[tool], 's'):20} | {ratio:24} |")
+        print(f"| {tool:8} | {spread(times[tool], 's'):20} | {ratio:24} | {spread(cpu[tool], 's'):20} |")
 
 
 def print_status(title: str, status: dict) -> None:
@@ -285,8 +297,8 @@ def main() -> None:
     print("Python's sqlite3). vs dbmate = dbmate's time / the tool's in the same round (> 1: faster).")
     if args.baseline:
         print(f"baseline = {args.baseline}, another upshift build, run as one more tool.")
-    for title, times, status in results:
-        print_apply(title, times, args.runs)
+    for title, times, status, cpu in results:
+        print_apply(title, times, args.runs, cpu)
         print_status(title, status)
 
 

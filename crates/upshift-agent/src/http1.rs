@@ -37,10 +37,19 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// How long a kept-alive client connection may wait for its next request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+/// How long a client may take to take each part of an answer (nginx's `send_timeout`); an
+/// upstream gets [`UPSTREAM_TIMEOUT`] for each part of its answer's body.
+const SEND_TIMEOUT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_mins(1) };
 /// Bytes read from a socket at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// The longest chunk-size line (with its extensions) or trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
+
+/// Writes `bytes` to the client; false when it failed, or the client did not take them
+/// within [`SEND_TIMEOUT`] (a client that stops reading does not hold its upstream forever).
+async fn deliver(client: &mut TcpStream, bytes: &[u8]) -> bool {
+    matches!(tokio::time::timeout(SEND_TIMEOUT, client.write_all(bytes)).await, Ok(Ok(())))
+}
 
 /// Reads what the socket has into the spare room of `buf`; 0 at the end of the stream.
 async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
@@ -597,6 +606,14 @@ impl Conn {
         !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
+    /// Reads more of an answer's body; an error when the upstream stays silent for
+    /// [`UPSTREAM_TIMEOUT`].
+    async fn more(&mut self) -> io::Result<usize> {
+        tokio::time::timeout(UPSTREAM_TIMEOUT, fill(&mut self.stream, &mut self.buf))
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+
     /// Reads the answer head to `request`, skipping interim answers. The error says
     /// whether any byte of an answer came.
     async fn answer(&mut self, request: &Request) -> Result<Answer, (bool, String)> {
@@ -793,20 +810,20 @@ async fn read_body(stream: &mut TcpStream, buf: &mut Vec<u8>, request: &Request)
 /// (so both connections can carry another exchange).
 async fn relay_body(client: &mut TcpStream, conn: &mut Conn, framing: &Framing, mut out: Vec<u8>) -> bool {
     match *framing {
-        Framing::Empty | Framing::Upgrade => client.write_all(&out).await.is_ok(),
+        Framing::Empty | Framing::Upgrade => deliver(client, &out).await,
         Framing::Length(mut left) => loop {
             let take = usize::try_from(left).unwrap_or(usize::MAX).min(conn.buf.len());
             out.extend_from_slice(&conn.buf[..take]);
             conn.buf.drain(..take);
             left -= take as u64;
-            if client.write_all(&out).await.is_err() {
+            if !deliver(client, &out).await {
                 return false;
             }
             if left == 0 {
                 return true;
             }
             out.clear();
-            if !matches!(fill(&mut conn.stream, &mut conn.buf).await, Ok(n) if n > 0) {
+            if !matches!(conn.more().await, Ok(n) if n > 0) {
                 return false;
             }
         },
@@ -820,25 +837,25 @@ async fn relay_body(client: &mut TcpStream, conn: &mut Conn, framing: &Framing, 
                 };
                 let Ok(read) = read else { return false };
                 conn.buf.drain(..read);
-                if !out.is_empty() && client.write_all(&out).await.is_err() {
+                if !out.is_empty() && !deliver(client, &out).await {
                     return false;
                 }
                 if chunked.done() {
                     return true;
                 }
                 out.clear();
-                if !matches!(fill(&mut conn.stream, &mut conn.buf).await, Ok(n) if n > 0) {
+                if !matches!(conn.more().await, Ok(n) if n > 0) {
                     return false;
                 }
             }
         }
         Framing::Close => loop {
             out.append(&mut conn.buf);
-            if client.write_all(&out).await.is_err() {
+            if !deliver(client, &out).await {
                 return false;
             }
             out.clear();
-            match fill(&mut conn.stream, &mut conn.buf).await {
+            match conn.more().await {
                 Ok(0) => return true,
                 Ok(_) => {}
                 Err(_) => return false,
@@ -871,7 +888,7 @@ pub(crate) async fn serve(mut client: TcpStream, peer: &[u8], route: &Route, tic
             Ok(None) => return,
             Err(refusal) => {
                 let answer = own_answer(refusal.status, refusal.message, None, "");
-                let _ = client.write_all(&answer).await;
+                deliver(&mut client, &answer).await;
                 return;
             }
         };
@@ -916,7 +933,7 @@ async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, reques
     let Some(first) = route.pick(None) else {
         // Stopped for an upgrade's downtime (or not started yet): clients are told to retry.
         let answer = own(503, "no upstream is live", "Retry-After: 5\r\n");
-        return Next::after(client.write_all(&answer).await.is_ok(), request.keep_alive);
+        return Next::after(deliver(client, &answer).await, request.keep_alive);
     };
     let result = match forward(&first, request, body).await {
         // Safe to send once more, elsewhere when possible: an idempotent request, or any
@@ -934,14 +951,14 @@ async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, reques
         Ok(exchange) => exchange,
         Err(failed) => {
             let answer = own(502, &failed.message, "");
-            return Next::after(client.write_all(&answer).await.is_ok(), request.keep_alive);
+            return Next::after(deliver(client, &answer).await, request.keep_alive);
         }
     };
     if answer.framing == Framing::Upgrade {
         // Both sides agreed: what each already sent past the heads goes first.
         let mut out = answer.head;
         out.append(&mut conn.buf);
-        if client.write_all(&out).await.is_err() || conn.stream.write_all(buf).await.is_err() {
+        if !deliver(client, &out).await || conn.stream.write_all(buf).await.is_err() {
             return Next::Close;
         }
         buf.clear();

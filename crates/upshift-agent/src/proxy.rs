@@ -1342,6 +1342,31 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_stops_reading_does_not_hold_its_upstream() {
+        let backend = upstream_serving(|mut reader| {
+            read_head(&mut reader).unwrap();
+            let size = 256 * 1024 * 1024;
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n");
+            reader.get_mut().write_all(head.as_bytes()).unwrap();
+            let block = vec![b'x'; 1024 * 1024];
+            // Until the proxy gives the connection up.
+            while reader.get_mut().write_all(&block).is_ok() {}
+        });
+        let (proxy, mut client) = through(&backend);
+        client.get_mut().write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut status = String::new();
+        client.read_line(&mut status).unwrap();
+        assert_eq!(status, "HTTP/1.1 200 OK\r\n");
+        // The client reads no more: within the send timeout (1 s under test) the proxy
+        // gives up, and the upstream is no longer counted in flight.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while proxy.status()["api"].upstreams[0].in_flight > 0 {
+            assert!(Instant::now() < deadline, "the stalled client still holds its upstream");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
     fn a_request_framed_two_ways_is_refused_and_no_upstream_sees_it() {
         let backend = upstream_serving(|_| panic!("the upstream was asked"));
         let (proxy, mut client) = through(&backend);
