@@ -724,7 +724,7 @@ async fn forward(backend: &Arc<Backend>, request: &Request, body: &[u8]) -> Resu
 /// The proxy's own answer to `request` (`None`: to a request refused, and the connection
 /// then closes): a JSON error message.
 fn own_answer(status: u16, message: &str, request: Option<&Request>, extra: &str) -> Vec<u8> {
-    let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
+    let body = crate::proxy::error_json(message);
     let reason = hyper::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
     let connection = match request {
         Some(request) if request.keep_alive && request.http10 => "Connection: keep-alive\r\n",

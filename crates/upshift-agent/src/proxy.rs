@@ -436,9 +436,13 @@ impl Body for ProxyBody {
     }
 }
 
+/// The body of the proxy's own answers: `{"error": message}`.
+pub(crate) fn error_json(message: &str) -> String {
+    format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()))
+}
+
 fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = format!("{{\"error\": {}}}", serde_json::Value::String(message.to_owned()));
-    let mut response = Response::new(ProxyBody::full(body));
+    let mut response = Response::new(ProxyBody::full(error_json(message)));
     *response.status_mut() = status;
     response.headers_mut().insert(hyper::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response

@@ -305,12 +305,22 @@ pub(crate) fn decompress(
     io::copy(&mut reader, sink).map_err(|e| format!("{} does not decode: {e}", entry.path))
 }
 
-/// Decodes an artifact into a new file at `dest`, fsynced.
+/// Whether a file written is fsynced before it counts as written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fsync {
+    /// A file that must survive a crash.
+    Durable,
+    /// Scratch that a crash throws away anyway (a restore's unpacked dump).
+    Scratch,
+}
+
+/// Decodes an artifact into a new owner-only file at `dest`.
 pub(crate) fn decompress_to_file(
     backup_dir: &Path,
     entry: &FileEntry,
     identities: Option<&Identities>,
     dest: &Path,
+    sync: Fsync,
 ) -> Result<(), String> {
     let file = OpenOptions::new()
         .write(true)
@@ -321,7 +331,10 @@ pub(crate) fn decompress_to_file(
     let mut writer = BufWriter::with_capacity(1 << 20, file);
     decompress(backup_dir, entry, identities, &mut writer)?;
     let file = writer.into_inner().map_err(|e| format!("could not write {}: {}", dest.display(), e.error()))?;
-    file.sync_all().map_err(|e| format!("could not fsync {}: {e}", dest.display()))
+    if sync == Fsync::Durable {
+        file.sync_all().map_err(|e| format!("could not fsync {}: {e}", dest.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

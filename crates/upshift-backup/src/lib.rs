@@ -344,7 +344,7 @@ pub fn extract_artifact(
         .find(|f| f.path.strip_suffix(".age").unwrap_or(&f.path) == wanted)
         .ok_or_else(|| Error::Usage(format!("backup {} holds no artifact `{name}`", manifest.id)))?;
     artifact::check(&dir, entry).map_err(corrupt)?;
-    artifact::decompress_to_file(&dir, entry, identities, to).map_err(corrupt)
+    artifact::decompress_to_file(&dir, entry, identities, to, artifact::Fsync::Durable).map_err(corrupt)
 }
 
 /// What a backup of `database` and `paths` (under `base`) may take on disk at most: the

@@ -140,8 +140,15 @@ impl Tools {
         command
     }
 
+    /// `tool` run on its own, to read a dump or say its version: no server, no stdin.
+    fn offline(&self, tool: &str) -> Command {
+        let mut command = Command::new(self.bindir.join(tool));
+        command.stdin(Stdio::null());
+        command
+    }
+
     fn version(&self) -> String {
-        Command::new(self.bindir.join("pg_dump"))
+        self.offline("pg_dump")
             .arg("--version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
@@ -357,10 +364,7 @@ impl Unpacked<'_> {
     /// Decodes an entry into the folder as `name`. A temp file: not fsynced.
     fn decompress(&self, entry: &FileEntry, name: &str) -> Result<(), String> {
         let dest = self.folder.path().join(name);
-        let file = File::create(&dest).map_err(|e| format!("could not create {}: {e}", dest.display()))?;
-        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
-        artifact::decompress(&self.backup_dir, entry, self.identities, &mut writer)?;
-        writer.flush().map_err(|e| format!("could not write {}: {e}", dest.display()))
+        artifact::decompress_to_file(&self.backup_dir, entry, self.identities, &dest, artifact::Fsync::Scratch)
     }
 
     fn corrupt(&self, message: String) -> Error {
@@ -373,8 +377,8 @@ impl Unpacked<'_> {
 /// damaged archive (unlike `pg_restore --list`, which only reads the table of contents).
 pub(crate) fn read_whole(unpacked: &Unpacked<'_>, dump_major: u32) -> Result<(), Error> {
     let tools = Tools::find(dump_major)?;
-    let mut command = Command::new(tools.bindir.join("pg_restore"));
-    command.args(["--file=/dev/null"]).arg(unpacked.folder.path()).stdin(Stdio::null()).stdout(Stdio::null());
+    let mut command = tools.offline("pg_restore");
+    command.args(["--file=/dev/null"]).arg(unpacked.folder.path()).stdout(Stdio::null());
     run(command, "pg_restore").map(drop)
 }
 
@@ -474,8 +478,8 @@ fn restore_in_sections(
     jobs: usize,
 ) -> Result<(), Error> {
     let folder = unpacked.folder.path();
-    let mut list = Command::new(tools.bindir.join("pg_restore"));
-    list.arg("--list").arg(folder).stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut list = tools.offline("pg_restore");
+    list.arg("--list").arg(folder).stdout(Stdio::piped());
     let list = String::from_utf8_lossy(&run(list, "pg_restore")?.stdout).into_owned();
     // Each streamed file is a table's data with a COPY statement, or it is unpacked after all.
     let mut streamed = Vec::new();
@@ -551,9 +555,8 @@ fn copy_statement(tools: &Tools, folder: &Path, file: &str, line: &str) -> Resul
     File::create(&empty).map_err(Error::io("create", &empty))?;
     let one = folder.join("upshift-one.list");
     fs::write(&one, format!("{line}\n")).map_err(Error::io("write", &one))?;
-    let mut script = Command::new(tools.bindir.join("pg_restore"));
-    script.args(["--file=-"]).arg(format!("--use-list={}", one.display())).arg(folder);
-    script.stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut script = tools.offline("pg_restore");
+    script.args(["--file=-"]).arg(format!("--use-list={}", one.display())).arg(folder).stdout(Stdio::piped());
     let output = run(script, "pg_restore")?;
     fs::remove_file(&empty).map_err(Error::io("remove", &empty))?;
     let script = String::from_utf8_lossy(&output.stdout);

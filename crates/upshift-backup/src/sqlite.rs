@@ -119,7 +119,7 @@ pub(crate) fn unpack(
         .map_err(|e| format!("could not make a temp file in {}: {e}", folder.display()))?
         .into_temp_path();
     std::fs::remove_file(&temp).map_err(|e| e.to_string())?;
-    artifact::decompress_to_file(backup_dir, entry, identities, &temp)?;
+    artifact::decompress_to_file(backup_dir, entry, identities, &temp, artifact::Fsync::Durable)?;
     let connection = Connection::open(&temp).map_err(|e| format!("the copy does not open: {e}"))?;
     integrity_check(&connection)?;
     Ok(Unpacked { connection, _file: temp })
