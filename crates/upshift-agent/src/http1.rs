@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::gate::{Busy, Ticket};
@@ -661,14 +661,34 @@ impl Drop for InFlight {
     }
 }
 
-/// Writes all of `wire`; the error says whether a part of it went out.
-async fn send(stream: &mut TcpStream, wire: &[u8]) -> Result<(), (bool, io::Error)> {
+/// Writes all of `wire`, unless the upstream answers first; the error says whether a
+/// part of it went out. An upstream that answers before it read the whole request (a 413,
+/// a 401 to an upload) may never read the rest: writing on would wait for the timeout, so
+/// the answer is read instead (into `buf`).
+async fn send(stream: &TcpStream, buf: &mut Vec<u8>, wire: &[u8]) -> Result<(), (bool, io::Error)> {
     let mut written = 0;
     while written < wire.len() {
-        match stream.write(&wire[written..]).await {
-            Ok(0) => return Err((written > 0, io::ErrorKind::WriteZero.into())),
-            Ok(n) => written += n,
-            Err(e) => return Err((written > 0, e)),
+        let interest = if written == 0 { Interest::WRITABLE } else { Interest::WRITABLE | Interest::READABLE };
+        let ready = stream.ready(interest).await.map_err(|e| (written > 0, e))?;
+        if ready.is_readable() && written > 0 {
+            // Readiness can be stale: only bytes (or the end) that are there count.
+            let start = buf.len();
+            buf.resize(start + READ_SIZE, 0);
+            let read = stream.try_read(&mut buf[start..]);
+            buf.truncate(start + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(_) => return Err((true, io::Error::other("the upstream answered before the whole request"))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err((true, e)),
+            }
+        }
+        if ready.is_writable() {
+            match stream.try_write(&wire[written..]) {
+                Ok(0) => return Err((written > 0, io::ErrorKind::WriteZero.into())),
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err((written > 0, e)),
+            }
         }
     }
     Ok(())
@@ -683,10 +703,10 @@ async fn exchange(backend: &Backend, wire: &[u8], request: &Request) -> Result<(
             Some(conn) => (conn, true),
             None => (Conn::open(&backend.addr).await?, false),
         };
-        let (not_sent, outcome) = match send(&mut conn.stream, wire).await {
+        let (not_sent, outcome) = match send(&conn.stream, &mut conn.buf, wire).await {
             Ok(()) => (false, conn.answer(request).await),
-            // An upstream may answer before it read the whole request (a 413, a 401) and
-            // close: that answer is the one to relay, and the connection is done.
+            // The upstream answered (a 413, a 401) or closed before it read the whole
+            // request: its answer is the one to relay, and the connection is done.
             Err((true, e)) => {
                 let answer = conn.answer(request).await.map(|answer| Answer { reusable: false, ..answer });
                 (false, answer.map_err(|(got, m)| (got, format!("could not send to {}: {e}; {m}", backend.addr))))

@@ -1346,6 +1346,26 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_that_answers_early_and_stops_reading_is_heard_at_once() {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let finished = Mutex::new(finished);
+        let backend = upstream_serving(move |mut reader| {
+            read_head(&mut reader).unwrap();
+            reader.get_mut().write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\n\r\nwho?").unwrap();
+            // Keeps the connection open and reads nothing more, until the test ends.
+            let _ = finished.lock().unwrap().recv();
+        });
+        let (_proxy, mut client) = through(&backend);
+        let body = vec![b'x'; MAX_BODY];
+        let head = format!("PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        client.get_mut().write_all(head.as_bytes()).unwrap();
+        client.get_mut().write_all(&body).unwrap();
+        let (status, text) = ask(&mut client, "");
+        assert_eq!((status.as_str(), text.as_str()), ("HTTP/1.1 401 Unauthorized", "who?"));
+        drop(done);
+    }
+
+    #[test]
     fn a_client_that_stops_reading_does_not_hold_its_upstream() {
         let backend = upstream_serving(|mut reader| {
             read_head(&mut reader).unwrap();
