@@ -40,13 +40,20 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 /// How long a client may take to take each part of an answer (nginx's `send_timeout`); an
 /// upstream gets [`UPSTREAM_TIMEOUT`] for each part of its answer's body.
 const SEND_TIMEOUT: Duration = if cfg!(test) { Duration::from_secs(1) } else { Duration::from_mins(1) };
+/// How long an upstream that already answered may take nothing more of its request
+/// before the proxy stops sending it.
+const STALL: Duration = Duration::from_secs(1);
+/// How long a refused client may go on sending, read and dropped, before its connection
+/// closes (so the refusal is not lost to a reset), and how much of it.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 1024 * 1024;
 /// Bytes read from a socket at a time.
 const READ_SIZE: usize = 16 * 1024;
 /// The longest chunk-size line (with its extensions) or trailer section.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// Writes `bytes` to the client; false when it failed, or the client did not take them
-/// within [`SEND_TIMEOUT`] (a client that stops reading does not hold its upstream forever).
+/// Writes `bytes` to a peer; false when it failed, or the peer did not take them within
+/// [`SEND_TIMEOUT`] (a client that stops reading does not hold its upstream forever).
 async fn deliver(client: &mut TcpStream, bytes: &[u8]) -> bool {
     matches!(tokio::time::timeout(SEND_TIMEOUT, client.write_all(bytes)).await, Ok(Ok(())))
 }
@@ -451,7 +458,7 @@ fn parse_response(buf: &[u8], request: &Request) -> Result<Parsed, &'static str>
         head.extend_from_slice(header.value);
         head.extend_from_slice(b"\r\n");
     }
-    if framing == (Framing::Chunked { decode: false }) {
+    if framing == (Framing::Chunked { decode: false }) || (framing == Framing::Close && !codings.is_empty()) {
         // Passed through as it is: the codings with it.
         head.extend_from_slice(b"Transfer-Encoding: ");
         head.extend_from_slice(&codings.join(&b", "[..]));
@@ -661,23 +668,44 @@ impl Drop for InFlight {
     }
 }
 
-/// Writes all of `wire`, unless the upstream answers first; the error says whether a
-/// part of it went out. An upstream that answers before it read the whole request (a 413,
-/// a 401 to an upload) may never read the rest: writing on would wait for the timeout, so
-/// the answer is read instead (into `buf`).
-async fn send(stream: &TcpStream, buf: &mut Vec<u8>, wire: &[u8]) -> Result<(), (bool, io::Error)> {
+/// Writes all of `wire` while reading what the upstream sends meanwhile into `buf`; the
+/// error says whether a part of the request went out. Interim answers (1xx) are skipped.
+/// An upstream that gave its final answer before it read the whole request (a 413, a 401
+/// to an upload) may never read the rest: once it has, and takes nothing more for
+/// [`STALL`], writing stops and its answer is relayed.
+async fn send(stream: &TcpStream, buf: &mut Vec<u8>, wire: &[u8], request: &Request) -> Result<(), (bool, io::Error)> {
     let mut written = 0;
+    let mut answered = false;
     while written < wire.len() {
-        let interest = if written == 0 { Interest::WRITABLE } else { Interest::WRITABLE | Interest::READABLE };
-        let ready = stream.ready(interest).await.map_err(|e| (written > 0, e))?;
-        if ready.is_readable() && written > 0 {
+        // Nothing can come before the request started; and what comes is read up to a cap.
+        let read = written > 0 && buf.len() < MAX_BODY;
+        let interest = if read { Interest::WRITABLE | Interest::READABLE } else { Interest::WRITABLE };
+        let ready = if answered {
+            match tokio::time::timeout(STALL, stream.ready(interest)).await {
+                Ok(ready) => ready,
+                Err(_) => {
+                    return Err((true, io::Error::other("the upstream answered and stopped reading the request")));
+                }
+            }
+        } else {
+            stream.ready(interest).await
+        };
+        let ready = ready.map_err(|e| (written > 0, e))?;
+        if ready.is_readable() && read {
             // Readiness can be stale: only bytes (or the end) that are there count.
             let start = buf.len();
             buf.resize(start + READ_SIZE, 0);
-            let read = stream.try_read(&mut buf[start..]);
-            buf.truncate(start + *read.as_ref().unwrap_or(&0));
-            match read {
-                Ok(_) => return Err((true, io::Error::other("the upstream answered before the whole request"))),
+            let got = stream.try_read(&mut buf[start..]);
+            buf.truncate(start + *got.as_ref().unwrap_or(&0));
+            match got {
+                Ok(0) => return Err((true, io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) if !answered => {
+                    while let Ok(Parsed::Interim(len)) = parse_response(buf, request) {
+                        buf.drain(..len);
+                    }
+                    answered = !matches!(parse_response(buf, request), Ok(Parsed::Partial));
+                }
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err((true, e)),
             }
@@ -703,7 +731,7 @@ async fn exchange(backend: &Backend, wire: &[u8], request: &Request) -> Result<(
             Some(conn) => (conn, true),
             None => (Conn::open(&backend.addr).await?, false),
         };
-        let (not_sent, outcome) = match send(&conn.stream, &mut conn.buf, wire).await {
+        let (not_sent, outcome) = match send(&conn.stream, &mut conn.buf, wire, request).await {
             Ok(()) => (false, conn.answer(request).await),
             // The upstream answered (a 413, a 401) or closed before it read the whole
             // request: its answer is the one to relay, and the connection is done.
@@ -760,6 +788,26 @@ fn own_answer(status: u16, message: &str, request: Option<&Request>, extra: &str
         answer.extend_from_slice(body.as_bytes());
     }
     answer
+}
+
+/// Closes the sending side, then reads and drops what the client still sends (up to
+/// [`LINGER`] and [`LINGER_BYTES`]): a socket closed with unread bytes sends a reset, which
+/// can destroy the answer the client has not read yet (nginx's lingering close).
+async fn linger(client: &mut TcpStream) {
+    if client.shutdown().await.is_err() {
+        return;
+    }
+    let mut scratch = vec![0u8; READ_SIZE];
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match client.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads the next request head into `buf` and parses it. `None` when the client closed,
@@ -908,7 +956,9 @@ pub(crate) async fn serve(mut client: TcpStream, peer: &[u8], route: &Route, tic
             Ok(None) => return,
             Err(refusal) => {
                 let answer = own_answer(refusal.status, refusal.message, None, "");
-                deliver(&mut client, &answer).await;
+                if deliver(&mut client, &answer).await {
+                    linger(&mut client).await;
+                }
                 return;
             }
         };
@@ -978,7 +1028,7 @@ async fn answer(client: &mut TcpStream, buf: &mut Vec<u8>, route: &Route, reques
         // Both sides agreed: what each already sent past the heads goes first.
         let mut out = answer.head;
         out.append(&mut conn.buf);
-        if !deliver(client, &out).await || conn.stream.write_all(buf).await.is_err() {
+        if !deliver(client, &out).await || !deliver(&mut conn.stream, buf).await {
             return Next::Close;
         }
         buf.clear();
@@ -1120,6 +1170,9 @@ mod tests {
         );
         assert_eq!((old.framing, old.keep_client), (Framing::Chunked { decode: true }, false));
         assert_eq!(String::from_utf8(old.head).unwrap(), "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+        let coded = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", GET);
+        assert_eq!(coded.framing, Framing::Close);
+        assert!(String::from_utf8(coded.head).unwrap().contains("\r\nTransfer-Encoding: gzip\r\n"));
         let until_close = response("HTTP/1.1 200 OK\r\n\r\n", GET);
         assert_eq!(
             (until_close.framing, until_close.reusable, until_close.keep_client),

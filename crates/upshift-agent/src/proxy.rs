@@ -1366,6 +1366,29 @@ mod tests {
     }
 
     #[test]
+    fn an_upstream_that_answers_while_it_reads_a_large_body_gets_all_of_it() {
+        // An interim answer, then a final head, both before the body is read; then the
+        // body is read whole and the answer ends with its size.
+        let backend = upstream_serving(|mut reader| {
+            let head = read_head(&mut reader).unwrap();
+            let length: usize = head.iter().find_map(|h| h.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+            reader.get_mut().write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n").unwrap();
+            let size = format!("{length:08}");
+            write!(reader.get_mut(), "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", size.len()).unwrap();
+            let mut body = vec![0; length];
+            reader.read_exact(&mut body).unwrap();
+            reader.get_mut().write_all(size.as_bytes()).unwrap();
+            read_head(&mut reader);
+        });
+        let (_proxy, mut client) = through(&backend);
+        let body = vec![b'x'; MAX_BODY];
+        let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+        client.get_mut().write_all(head.as_bytes()).unwrap();
+        client.get_mut().write_all(&body).unwrap();
+        assert_eq!(ask(&mut client, ""), ("HTTP/1.1 200 OK".to_owned(), format!("{MAX_BODY:08}")));
+    }
+
+    #[test]
     fn a_client_that_stops_reading_does_not_hold_its_upstream() {
         let backend = upstream_serving(|mut reader| {
             read_head(&mut reader).unwrap();
