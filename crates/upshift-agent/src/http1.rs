@@ -29,7 +29,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use crate::gate::{Busy, Ticket};
-use crate::proxy::{BODY_TIMEOUT, Backend, Failed, HEADER_TIMEOUT, MAX_BODY, Route, UPSTREAM_TIMEOUT};
+use crate::proxy::{
+    BODY_TIMEOUT, Backend, Failed, HEADER_TIMEOUT, HOP_BY_HOP, MAX_BODY, Reusable, Route, UPSTREAM_TIMEOUT,
+};
 
 /// The longest request or response head.
 const MAX_HEAD: usize = 64 * 1024;
@@ -93,9 +95,7 @@ fn chunked_coding(values: &[&[u8]]) -> (bool, bool) {
 
 /// Headers that concern one connection only, never forwarded as they are.
 fn hop_by_hop(name: &str) -> bool {
-    ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"]
-        .iter()
-        .any(|hop| name.eq_ignore_ascii_case(hop))
+    HOP_BY_HOP.iter().any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
 }
 
 /// The `Connection` header's tokens: whether it says close, keep-alive or upgrade, and
@@ -411,8 +411,11 @@ fn parse_response(buf: &[u8], request: &Request) -> Result<Parsed, &'static str>
     let codings: Vec<&[u8]> =
         response.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")).map(|h| h.value).collect();
     let mut lengths = response.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("content-length"));
-    let length = match (lengths.next(), codings.is_empty()) {
-        (Some(first), true) => {
+    let first_length = lengths.next();
+    // A length given both ways is read by the coding, and the connection is not reused.
+    let both_ways = first_length.is_some() && !codings.is_empty();
+    let length = match first_length {
+        Some(first) if codings.is_empty() => {
             let n = length(first.value).ok_or("the upstream's Content-Length is not a number")?;
             if lengths.any(|other| length(other.value) != Some(n)) {
                 return Err("the upstream sent two different Content-Lengths");
@@ -428,16 +431,11 @@ fn parse_response(buf: &[u8], request: &Request) -> Result<Parsed, &'static str>
         Framing::Empty
     } else if chunked {
         Framing::Chunked { decode: request.http10 }
-    } else if codings.is_empty()
-        && let Some(n) = length
-    {
+    } else if let Some(n) = length {
         Framing::Length(n)
     } else {
         Framing::Close
     };
-    // A length given both ways is read by the coding, and the connection is not reused.
-    let both_ways =
-        !codings.is_empty() && response.headers.iter().any(|h| h.name.eq_ignore_ascii_case("content-length"));
     let reusable = version == 1 && !tokens.close && !both_ways && !matches!(framing, Framing::Close | Framing::Upgrade);
     let keep_client = request.keep_alive && framing != Framing::Close && framing != (Framing::Chunked { decode: true });
     let mut head = Vec::with_capacity(len + 32);
@@ -606,13 +604,6 @@ impl Conn {
         Ok(Conn { stream, buf: Vec::with_capacity(READ_SIZE) })
     }
 
-    /// Whether the upstream closed it (or sent what nobody asked for) while it sat idle:
-    /// one non-blocking read, and none when the reactor saw nothing happen on it.
-    pub(crate) fn is_closed(&self) -> bool {
-        let mut byte = [0u8; 1];
-        !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-
     /// Reads more of an answer's body; an error when the upstream stays silent for
     /// [`UPSTREAM_TIMEOUT`].
     async fn more(&mut self) -> io::Result<usize> {
@@ -648,6 +639,15 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+impl Reusable for Conn {
+    /// Whether the upstream closed it (or sent what nobody asked for) while it sat idle:
+    /// one non-blocking read, and none when the reactor saw nothing happen on it.
+    fn is_closed(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -699,12 +699,18 @@ async fn send(stream: &TcpStream, buf: &mut Vec<u8>, wire: &[u8], request: &Requ
             buf.truncate(start + *got.as_ref().unwrap_or(&0));
             match got {
                 Ok(0) => return Err((true, io::ErrorKind::UnexpectedEof.into())),
-                Ok(_) if !answered => {
-                    while let Ok(Parsed::Interim(len)) = parse_response(buf, request) {
-                        buf.drain(..len);
+                Ok(_) if !answered => loop {
+                    match parse_response(buf, request) {
+                        Ok(Parsed::Interim(len)) => {
+                            buf.drain(..len);
+                        }
+                        Ok(Parsed::Partial) => break,
+                        Ok(Parsed::Final(_)) | Err(_) => {
+                            answered = true;
+                            break;
+                        }
                     }
-                    answered = !matches!(parse_response(buf, request), Ok(Parsed::Partial));
-                }
+                },
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err((true, e)),
@@ -834,42 +840,41 @@ async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>, peer: &[u8]) -> Re
 
 /// Reads the request's body from `buf` and the client; `None` when the client closed first.
 async fn read_body(stream: &mut TcpStream, buf: &mut Vec<u8>, request: &Request) -> Result<Option<Vec<u8>>, Refusal> {
-    let continue_first = |have: usize, want: usize| request.expect_continue && !request.http10 && have < want;
-    match request.body {
-        RequestBody::None => Ok(Some(Vec::new())),
-        RequestBody::Length(n) => {
-            if continue_first(buf.len(), n) && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
+    // Asked to, and not sent the body yet: the client is told to go on.
+    let wanted = match request.body {
+        RequestBody::None => return Ok(Some(Vec::new())),
+        RequestBody::Length(n) => n,
+        RequestBody::Chunked => 1,
+    };
+    if request.expect_continue
+        && !request.http10
+        && buf.len() < wanted
+        && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err()
+    {
+        return Ok(None);
+    }
+    if let RequestBody::Length(n) = request.body {
+        while buf.len() < n {
+            if !matches!(fill(stream, buf).await, Ok(read) if read > 0) {
                 return Ok(None);
             }
-            while buf.len() < n {
-                if !matches!(fill(stream, buf).await, Ok(read) if read > 0) {
-                    return Ok(None);
-                }
-            }
-            let rest = buf.split_off(n);
-            Ok(Some(std::mem::replace(buf, rest)))
         }
-        RequestBody::Chunked => {
-            if continue_first(buf.len(), 1) && stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_err() {
-                return Ok(None);
-            }
-            let mut chunked = Chunked::default();
-            let mut body = Vec::new();
-            loop {
-                let read = chunked
-                    .read(buf, Some(&mut body))
-                    .map_err(|_| refuse(400, "the request's chunks are malformed"))?;
-                buf.drain(..read);
-                if body.len() > MAX_BODY {
-                    return Err(refuse(413, "the request body is too large"));
-                }
-                if chunked.done() {
-                    return Ok(Some(body));
-                }
-                if !matches!(fill(stream, buf).await, Ok(read) if read > 0) {
-                    return Ok(None);
-                }
-            }
+        let rest = buf.split_off(n);
+        return Ok(Some(std::mem::replace(buf, rest)));
+    }
+    let mut chunked = Chunked::default();
+    let mut body = Vec::new();
+    loop {
+        let read = chunked.read(buf, Some(&mut body)).map_err(|_| refuse(400, "the request's chunks are malformed"))?;
+        buf.drain(..read);
+        if body.len() > MAX_BODY {
+            return Err(refuse(413, "the request body is too large"));
+        }
+        if chunked.done() {
+            return Ok(Some(body));
+        }
+        if !matches!(fill(stream, buf).await, Ok(read) if read > 0) {
+            return Ok(None);
         }
     }
 }

@@ -96,12 +96,6 @@ impl Reusable for Sender {
     }
 }
 
-impl Reusable for crate::http1::Conn {
-    fn is_closed(&self) -> bool {
-        crate::http1::Conn::is_closed(self)
-    }
-}
-
 /// Idle kept-alive connections to one upstream, one pool per worker (each worker takes its
 /// own, so they never wait on each other).
 pub(crate) struct Pool<C> {
@@ -449,7 +443,7 @@ fn respond(status: StatusCode, message: &str) -> Response<ProxyBody> {
 }
 
 /// Hop-by-hop headers, which are not forwarded (an upgrade keeps `connection` and `upgrade`).
-static HOP_BY_HOP: [HeaderName; 7] = [
+pub(crate) static HOP_BY_HOP: [HeaderName; 7] = [
     hyper::header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
